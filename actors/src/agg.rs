@@ -1,0 +1,346 @@
+//! Aggregates: the numbers every node owns (SPEC.md section 2).
+//!
+//! `Agg` is `{"events", "metrics": {name: {count, sum, min, max}}}`. Sums are i128 so they never
+//! overflow for any realistic stream of i64 values. Metric names are `Arc<str>` interned per tenant,
+//! so the hot path compares pointers before bytes.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::ser::{SerializeMap, Serializer};
+use serde::{Deserialize, Serialize};
+
+/// Statistics of one metric inside an aggregate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stat {
+    pub count: u64,
+    pub sum: i128,
+    pub min: i64,
+    pub max: i64,
+}
+
+impl Stat {
+    pub fn of(v: i64) -> Self {
+        Stat {
+            count: 1,
+            sum: v as i128,
+            min: v,
+            max: v,
+        }
+    }
+
+    pub fn add(&mut self, v: i64) {
+        self.count += 1;
+        self.sum += v as i128;
+        self.min = self.min.min(v);
+        self.max = self.max.max(v);
+    }
+
+    pub fn merge(&mut self, o: &Stat) {
+        self.count += o.count;
+        self.sum += o.sum;
+        self.min = self.min.min(o.min);
+        self.max = self.max.max(o.max);
+    }
+}
+
+pub type MetricName = Arc<str>;
+
+/// One aggregate. Metrics are kept sorted by name in a small vector: a node rarely has more
+/// than a handful of metrics, and a sorted vec beats a map for that size.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Agg {
+    pub events: u64,
+    pub metrics: Vec<(MetricName, Stat)>,
+}
+
+fn find(metrics: &[(MetricName, Stat)], name: &MetricName) -> Result<usize, usize> {
+    // Fast path: interned pointer equality on a short linear scan.
+    if let Some(i) = metrics.iter().position(|(n, _)| Arc::ptr_eq(n, name)) {
+        return Ok(i);
+    }
+    metrics.binary_search_by(|(n, _)| (**n).cmp(&**name))
+}
+
+impl Agg {
+    pub fn is_empty(&self) -> bool {
+        self.events == 0 && self.metrics.is_empty()
+    }
+
+    pub fn add_event(&mut self, metrics: &[(MetricName, i64)]) {
+        self.events += 1;
+        for (name, v) in metrics {
+            match find(&self.metrics, name) {
+                Ok(i) => self.metrics[i].1.add(*v),
+                Err(i) => self.metrics.insert(i, (name.clone(), Stat::of(*v))),
+            }
+        }
+    }
+
+    pub fn merge(&mut self, o: &Agg) {
+        self.events += o.events;
+        for (name, s) in &o.metrics {
+            match find(&self.metrics, name) {
+                Ok(i) => self.metrics[i].1.merge(s),
+                Err(i) => self.metrics.insert(i, (name.clone(), *s)),
+            }
+        }
+    }
+
+    pub fn stat(&self, name: &str) -> Option<&Stat> {
+        self.metrics
+            .binary_search_by(|(n, _)| (**n).cmp(name))
+            .ok()
+            .map(|i| &self.metrics[i].1)
+    }
+
+    /// Subtracts the additive parts of `o` (events, count, sum). Returns the metric names whose
+    /// min or max may have been determined by `o` and therefore must be recomputed by the caller.
+    /// Metrics whose count falls to zero are removed (SPEC: a metric with count 0 is absent).
+    pub fn subtract(&mut self, o: &Agg) -> Vec<MetricName> {
+        self.events -= o.events;
+        let mut tainted = Vec::new();
+        for (name, s) in &o.metrics {
+            if let Ok(i) = find(&self.metrics, name) {
+                let mine = &mut self.metrics[i].1;
+                mine.count -= s.count;
+                mine.sum -= s.sum;
+                if mine.count == 0 {
+                    self.metrics.remove(i);
+                } else if mine.min == s.min || mine.max == s.max {
+                    tainted.push(name.clone());
+                }
+            }
+        }
+        tainted
+    }
+
+    /// Sets min/max of `name` to exactly `mm` (the recomputed extremes).
+    pub fn set_extremes(&mut self, name: &str, mm: (i64, i64)) {
+        if let Ok(i) = self.metrics.binary_search_by(|(n, _)| (**n).cmp(name)) {
+            self.metrics[i].1.min = mm.0;
+            self.metrics[i].1.max = mm.1;
+        }
+    }
+
+    /// The dump/API JSON shape: `{"events": n, "metrics": {name: {count,sum,min,max}}}`.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(AggJson(self)).expect("aggregate serializes")
+    }
+}
+
+/// Serializes an `Agg` in the dump/API shape (metrics as an object keyed by name).
+pub struct AggJson<'a>(pub &'a Agg);
+
+impl Serialize for AggJson<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        struct Metrics<'a>(&'a [(MetricName, Stat)]);
+        impl Serialize for Metrics<'_> {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let mut m = s.serialize_map(Some(self.0.len()))?;
+                for (name, st) in self.0 {
+                    m.serialize_entry(&**name, st)?;
+                }
+                m.end()
+            }
+        }
+        let mut m = s.serialize_map(Some(2))?;
+        m.serialize_entry("events", &self.0.events)?;
+        m.serialize_entry("metrics", &Metrics(&self.0.metrics))?;
+        m.end()
+    }
+}
+
+/// The three bucket granularities of SPEC.md section 2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Granularity {
+    Minute,
+    Hour,
+    Day,
+}
+
+impl Granularity {
+    pub const ALL: [Granularity; 3] = [Granularity::Minute, Granularity::Hour, Granularity::Day];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Granularity::Minute => "minute",
+            Granularity::Hour => "hour",
+            Granularity::Day => "day",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|g| g.name() == s)
+    }
+}
+
+/// Time buckets of one aggregate, per granularity, keyed by [`crate::time::BucketKey`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Buckets(pub [BTreeMap<u64, Agg>; 3]);
+
+impl Buckets {
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(|m| m.is_empty())
+    }
+
+    pub fn add_event(&mut self, keys: &[Option<u64>; 3], metrics: &[(MetricName, i64)]) {
+        for (g, key) in keys.iter().enumerate() {
+            if let Some(k) = key {
+                self.0[g].entry(*k).or_default().add_event(metrics);
+            }
+        }
+    }
+
+    pub fn merge(&mut self, o: &Buckets) {
+        for g in 0..3 {
+            for (k, a) in &o.0[g] {
+                match self.0[g].get_mut(k) {
+                    Some(mine) => mine.merge(a),
+                    None => {
+                        self.0[g].insert(*k, a.clone());
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn get(&self, g: Granularity) -> &BTreeMap<u64, Agg> {
+        &self.0[g as usize]
+    }
+
+    /// Drops buckets whose key is older than `cutoff[g]` (keys compare in local-time order).
+    pub fn prune(&mut self, cutoff: &[u64; 3]) {
+        for g in 0..3 {
+            if cutoff[g] > 0 {
+                let keep = self.0[g].split_off(&cutoff[g]);
+                self.0[g] = keep;
+            }
+        }
+    }
+}
+
+/// A subtree delta: what a node passes up to its parent (totals plus buckets).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delta {
+    pub total: Agg,
+    pub buckets: Buckets,
+}
+
+impl Delta {
+    pub fn is_empty(&self) -> bool {
+        self.total.is_empty() && self.buckets.is_empty()
+    }
+
+    pub fn merge(&mut self, o: &Delta) {
+        self.total.merge(&o.total);
+        self.buckets.merge(&o.buckets);
+    }
+}
+
+/// Where a metric lives inside a node's subtree: the totals, or one bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Scope {
+    Total,
+    Bucket(Granularity, u64),
+}
+
+impl Delta {
+    /// The aggregate at `scope`, if any.
+    pub fn at(&self, scope: Scope) -> Option<&Agg> {
+        match scope {
+            Scope::Total => Some(&self.total),
+            Scope::Bucket(g, k) => self.buckets.0[g as usize].get(&k),
+        }
+    }
+
+    /// Subtracts `o` (a subtree that leaves). Returns the (scope, metric) pairs whose extremes
+    /// must be recomputed from the node's own numbers and its remaining children.
+    pub fn subtract(&mut self, o: &Delta) -> Vec<(Scope, MetricName)> {
+        let mut tainted: Vec<(Scope, MetricName)> = self
+            .total
+            .subtract(&o.total)
+            .into_iter()
+            .map(|m| (Scope::Total, m))
+            .collect();
+        for g in Granularity::ALL {
+            let map = &mut self.buckets.0[g as usize];
+            for (k, a) in &o.buckets.0[g as usize] {
+                if let Some(mine) = map.get_mut(k) {
+                    let t = mine.subtract(a);
+                    if mine.events == 0 {
+                        map.remove(k);
+                    } else {
+                        tainted.extend(t.into_iter().map(|m| (Scope::Bucket(g, *k), m)));
+                    }
+                }
+            }
+        }
+        tainted
+    }
+
+    pub fn extremes(&self, scope: Scope, metric: &str) -> Option<(i64, i64)> {
+        self.at(scope)
+            .and_then(|a| a.stat(metric))
+            .map(|s| (s.min, s.max))
+    }
+
+    pub fn set_extremes(&mut self, scope: Scope, metric: &str, mm: (i64, i64)) {
+        let agg = match scope {
+            Scope::Total => Some(&mut self.total),
+            Scope::Bucket(g, k) => self.buckets.0[g as usize].get_mut(&k),
+        };
+        if let Some(a) = agg {
+            a.set_extremes(metric, mm);
+        }
+    }
+}
+
+/// Combines two optional (min, max) pairs.
+pub fn combine_extremes(a: Option<(i64, i64)>, b: Option<(i64, i64)>) -> Option<(i64, i64)> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some((x.0.min(y.0), x.1.max(y.1))),
+        (x, None) => x,
+        (None, y) => y,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(name: &str, v: i64) -> (MetricName, i64) {
+        (Arc::from(name), v)
+    }
+
+    #[test]
+    fn add_and_merge_keep_exact_sums_beyond_i64() {
+        let mut a = Agg::default();
+        a.add_event(&[m("big", i64::MAX)]);
+        a.add_event(&[m("big", i64::MAX)]);
+        let s = a.stat("big").unwrap();
+        assert_eq!(s.sum, 2 * i64::MAX as i128);
+        assert_eq!(s.count, 2);
+        let json = serde_json::to_string(&AggJson(&a)).unwrap();
+        assert!(json.contains("18446744073709551614"), "{json}");
+    }
+
+    #[test]
+    fn subtract_taints_only_extremes_it_may_have_set() {
+        let mut a = Agg::default();
+        a.add_event(&[m("x", 1)]);
+        a.add_event(&[m("x", 5)]);
+        a.add_event(&[m("x", 9)]);
+        let mut mid = Agg::default();
+        mid.add_event(&[m("x", 5)]);
+        assert!(a.subtract(&mid).is_empty(), "5 was neither min nor max");
+        let mut top = Agg::default();
+        top.add_event(&[m("x", 9)]);
+        assert_eq!(a.subtract(&top).len(), 1);
+        assert_eq!(a.events, 1);
+        let mut rest = Agg::default();
+        rest.add_event(&[m("x", 1)]);
+        a.subtract(&rest);
+        assert!(a.is_empty(), "metric with count 0 is absent: {a:?}");
+    }
+}

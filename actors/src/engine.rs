@@ -1,0 +1,528 @@
+//! The engine: pulls batches from a [`Source`], fans each tenant's records out to its coordinator,
+//! writes dead letters, and takes checkpoints. It is also where failure handling lives: a tenant
+//! whose node actor died is rebuilt from its last checkpoint and its records since then replayed.
+//! See ARCHITECTURE.md for the protocol.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ractor::concurrency::oneshot;
+use ractor::ActorRef;
+use serde::{Deserialize, Serialize};
+use tracing::{info, info_span, warn, Instrument};
+
+use crate::coordinator::{spawn_tenant, BatchOutcome, CoordMsg, TaggedBatch, TenantError};
+use crate::node::NodeMsg;
+use crate::record::{Record, Refusal};
+use crate::source::{DeadLetter, DeadLetters, Input, Source, SourceError};
+use crate::store::{Checkpoint, Store, StoreError};
+use crate::tenant::TenantSettings;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineConfig {
+    /// Take a checkpoint at least this often (milliseconds of wall time).
+    pub checkpoint_interval_ms: u64,
+    /// ... or after this many records, whichever comes first.
+    pub checkpoint_every_records: u64,
+    /// Kill a random node actor after every N records (chaos testing; 0 = off).
+    pub chaos_kill_every: u64,
+    /// A tenant whose rebuild fails this many times in a row, without completing a batch in
+    /// between, is parked (it keeps failing on the same work).
+    pub max_restarts: u32,
+    /// Store commit retries: first back-off and its ceiling.
+    pub retry_initial_ms: u64,
+    pub retry_max_ms: u64,
+    pub tenant: TenantSettings,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            checkpoint_interval_ms: 1000,
+            checkpoint_every_records: 1_000_000,
+            chaos_kill_every: 0,
+            max_restarts: 5,
+            retry_initial_ms: 50,
+            retry_max_ms: 5000,
+            tenant: TenantSettings::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("tenant {tenant:?} parked after {restarts} restarts: {last}")]
+    TenantParked {
+        tenant: String,
+        restarts: usize,
+        last: String,
+    },
+    #[error("tenant {0:?}: {1}")]
+    Tenant(String, TenantError),
+}
+
+/// Counters the engine updates as it goes (read by progress lines and the API).
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub records: AtomicU64,
+    pub accepted: AtomicU64,
+    pub refused: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub checkpoints: AtomicU64,
+    pub store_commits: AtomicU64,
+    pub store_rows: AtomicU64,
+    pub store_retries: AtomicU64,
+    pub tenant_restarts: AtomicU64,
+    pub chaos_kills: AtomicU64,
+    pub last_checkpoint_seq: AtomicU64,
+}
+
+/// What the engine stores as the source position: the source's own position and the dead-letter
+/// output's, so that both resume together.
+#[derive(Debug, Serialize, Deserialize)]
+struct Position {
+    source: Vec<u8>,
+    dead_letters: Vec<u8>,
+}
+
+struct TenantHandle {
+    actor: ActorRef<CoordMsg>,
+    /// Batches processed since the last committed checkpoint: replayed if the tenant is rebuilt.
+    log: Vec<TaggedBatch>,
+    /// Consecutive rebuilds without a completed batch.
+    restarts: u32,
+}
+
+pub struct Engine {
+    cfg: EngineConfig,
+    store: Arc<dyn Store>,
+    dead: Box<dyn DeadLetters>,
+    tenants: HashMap<String, TenantHandle>,
+    pub stats: Arc<Stats>,
+    seq: u64,
+    position: Vec<u8>,
+    since_checkpoint: u64,
+    last_checkpoint: Instant,
+    until_chaos: u64,
+}
+
+impl Engine {
+    /// Opens the engine on a store, resuming the source and dead letters from the last checkpoint.
+    pub async fn open(
+        cfg: EngineConfig,
+        store: Arc<dyn Store>,
+        source: &mut dyn Source,
+        mut dead: Box<dyn DeadLetters>,
+    ) -> Result<Self, EngineError> {
+        let meta = retry(&cfg, "load checkpoint", || store.meta()).await?;
+        let (seq, pos) = match &meta {
+            Some(m) => {
+                let p: Position = rmp_serde::from_slice(&m.source)
+                    .map_err(|e| StoreError::Corrupt(format!("checkpoint position: {e}")))?;
+                (m.seq, Some(p))
+            }
+            None => (0, None),
+        };
+        source
+            .resume(pos.as_ref().map(|p| p.source.as_slice()))
+            .await?;
+        dead.resume(pos.as_ref().map(|p| p.dead_letters.as_slice()))
+            .await?;
+        if let Some(m) = &meta {
+            info!(checkpoint = m.seq, "resuming from checkpoint");
+        }
+        let until_chaos = cfg.chaos_kill_every;
+        Ok(Engine {
+            cfg,
+            store,
+            dead,
+            tenants: HashMap::new(),
+            stats: Arc::new(Stats::default()),
+            seq,
+            position: pos.map(|p| p.source).unwrap_or_default(),
+            since_checkpoint: 0,
+            last_checkpoint: Instant::now(),
+            until_chaos,
+        })
+    }
+
+    /// Runs the source to its end (or forever), then takes a final checkpoint.
+    pub async fn run(&mut self, source: &mut dyn Source) -> Result<(), EngineError> {
+        while let Some(batch) = source.next_batch().await? {
+            self.process(batch.inputs).await?;
+            self.position = batch.position;
+            if self.checkpoint_due() {
+                self.checkpoint().await?;
+            }
+        }
+        self.checkpoint().await
+    }
+
+    pub fn checkpoint_due(&self) -> bool {
+        self.since_checkpoint > 0
+            && (self.since_checkpoint >= self.cfg.checkpoint_every_records
+                || self.last_checkpoint.elapsed()
+                    >= Duration::from_millis(self.cfg.checkpoint_interval_ms))
+    }
+
+    /// Marks the records up to `position` as processed (for sources that deliver out of band).
+    pub fn set_position(&mut self, position: Vec<u8>) {
+        self.position = position;
+    }
+
+    /// Processes one batch of inputs: every tenant's records in order, tenants in parallel.
+    /// With chaos on, the batch is cut so that a node actor dies after every N records.
+    pub async fn process(&mut self, mut inputs: Vec<Input>) -> Result<(), EngineError> {
+        if self.cfg.chaos_kill_every == 0 {
+            return self.process_chunk(inputs).await;
+        }
+        while !inputs.is_empty() {
+            let take = (self.until_chaos as usize).min(inputs.len());
+            let rest = inputs.split_off(take);
+            self.process_chunk(inputs).await?;
+            inputs = rest;
+            self.until_chaos -= take as u64;
+            if self.until_chaos == 0 {
+                self.chaos_kill().await;
+                self.until_chaos = self.cfg.chaos_kill_every;
+            }
+        }
+        Ok(())
+    }
+
+    async fn process_chunk(&mut self, inputs: Vec<Input>) -> Result<(), EngineError> {
+        let n = inputs.len() as u64;
+        let mut by_tenant: BTreeMap<String, Vec<(u64, Record)>> = BTreeMap::new();
+        let mut refused: Vec<(u64, Refusal)> = Vec::new();
+        let mut raw: HashMap<u64, (Vec<u8>, Option<Arc<crate::source::Origin>>)> = HashMap::new();
+        for inp in inputs {
+            match inp.decoded {
+                Ok(rec) => by_tenant
+                    .entry(rec.tenant().to_string())
+                    .or_default()
+                    .push((inp.tag, rec)),
+                Err(r) => refused.push((inp.tag, r)),
+            }
+            raw.insert(inp.tag, (inp.raw, inp.origin));
+        }
+        let mut calls = Vec::with_capacity(by_tenant.len());
+        for (tenant, recs) in by_tenant {
+            let batch: TaggedBatch = Arc::new(recs);
+            let h = self.tenant(&tenant).await?;
+            h.log.push(batch.clone());
+            calls.push((tenant, batch));
+        }
+        let outcomes = self.dispatch(calls).await?;
+        for o in outcomes {
+            self.stats.accepted.fetch_add(o.accepted, Ordering::Relaxed);
+            self.stats
+                .duplicates
+                .fetch_add(o.duplicates, Ordering::Relaxed);
+            metrics::counter!("canopy_duplicates_total").increment(o.duplicates);
+            refused.extend(o.refused);
+        }
+        refused.sort_by_key(|(tag, _)| *tag);
+        for (tag, r) in &refused {
+            let (bytes, origin) = raw
+                .get(tag)
+                .map(|(b, o)| (b.as_slice(), o.as_deref()))
+                .unwrap_or((&[], None));
+            self.dead
+                .write(DeadLetter {
+                    tag: *tag,
+                    origin,
+                    refusal: r,
+                    raw: bytes,
+                })
+                .await?;
+            metrics::counter!("canopy_dead_letters_total", "reason" => r.reason()).increment(1);
+        }
+        self.stats
+            .refused
+            .fetch_add(refused.len() as u64, Ordering::Relaxed);
+        self.stats.records.fetch_add(n, Ordering::Relaxed);
+        metrics::counter!("canopy_records_total").increment(n);
+        self.since_checkpoint += n;
+        Ok(())
+    }
+
+    async fn tenant(&mut self, tenant: &str) -> Result<&mut TenantHandle, EngineError> {
+        if !self.tenants.contains_key(tenant) {
+            let actor = spawn_tenant(tenant, self.cfg.tenant, self.store.clone(), None)
+                .await
+                .map_err(|e| EngineError::Tenant(tenant.into(), e))?;
+            self.tenants.insert(
+                tenant.to_string(),
+                TenantHandle {
+                    actor,
+                    log: Vec::new(),
+                    restarts: 0,
+                },
+            );
+        }
+        Ok(self.tenants.get_mut(tenant).expect("just inserted"))
+    }
+
+    /// Sends every tenant its batch and collects the outcomes; rebuilds tenants that failed.
+    async fn dispatch(
+        &mut self,
+        calls: Vec<(String, TaggedBatch)>,
+    ) -> Result<Vec<BatchOutcome>, EngineError> {
+        let mut waits = Vec::with_capacity(calls.len());
+        for (tenant, batch) in calls {
+            let (tx, rx) = oneshot();
+            let h = &self.tenants[&tenant];
+            let sent = h.actor.send_message(CoordMsg::Process {
+                batch: batch.clone(),
+                reply: tx.into(),
+            });
+            waits.push((tenant, batch, sent.is_ok().then_some(rx)));
+        }
+        let mut out = Vec::with_capacity(waits.len());
+        for (tenant, batch, rx) in waits {
+            let r = match rx {
+                Some(rx) => rx
+                    .await
+                    .unwrap_or_else(|_| Err(TenantError::NodeDown("coordinator stopped".into()))),
+                None => Err(TenantError::NodeDown("coordinator unreachable".into())),
+            };
+            match r {
+                Ok(o) => out.push(o),
+                Err(e) => out.push(self.recover(&tenant, e, Some(batch)).await?),
+            }
+            if let Some(h) = self.tenants.get_mut(&tenant) {
+                h.restarts = 0;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Rebuilds a tenant from its last checkpoint and replays what it processed since; then, if
+    /// given, processes `retry` afresh and returns its outcome.
+    async fn recover(
+        &mut self,
+        tenant: &str,
+        mut err: TenantError,
+        retry: Option<TaggedBatch>,
+    ) -> Result<BatchOutcome, EngineError> {
+        loop {
+            let h = self.tenants.get_mut(tenant).expect("known tenant");
+            h.restarts += 1;
+            if h.restarts > self.cfg.max_restarts {
+                metrics::counter!("canopy_tenants_parked_total").increment(1);
+                return Err(EngineError::TenantParked {
+                    tenant: tenant.into(),
+                    restarts: h.restarts as usize,
+                    last: err.to_string(),
+                });
+            }
+            self.stats.tenant_restarts.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("canopy_actor_restarts_total", "kind" => "tenant").increment(1);
+            warn!(tenant, error = %err, "rebuilding tenant from its last checkpoint");
+            h.actor.stop(Some("rebuild".into()));
+            let actor = spawn_tenant(tenant, self.cfg.tenant, self.store.clone(), None)
+                .await
+                .map_err(|e| EngineError::Tenant(tenant.into(), e))?;
+            let h = self.tenants.get_mut(tenant).expect("known tenant");
+            h.actor = actor.clone();
+            // The log ends with `retry` when a batch failed: replay everything before it quietly.
+            let mut replay: Vec<TaggedBatch> = h.log.clone();
+            if let (Some(r), Some(last)) = (&retry, replay.last()) {
+                if Arc::ptr_eq(r, last) {
+                    replay.pop();
+                }
+            }
+            let mut failed = None;
+            for b in replay.into_iter().chain(retry.clone()) {
+                match call(&actor, |reply| CoordMsg::Process {
+                    batch: b.clone(),
+                    reply,
+                })
+                .await
+                {
+                    Ok(o) => {
+                        if retry.as_ref().is_some_and(|r| Arc::ptr_eq(r, &b)) {
+                            return Ok(o);
+                        }
+                    }
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+            }
+            match failed {
+                Some(e) => err = e,
+                None => return Ok(BatchOutcome::default()),
+            }
+        }
+    }
+
+    async fn chaos_kill(&mut self) {
+        let names: Vec<String> = self.tenants.keys().cloned().collect();
+        if names.is_empty() {
+            return;
+        }
+        let tenant = &names[rand::random_range(0..names.len())];
+        let actor = self.tenants[tenant].actor.clone();
+        if let Ok(Some(node)) = call_plain(&actor, CoordMsg::RandomNode).await {
+            self.stats.chaos_kills.fetch_add(1, Ordering::Relaxed);
+            if rand::random_bool(0.5) {
+                node.kill();
+            } else {
+                let _ = node.send_message(NodeMsg::Crash);
+            }
+            info!(tenant = %tenant, "chaos: killed a node actor");
+        }
+    }
+
+    /// Takes a checkpoint: every tenant's changes, the dead letters made durable, and the source
+    /// position, committed in one atomic store write. Retries the commit with back-off.
+    pub async fn checkpoint(&mut self) -> Result<(), EngineError> {
+        let started = Instant::now();
+        let seq = self.seq + 1;
+        let span = info_span!("checkpoint", seq);
+        let names: Vec<String> = self.tenants.keys().cloned().collect();
+        let mut changes = Vec::with_capacity(names.len());
+        for tenant in names {
+            loop {
+                let actor = self.tenants[&tenant].actor.clone();
+                let r = call(&actor, |reply| CoordMsg::Snapshot { seq, reply })
+                    .instrument(span.clone())
+                    .await;
+                match r {
+                    Ok(c) => {
+                        changes.push(c);
+                        break;
+                    }
+                    Err(e) => {
+                        self.recover(&tenant, e, None).await?;
+                    }
+                }
+            }
+        }
+        let dead_letters = self.dead.sync().await?;
+        let source = rmp_serde::to_vec(&Position {
+            source: self.position.clone(),
+            dead_letters,
+        })
+        .expect("position encodes");
+        let cp = Checkpoint {
+            seq,
+            source,
+            tenants: changes.into_iter().filter(|c| c.rows() > 0).collect(),
+        };
+        let rows = cp.rows() as u64;
+        let store = self.store.clone();
+        retry_counted(&self.cfg, "commit checkpoint", &self.stats, || {
+            store.commit(&cp)
+        })
+        .instrument(span)
+        .await?;
+        for h in self.tenants.values_mut() {
+            h.log.clear();
+        }
+        self.seq = seq;
+        self.since_checkpoint = 0;
+        self.last_checkpoint = Instant::now();
+        self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
+        self.stats.store_commits.fetch_add(1, Ordering::Relaxed);
+        self.stats.store_rows.fetch_add(rows, Ordering::Relaxed);
+        self.stats.last_checkpoint_seq.store(seq, Ordering::Relaxed);
+        metrics::histogram!("canopy_checkpoint_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("canopy_checkpoint_rows").record(rows as f64);
+        Ok(())
+    }
+
+    /// Stops every tenant's actors.
+    pub async fn shutdown(&mut self) {
+        for (_, h) in self.tenants.drain() {
+            h.actor.stop(None);
+        }
+    }
+
+    /// The live state of one node, for tests (settled: every round completes before a reply).
+    pub async fn node_state(
+        &mut self,
+        tenant: &str,
+        hierarchy: &str,
+        node: &str,
+    ) -> Option<crate::node::NodeState> {
+        let actor = self.tenants.get(tenant)?.actor.clone();
+        call_plain(&actor, |reply| CoordMsg::NodeState {
+            hierarchy: hierarchy.into(),
+            node: node.into(),
+            reply,
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+}
+
+async fn call<T: Send + 'static>(
+    actor: &ActorRef<CoordMsg>,
+    f: impl FnOnce(ractor::RpcReplyPort<Result<T, TenantError>>) -> CoordMsg,
+) -> Result<T, TenantError> {
+    match actor.call(f, None).await {
+        Ok(ractor::rpc::CallResult::Success(r)) => r,
+        _ => Err(TenantError::NodeDown(
+            "tenant coordinator did not answer".into(),
+        )),
+    }
+}
+
+async fn call_plain<T: Send + 'static>(
+    actor: &ActorRef<CoordMsg>,
+    f: impl FnOnce(ractor::RpcReplyPort<T>) -> CoordMsg,
+) -> Result<T, ()> {
+    match actor.call(f, None).await {
+        Ok(ractor::rpc::CallResult::Success(r)) => Ok(r),
+        _ => Err(()),
+    }
+}
+
+async fn retry<T, F, Fut>(cfg: &EngineConfig, what: &str, f: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    retry_counted(cfg, what, &Stats::default(), f).await
+}
+
+/// Retries a store operation with exponential back-off while its error is transient. Ingestion
+/// waits meanwhile: nothing runs ahead of a checkpoint that has not landed.
+pub async fn retry_counted<T, F, Fut>(
+    cfg: &EngineConfig,
+    what: &str,
+    stats: &Stats,
+    mut f: F,
+) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let mut delay = Duration::from_millis(cfg.retry_initial_ms);
+    let mut attempt = 0u32;
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) if e.is_transient() => {
+                attempt += 1;
+                stats.store_retries.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("canopy_store_retries_total").increment(1);
+                warn!(operation = what, attempt, error = %e, delay_ms = delay.as_millis() as u64, "store operation failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_millis(cfg.retry_max_ms));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}

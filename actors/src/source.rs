@@ -1,0 +1,84 @@
+//! The source and dead-letter ports. A source yields decoded records in batches, each batch with
+//! the position just after it; the engine stores that position with the checkpoint that makes the
+//! batch durable and hands it back on restart.
+
+use crate::record::{Record, Refusal};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("source I/O: {0}")]
+    Io(String),
+    #[error("source position is invalid: {0}")]
+    BadPosition(String),
+    #[error("source unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// One input record: where it came from, its original bytes (for dead letters), and its decoding.
+#[derive(Debug)]
+pub struct Input {
+    /// Position tag of the record: the 1-based line of a file, or a Kafka offset.
+    pub tag: u64,
+    /// Source-specific coordinates for dead letters (Kafka: topic/partition/key).
+    pub origin: Option<std::sync::Arc<Origin>>,
+    pub raw: Vec<u8>,
+    pub decoded: Result<Record, Refusal>,
+}
+
+/// Where a Kafka record came from (kept apart so file inputs pay nothing for it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub topic: String,
+    pub partition: i32,
+    pub key: Option<Vec<u8>>,
+}
+
+#[derive(Debug, Default)]
+pub struct SourceBatch {
+    pub inputs: Vec<Input>,
+    /// The position after this batch, opaque to the engine.
+    pub position: Vec<u8>,
+}
+
+#[async_trait::async_trait]
+pub trait Source: Send {
+    /// Positions the source just after `position` (None: from the beginning).
+    async fn resume(&mut self, position: Option<&[u8]>) -> Result<(), SourceError>;
+    /// The next batch, or `None` at the end of a finite source.
+    async fn next_batch(&mut self) -> Result<Option<SourceBatch>, SourceError>;
+}
+
+/// A refused record on its way to the dead-letter output.
+#[derive(Debug)]
+pub struct DeadLetter<'a> {
+    pub tag: u64,
+    pub origin: Option<&'a Origin>,
+    pub refusal: &'a Refusal,
+    pub raw: &'a [u8],
+}
+
+#[async_trait::async_trait]
+pub trait DeadLetters: Send {
+    /// Drops anything written after `position` (None: everything), so that a restart from a
+    /// checkpoint writes each dead letter once.
+    async fn resume(&mut self, position: Option<&[u8]>) -> Result<(), SourceError>;
+    async fn write(&mut self, dl: DeadLetter<'_>) -> Result<(), SourceError>;
+    /// Makes everything written so far durable and returns the position to checkpoint.
+    async fn sync(&mut self) -> Result<Vec<u8>, SourceError>;
+}
+
+/// Dead letters that go nowhere (for callers that only want the numbers).
+pub struct DiscardDeadLetters;
+
+#[async_trait::async_trait]
+impl DeadLetters for DiscardDeadLetters {
+    async fn resume(&mut self, _: Option<&[u8]>) -> Result<(), SourceError> {
+        Ok(())
+    }
+    async fn write(&mut self, _: DeadLetter<'_>) -> Result<(), SourceError> {
+        Ok(())
+    }
+    async fn sync(&mut self) -> Result<Vec<u8>, SourceError> {
+        Ok(Vec::new())
+    }
+}

@@ -1,0 +1,110 @@
+//! The store port. The core only needs to commit checkpoints atomically and load them back;
+//! backends (the embedded redb store, ScyllaDB) live in the `canopy` crate.
+
+use serde::{Deserialize, Serialize};
+
+use crate::tenant::TenantRow;
+use crate::time::Micros;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("store I/O: {0}")]
+    Io(String),
+}
+
+impl StoreError {
+    /// Whether retrying the same operation may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_) | StoreError::Io(_))
+    }
+}
+
+/// One node row: its place in the topology and its encoded [`crate::node::NodeState`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeRow {
+    pub hierarchy: String,
+    pub node: String,
+    pub parent: Option<String>,
+    pub state: Vec<u8>,
+}
+
+/// Event ids accepted in one checkpoint interval, persisted as one row.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DedupBatch {
+    pub seq: u64,
+    pub ids: Vec<(Box<str>, Micros)>,
+}
+
+impl DedupBatch {
+    pub fn max_ts(&self) -> Micros {
+        self.ids
+            .iter()
+            .map(|(_, t)| *t)
+            .max()
+            .unwrap_or(Micros::MIN)
+    }
+}
+
+/// What one tenant contributes to a checkpoint: only what changed since the previous one.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TenantChanges {
+    pub tenant: String,
+    pub row: Option<TenantRow>,
+    pub put_nodes: Vec<NodeRow>,
+    pub delete_nodes: Vec<(String, String)>,
+    pub dedup: Option<DedupBatch>,
+    pub expire_dedup: Vec<u64>,
+}
+
+impl TenantChanges {
+    pub fn rows(&self) -> usize {
+        self.row.is_some() as usize
+            + self.put_nodes.len()
+            + self.delete_nodes.len()
+            + self.dedup.is_some() as usize
+            + self.expire_dedup.len()
+    }
+}
+
+/// A checkpoint: every tenant's changes plus the source position they cover, committed at once.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub seq: u64,
+    /// Opaque to the store: the source's position (file offset, Kafka offsets...).
+    pub source: Vec<u8>,
+    pub tenants: Vec<TenantChanges>,
+}
+
+impl Checkpoint {
+    pub fn rows(&self) -> usize {
+        1 + self.tenants.iter().map(TenantChanges::rows).sum::<usize>()
+    }
+}
+
+/// The last committed checkpoint's header.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointMeta {
+    pub seq: u64,
+    pub source: Vec<u8>,
+}
+
+/// Everything stored for one tenant.
+#[derive(Debug, Clone, Default)]
+pub struct TenantImage {
+    pub row: Option<TenantRow>,
+    pub nodes: Vec<NodeRow>,
+    pub dedup: Vec<DedupBatch>,
+}
+
+/// The state store. `commit` is atomic: a reader sees all of a checkpoint or none of it.
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + 'static {
+    async fn meta(&self) -> Result<Option<CheckpointMeta>, StoreError>;
+    async fn tenants(&self) -> Result<Vec<String>, StoreError>;
+    async fn load_tenant(&self, tenant: &str) -> Result<TenantImage, StoreError>;
+    async fn commit(&self, cp: &Checkpoint) -> Result<(), StoreError>;
+}

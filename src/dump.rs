@@ -1,0 +1,93 @@
+//! `canopy dump`: every node as one JSON line, sorted by tenant, hierarchy, node (SPEC.md §4).
+
+use std::io::Write;
+
+use canopy_actors::agg::{AggJson, Granularity};
+use canopy_actors::node::NodeState;
+use canopy_actors::store::{NodeRow, Store, StoreError};
+use canopy_actors::time::BucketKey;
+use serde::ser::{SerializeMap, Serializer};
+use serde::Serialize;
+
+struct BucketsJson<'a>(&'a canopy_actors::agg::Buckets);
+
+impl Serialize for BucketsJson<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        struct One<'a>(&'a std::collections::BTreeMap<u64, canopy_actors::agg::Agg>);
+        impl Serialize for One<'_> {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let mut m = s.serialize_map(Some(self.0.len()))?;
+                for (k, a) in self.0 {
+                    m.serialize_entry(&BucketKey(*k).format(), &AggJson(a))?;
+                }
+                m.end()
+            }
+        }
+        let mut m = s.serialize_map(Some(3))?;
+        for g in Granularity::ALL {
+            m.serialize_entry(g.name(), &One(self.0.get(g)))?;
+        }
+        m.end()
+    }
+}
+
+#[derive(Serialize)]
+struct DumpRow<'a> {
+    tenant: &'a str,
+    hierarchy: &'a str,
+    node: &'a str,
+    parent: &'a Option<String>,
+    own: AggJson<'a>,
+    subtree: AggJson<'a>,
+    buckets: BucketsJson<'a>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DumpError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("node {0}: {1}")]
+    Corrupt(String, String),
+    #[error("writing the dump: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+pub fn write_row(out: &mut impl Write, tenant: &str, n: &NodeRow) -> Result<(), DumpError> {
+    let st = NodeState::decode(&n.state).map_err(|e| {
+        DumpError::Corrupt(
+            format!("{tenant}/{}/{}", n.hierarchy, n.node),
+            e.to_string(),
+        )
+    })?;
+    let row = DumpRow {
+        tenant,
+        hierarchy: &n.hierarchy,
+        node: &n.node,
+        parent: &n.parent,
+        own: AggJson(&st.own),
+        subtree: AggJson(&st.subtree.total),
+        buckets: BucketsJson(&st.subtree.buckets),
+    };
+    serde_json::to_writer(&mut *out, &row).map_err(std::io::Error::from)?;
+    out.write_all(b"\n")?;
+    Ok(())
+}
+
+/// Writes the whole store's nodes to `out`.
+pub async fn dump(store: &dyn Store, out: &mut impl Write) -> Result<u64, DumpError> {
+    let mut tenants = store.tenants().await?;
+    tenants.sort();
+    let mut n = 0;
+    for t in tenants {
+        let mut image = store.load_tenant(&t).await?;
+        image
+            .nodes
+            .sort_by(|a, b| (&a.hierarchy, &a.node).cmp(&(&b.hierarchy, &b.node)));
+        for node in &image.nodes {
+            write_row(out, &t, node)?;
+            n += 1;
+        }
+    }
+    out.flush()?;
+    Ok(n)
+}

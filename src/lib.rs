@@ -1,0 +1,17 @@
+//! # canopy
+//!
+//! The `canopy` binary's crate: the adapters around the pure core in `canopy-actors`.
+//!
+//! - [`store`]: state store backends (the embedded redb store is the default).
+//! - [`file_source`]: NDJSON file input and dead-letter file output for `canopy ingest`.
+//! - [`dump`]: `canopy dump`, the stored numbers as NDJSON (the conformance format).
+//! - [`ingest`]: wiring of source, engine, store and progress reporting for `canopy ingest`.
+//! - [`telemetry`]: logging setup.
+
+pub mod dump;
+pub mod file_source;
+pub mod ingest;
+pub mod store;
+pub mod telemetry;
+
+pub use canopy_actors as core;

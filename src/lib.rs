@@ -6,12 +6,19 @@
 //! - [`file_source`]: NDJSON file input and dead-letter file output for `canopy ingest`.
 //! - [`dump`]: `canopy dump`, the stored numbers as NDJSON (the conformance format).
 //! - [`ingest`]: wiring of source, engine, store and progress reporting for `canopy ingest`.
+//! - [`loadgen`]: a synthetic multi-tenant workload (`canopy loadgen`).
 //! - [`telemetry`]: logging setup.
 
 pub mod dump;
 pub mod file_source;
 pub mod ingest;
+pub mod loadgen;
 pub mod store;
 pub mod telemetry;
 
 pub use canopy_actors as core;
+
+/// mimalloc: node actors allocate and free many small aggregates from two worker threads, where
+/// glibc's arenas contended measurably (lock waits and page faults in profiles).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -54,6 +54,29 @@ enum Cmd {
         #[arg(long)]
         quiet: bool,
     },
+    /// Write a synthetic multi-tenant workload as NDJSON.
+    Loadgen {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value_t = 5)]
+        tenants: usize,
+        #[arg(long, default_value_t = 1)]
+        hierarchies: usize,
+        #[arg(long, default_value_t = 7)]
+        depth: usize,
+        #[arg(long, default_value_t = 5)]
+        fanout: usize,
+        #[arg(long, default_value_t = 1_000_000)]
+        events: usize,
+        /// Share of records that move, delete or re-create nodes.
+        #[arg(long, default_value_t = 0.0005)]
+        churn: f64,
+        /// Share of records that are refused.
+        #[arg(long, default_value_t = 0.001)]
+        bad: f64,
+    },
     /// Write every stored node as one JSON line, sorted by tenant, hierarchy, node.
     Dump {
         #[arg(long)]
@@ -106,6 +129,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 progress: !quiet,
             };
             ingest(opts, store).await?;
+            Ok(())
+        }
+        Cmd::Loadgen {
+            out,
+            seed,
+            tenants,
+            hierarchies,
+            depth,
+            fanout,
+            events,
+            churn,
+            bad,
+        } => {
+            let cfg = canopy::loadgen::LoadgenConfig {
+                seed,
+                tenants,
+                hierarchies,
+                depth,
+                fanout,
+                events,
+                churn,
+                bad,
+                ..Default::default()
+            };
+            let mut w = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&out)?);
+            let n = canopy::loadgen::generate(&cfg, &mut w)?;
+            std::io::Write::flush(&mut w)?;
+            eprintln!("canopy: wrote {n} records to {}", out.display());
             Ok(())
         }
         Cmd::Dump { data_dir } => {

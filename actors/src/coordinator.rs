@@ -71,6 +71,8 @@ pub struct Coord {
     actors: Vec<Option<ActorRef<NodeMsg>>>,
     pending: Vec<Vec<NodeEvent>>,
     touched: Vec<NodeIx>,
+    pending_events: usize,
+    oldest_pending: Option<std::time::Instant>,
     mark: Vec<u64>,
     expect: Vec<u32>,
     generation: u64,
@@ -187,6 +189,8 @@ impl Coord {
         if self.touched.is_empty() {
             return Ok(());
         }
+        self.pending_events = 0;
+        self.oldest_pending = None;
         self.generation += 1;
         let g = self.generation;
         let mut involved = Vec::with_capacity(self.touched.len() * 2);
@@ -330,6 +334,9 @@ impl Coord {
                             metrics: metrics.clone(),
                         });
                     }
+                    self.pending_events += 1;
+                    self.oldest_pending
+                        .get_or_insert_with(std::time::Instant::now);
                 }
                 Effect::Create { node } => {
                     self.spawn_node(node, NodeState::default()).await?;
@@ -367,12 +374,20 @@ impl Coord {
                 }
             }
         }
-        self.round().await?;
+        // Coalescing: a round flushes many events at once; bounded by count and by age.
+        let s = &self.t.settings;
+        let old = self
+            .oldest_pending
+            .is_some_and(|t| t.elapsed().as_millis() as u64 >= s.round_interval_ms);
+        if self.pending_events >= s.round_max_events || old {
+            self.round().await?;
+        }
         Ok(out)
     }
 
     async fn snapshot(&mut self, seq: u64) -> Result<TenantChanges, TenantError> {
         self.check()?;
+        self.round().await?;
         let prune = self
             .t
             .settings
@@ -501,6 +516,8 @@ impl Actor for Coordinator {
             actors: Vec::new(),
             pending: Vec::new(),
             touched: Vec::new(),
+            pending_events: 0,
+            oldest_pending: None,
             mark: Vec::new(),
             expect: Vec::new(),
             generation: 0,

@@ -22,6 +22,10 @@ pub struct TenantSettings {
     /// Event ids are remembered at least this long behind the watermark (SPEC default 1 h).
     pub dedup_horizon_secs: i64,
     pub retention: Retention,
+    /// A round (the coalescing flush up the tree) runs once this many events are pending...
+    pub round_max_events: usize,
+    /// ... or once the oldest pending event waited this long, whichever comes first.
+    pub round_interval_ms: u64,
 }
 
 impl Default for TenantSettings {
@@ -29,6 +33,8 @@ impl Default for TenantSettings {
         TenantSettings {
             dedup_horizon_secs: 3600,
             retention: Retention::default(),
+            round_max_events: 65_536,
+            round_interval_ms: 100,
         }
     }
 }

@@ -251,6 +251,16 @@ impl Coord {
         }
     }
 
+    /// Tells a node's parent that it has a child (it then keeps its own buckets apart).
+    fn grow_parent(&mut self, node: NodeIx) -> Result<(), TenantError> {
+        if let Some(p) = self.t.slot(node).parent {
+            if self.actor(p).send_message(NodeMsg::Grow).is_err() {
+                return Err(self.fail(format!("node {p} is gone")));
+            }
+        }
+        Ok(())
+    }
+
     /// Takes `gone` out of the old chain (exact extremes) and adds it to the new one.
     async fn move_numbers(
         &mut self,
@@ -339,11 +349,13 @@ impl Coord {
                         .get_or_insert_with(std::time::Instant::now);
                 }
                 Effect::Create { node } => {
+                    self.grow_parent(node)?;
                     self.spawn_node(node, NodeState::default()).await?;
                     self.dirty.insert(node);
                 }
                 Effect::Move { node, from } => {
                     let to = self.t.slot(node).parent;
+                    self.grow_parent(node)?;
                     if self.t.mode_of(node) == Mode::Current {
                         self.move_numbers(node, from, to).await?;
                     }
@@ -574,6 +586,10 @@ impl Actor for Coordinator {
                 node,
                 reply,
             } => {
+                // Settle pending events so that the answer reflects every accepted record.
+                if let Err(e) = c.round().await {
+                    warn!(error = %e, "round failed while reading a node state");
+                }
                 let st = match c.t.node_ix(&hierarchy, &node) {
                     Some(ix) => {
                         let (tx, rx) = oneshot();

@@ -16,8 +16,10 @@ use crate::tenant::NodeIx;
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeState {
     pub own: Agg,
-    /// Buckets of `own`; kept only in `current` mode, where a move must recompute extremes.
-    pub own_buckets: Buckets,
+    /// Buckets of `own`, needed in `current` mode to recompute extremes when a child's subtree
+    /// leaves. `None` while the node has never had children: then they equal `subtree.buckets`,
+    /// and keeping a second copy for every leaf would double the memory of most nodes.
+    pub own_buckets: Option<Buckets>,
     pub subtree: Delta,
 }
 
@@ -80,6 +82,9 @@ pub enum NodeMsg {
         reply: RpcReplyPort<Vec<Option<(i64, i64)>>>,
     },
     SetParent(Option<ActorRef<NodeMsg>>),
+    /// A first child is attached (sent on a quiescent tree, before the child's first delta):
+    /// from now on `own` buckets must be kept apart from `subtree` buckets.
+    Grow,
     /// Chaos testing: panic inside the handler, as a bug would.
     Crash,
 }
@@ -110,8 +115,8 @@ impl Node {
     fn apply(&mut self, e: &NodeEvent) {
         let m = &e.metrics[..];
         self.state.own.add_event(m);
-        if self.mode == Mode::Current {
-            self.state.own_buckets.add_event(&e.keys, m);
+        if let Some(b) = &mut self.state.own_buckets {
+            b.add_event(&e.keys, m);
         }
         self.pending.total.add_event(m);
         self.pending.buckets.add_event(&e.keys, m);
@@ -135,7 +140,10 @@ impl Node {
     fn own_extremes(&self, scope: Scope, metric: &str) -> Option<(i64, i64)> {
         let agg = match scope {
             Scope::Total => Some(&self.state.own),
-            Scope::Bucket(g, k) => self.state.own_buckets.0[g as usize].get(&k),
+            Scope::Bucket(g, k) => match &self.state.own_buckets {
+                Some(b) => b.0[g as usize].get(&k),
+                None => self.state.subtree.buckets.0[g as usize].get(&k),
+            },
         };
         agg.and_then(|a| a.stat(metric)).map(|s| (s.min, s.max))
     }
@@ -185,7 +193,9 @@ impl Actor for NodeActor {
             }
             NodeMsg::Snapshot { prune, reply } => {
                 s.state.subtree.buckets.prune(&prune);
-                s.state.own_buckets.prune(&prune);
+                if let Some(b) = &mut s.state.own_buckets {
+                    b.prune(&prune);
+                }
                 let _ = reply.send(s.state.encode());
             }
             NodeMsg::Subtree(reply) => {
@@ -233,6 +243,11 @@ impl Actor for NodeActor {
                 let _ = reply.send(v);
             }
             NodeMsg::SetParent(p) => s.parent = p,
+            NodeMsg::Grow => {
+                if s.mode == Mode::Current && s.state.own_buckets.is_none() {
+                    s.state.own_buckets = Some(s.state.subtree.buckets.clone());
+                }
+            }
             NodeMsg::Crash => panic!("chaos: node {} crashed on purpose", s.ix),
         }
         Ok(())

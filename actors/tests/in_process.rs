@@ -1,0 +1,195 @@
+//! Drives the actor tree in-process (no file, no broker, no database): records go straight into
+//! the engine, and node states are read back from the live actors.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use canopy_actors::engine::{Engine, EngineConfig};
+use canopy_actors::record::decode_json;
+use canopy_actors::source::{DiscardDeadLetters, Input, Source, SourceBatch, SourceError};
+use canopy_actors::store::{Checkpoint, CheckpointMeta, Store, StoreError, TenantImage};
+
+/// A store that keeps checkpoints in memory: enough for driving the core in a unit test.
+#[derive(Default)]
+struct MemStore {
+    cps: Mutex<Vec<Checkpoint>>,
+}
+
+#[async_trait::async_trait]
+impl Store for MemStore {
+    async fn meta(&self) -> Result<Option<CheckpointMeta>, StoreError> {
+        Ok(self.cps.lock().unwrap().last().map(|c| CheckpointMeta {
+            seq: c.seq,
+            source: c.source.clone(),
+        }))
+    }
+    async fn tenants(&self) -> Result<Vec<String>, StoreError> {
+        Ok(Vec::new())
+    }
+    async fn load_tenant(&self, tenant: &str) -> Result<TenantImage, StoreError> {
+        let mut img = TenantImage::default();
+        let mut nodes = HashMap::new();
+        for cp in self.cps.lock().unwrap().iter() {
+            for t in cp.tenants.iter().filter(|t| t.tenant == tenant) {
+                if t.row.is_some() {
+                    img.row = t.row.clone();
+                }
+                for d in &t.delete_nodes {
+                    nodes.remove(d);
+                }
+                for n in &t.put_nodes {
+                    nodes.insert((n.hierarchy.clone(), n.node.clone()), n.clone());
+                }
+                img.dedup.extend(t.dedup.clone());
+            }
+        }
+        img.nodes = nodes.into_values().collect();
+        Ok(img)
+    }
+    async fn commit(&self, cp: &Checkpoint) -> Result<(), StoreError> {
+        self.cps.lock().unwrap().push(cp.clone());
+        Ok(())
+    }
+}
+
+struct NoSource;
+#[async_trait::async_trait]
+impl Source for NoSource {
+    async fn resume(&mut self, _: Option<&[u8]>) -> Result<(), SourceError> {
+        Ok(())
+    }
+    async fn next_batch(&mut self) -> Result<Option<SourceBatch>, SourceError> {
+        Ok(None)
+    }
+}
+
+fn inputs(lines: &[&str]) -> Vec<Input> {
+    lines
+        .iter()
+        .enumerate()
+        .map(|(i, l)| Input {
+            tag: i as u64 + 1,
+            origin: None,
+            raw: l.as_bytes().to_vec(),
+            decoded: decode_json(l),
+        })
+        .collect()
+}
+
+fn ev(id: &str, e: &str, v: i64) -> String {
+    format!(
+        r#"{{"type":"event","tenant":"t","event_id":"{id}","entity":"{e}","ts":"2026-11-21T10:00:00Z","metrics":{{"x":{v}}}}}"#
+    )
+}
+fn up(n: &str, p: Option<&str>) -> String {
+    match p {
+        Some(p) => format!(
+            r#"{{"type":"upsert_node","tenant":"t","hierarchy":"h","node":"{n}","parent":"{p}"}}"#
+        ),
+        None => format!(r#"{{"type":"upsert_node","tenant":"t","hierarchy":"h","node":"{n}"}}"#),
+    }
+}
+
+async fn engine(store: Arc<MemStore>) -> Engine {
+    Engine::open(
+        EngineConfig::default(),
+        store,
+        &mut NoSource,
+        Box::new(DiscardDeadLetters),
+    )
+    .await
+    .unwrap()
+}
+
+async fn extremes(e: &mut Engine, node: &str) -> Option<(i64, i64, u64)> {
+    let st = e.node_state("t", "h", node).await.expect("node exists");
+    st.subtree.total.stat("x").map(|s| (s.min, s.max, s.count))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn min_max_stay_exact_when_a_subtree_moves_away_and_is_deleted() {
+    let store = Arc::new(MemStore::default());
+    let mut e = engine(store.clone()).await;
+    let setup = [
+        up("root", None),
+        up("a", Some("root")),
+        up("b", Some("root")),
+        up("a1", Some("a")),
+        up("b1", Some("b")),
+    ];
+    let evs = [
+        ev("1", "a1", 100),
+        ev("2", "a", 5),
+        ev("3", "b1", 50),
+        ev("4", "b", -7),
+        ev("5", "root", 20),
+    ];
+    let lines: Vec<&str> = setup.iter().chain(evs.iter()).map(String::as_str).collect();
+    e.process(inputs(&lines)).await.unwrap();
+    assert_eq!(extremes(&mut e, "root").await, Some((-7, 100, 5)));
+    assert_eq!(extremes(&mut e, "a").await, Some((5, 100, 2)));
+
+    // a1 (holding the max, 100) moves under b: a's and root's max must drop exactly.
+    let mv = up("a1", Some("b"));
+    e.process(inputs(&[&mv])).await.unwrap();
+    assert_eq!(
+        extremes(&mut e, "a").await,
+        Some((5, 5, 1)),
+        "a lost its max holder"
+    );
+    assert_eq!(extremes(&mut e, "b").await, Some((-7, 100, 3)));
+    assert_eq!(
+        extremes(&mut e, "root").await,
+        Some((-7, 100, 5)),
+        "root keeps everything"
+    );
+
+    // b's min holder is b itself; b1 (50) and a1 (100) are removed by delete then move.
+    let del = r#"{"type":"delete_node","tenant":"t","hierarchy":"h","node":"b1"}"#;
+    e.process(inputs(&[del])).await.unwrap();
+    assert_eq!(extremes(&mut e, "b").await, Some((-7, 100, 2)));
+    assert_eq!(
+        extremes(&mut e, "root").await,
+        Some((-7, 100, 4)),
+        "deleted numbers leave the ancestors"
+    );
+    let to_root = up("a1", None);
+    e.process(inputs(&[&to_root])).await.unwrap();
+    assert_eq!(extremes(&mut e, "b").await, Some((-7, -7, 1)));
+    assert_eq!(
+        extremes(&mut e, "root").await,
+        Some((-7, 20, 3)),
+        "max recomputed from what remains"
+    );
+
+    // A checkpoint, then a rebuilt engine on the same store sees the same numbers.
+    e.checkpoint().await.unwrap();
+    e.shutdown().await;
+    let mut e2 = engine(store).await;
+    e2.process(inputs(&[&ev("6", "a", 1)])).await.unwrap();
+    assert_eq!(extremes(&mut e2, "root").await, Some((-7, 20, 4)));
+    assert_eq!(extremes(&mut e2, "a1").await, Some((100, 100, 1)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attributed_numbers_stay_with_the_chain_they_were_accepted_under() {
+    let store = Arc::new(MemStore::default());
+    let mut e = engine(store).await;
+    let def = r#"{"type":"define_hierarchy","tenant":"t","hierarchy":"h","mode":"attributed"}"#;
+    let (s1, s2, s3) = (up("p", None), up("q", None), up("c", Some("p")));
+    let (e1, mv, e2) = (ev("1", "c", 10), up("c", Some("q")), ev("2", "c", 3));
+    e.process(inputs(&[def, &s1, &s2, &s3, &e1, &mv, &e2]))
+        .await
+        .unwrap();
+    assert_eq!(
+        extremes(&mut e, "p").await,
+        Some((10, 10, 1)),
+        "p keeps what was accepted under it"
+    );
+    assert_eq!(
+        extremes(&mut e, "q").await,
+        Some((3, 3, 1)),
+        "q only sees later events"
+    );
+    assert_eq!(extremes(&mut e, "c").await, Some((3, 10, 2)));
+}

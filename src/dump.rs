@@ -13,11 +13,11 @@ struct BucketsJson<'a>(&'a canopy_actors::agg::Buckets);
 
 impl Serialize for BucketsJson<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        struct One<'a>(&'a std::collections::BTreeMap<u64, canopy_actors::agg::Agg>);
+        struct One<'a>(&'a canopy_actors::agg::BucketMap);
         impl Serialize for One<'_> {
             fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
                 let mut m = s.serialize_map(Some(self.0.len()))?;
-                for (k, a) in self.0 {
+                for (k, a) in self.0.iter() {
                     m.serialize_entry(&BucketKey(*k).format(), &AggJson(a))?;
                 }
                 m.end()
@@ -53,12 +53,7 @@ pub enum DumpError {
 }
 
 pub fn write_row(out: &mut impl Write, tenant: &str, n: &NodeRow) -> Result<(), DumpError> {
-    let st = NodeState::decode(&n.state).map_err(|e| {
-        DumpError::Corrupt(
-            format!("{tenant}/{}/{}", n.hierarchy, n.node),
-            e.to_string(),
-        )
-    })?;
+    let st = NodeState::from_rows(n.header.clone(), &n.buckets);
     let row = DumpRow {
         tenant,
         hierarchy: &n.hierarchy,

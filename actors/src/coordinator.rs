@@ -257,6 +257,8 @@ impl Coord {
             if self.actor(p).send_message(NodeMsg::Grow).is_err() {
                 return Err(self.fail(format!("node {p} is gone")));
             }
+            // Its header (own buckets kept apart) must reach the next checkpoint.
+            self.dirty.insert(p);
         }
         Ok(())
     }
@@ -422,7 +424,7 @@ impl Coord {
         }
         let mut put_nodes = Vec::with_capacity(waits.len());
         for (n, rx) in waits {
-            let state = match rx.await {
+            let snap = match rx.await {
                 Ok(s) => s,
                 Err(_) => return Err(self.fail(format!("node {n} did not answer a snapshot"))),
             };
@@ -431,7 +433,8 @@ impl Coord {
                 hierarchy: self.t.hierarchies[slot.hierarchy as usize].name.clone(),
                 node: slot.name.clone(),
                 parent: slot.parent.map(|p| self.t.slot(p).name.clone()),
-                state,
+                header: snap.header,
+                buckets: snap.buckets,
             });
         }
         let dedup = if self.t.new_ids.is_empty() {
@@ -489,10 +492,7 @@ impl Coord {
                 .t
                 .node_ix(&n.hierarchy, &n.node)
                 .expect("restored node");
-            let st = NodeState::decode(&n.state).map_err(|e| {
-                TenantError::Corrupt(format!("{}/{}", n.hierarchy, n.node), e.to_string())
-            })?;
-            states.insert(ix, st);
+            states.insert(ix, NodeState::from_rows(n.header.clone(), &n.buckets));
         }
         let mut queue: VecDeque<NodeIx> = self
             .t
@@ -593,11 +593,8 @@ impl Actor for Coordinator {
                 let st = match c.t.node_ix(&hierarchy, &node) {
                     Some(ix) => {
                         let (tx, rx) = oneshot();
-                        let _ = c.actor(ix).send_message(NodeMsg::Snapshot {
-                            prune: [0; 3],
-                            reply: tx.into(),
-                        });
-                        rx.await.ok().and_then(|b| NodeState::decode(&b).ok())
+                        let _ = c.actor(ix).send_message(NodeMsg::State(tx.into()));
+                        rx.await.ok()
                     }
                     None => None,
                 };

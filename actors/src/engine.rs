@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use ractor::concurrency::oneshot;
 use ractor::ActorRef;
 use serde::{Deserialize, Serialize};
-use tracing::{info, info_span, warn, Instrument};
+use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::coordinator::{spawn_tenant, BatchOutcome, CoordMsg, TaggedBatch, TenantError};
 use crate::node::NodeMsg;
@@ -408,6 +408,7 @@ impl Engine {
                 }
             }
         }
+        let snapshot_ms = started.elapsed().as_millis() as u64;
         let dead_letters = self.dead.sync().await?;
         let source = rmp_serde::to_vec(&Position {
             source: self.position.clone(),
@@ -421,11 +422,20 @@ impl Engine {
         };
         let rows = cp.rows() as u64;
         let store = self.store.clone();
+        let cp = Arc::new(cp);
+        let commit_started = Instant::now();
         retry_counted(&self.cfg, "commit checkpoint", &self.stats, || {
-            store.commit(&cp)
+            store.commit(cp.clone())
         })
         .instrument(span)
         .await?;
+        debug!(
+            seq,
+            rows,
+            snapshot_ms,
+            commit_ms = commit_started.elapsed().as_millis() as u64,
+            "checkpoint committed"
+        );
         for h in self.tenants.values_mut() {
             h.log.clear();
         }

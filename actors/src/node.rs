@@ -8,8 +8,9 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::agg::{combine_extremes, Agg, Buckets, Delta, MetricName, Scope};
+use crate::agg::{combine_extremes, Agg, Buckets, Delta, Granularity, MetricName, Scope};
 use crate::record::Mode;
+use crate::store::{BucketKind, BucketRow, NodeHeader};
 use crate::tenant::NodeIx;
 
 /// The numbers a node owns. This is exactly what a checkpoint persists for the node.
@@ -24,13 +25,101 @@ pub struct NodeState {
 }
 
 impl NodeState {
-    pub fn encode(&self) -> Vec<u8> {
-        rmp_serde::to_vec(self).expect("node state encodes")
+    /// Reassembles a node from its stored header and bucket rows.
+    pub fn from_rows(header: NodeHeader, buckets: &[BucketRow]) -> Self {
+        let mut st = NodeState {
+            own: header.own,
+            own_buckets: header.own_buckets.then(Buckets::default),
+            subtree: Delta {
+                total: header.subtree,
+                buckets: Buckets::default(),
+            },
+        };
+        for b in buckets {
+            let Some(agg) = &b.agg else { continue };
+            let target = match b.kind {
+                BucketKind::Subtree => &mut st.subtree.buckets,
+                BucketKind::Own => match &mut st.own_buckets {
+                    Some(o) => o,
+                    None => continue,
+                },
+            };
+            *target.0[b.granularity as usize].entry(b.key) = agg.clone();
+        }
+        st
     }
 
-    pub fn decode(b: &[u8]) -> Result<Self, rmp_serde::decode::Error> {
-        rmp_serde::from_slice(b)
+    pub fn header(&self) -> NodeHeader {
+        NodeHeader {
+            own: self.own.clone(),
+            subtree: self.subtree.total.clone(),
+            own_buckets: self.own_buckets.is_some(),
+        }
     }
+
+    fn buckets_of(&self, kind: BucketKind) -> Option<&Buckets> {
+        match kind {
+            BucketKind::Subtree => Some(&self.subtree.buckets),
+            BucketKind::Own => self.own_buckets.as_ref(),
+        }
+    }
+}
+
+/// Bucket keys changed since the last snapshot, per (kind, granularity): what a checkpoint writes.
+#[derive(Debug, Default)]
+struct DirtyBuckets([Vec<u64>; 6]);
+
+impl DirtyBuckets {
+    fn slot(kind: BucketKind, g: usize) -> usize {
+        kind as usize * 3 + g
+    }
+
+    fn mark(&mut self, kind: BucketKind, g: usize, key: u64) {
+        let v = &mut self.0[Self::slot(kind, g)];
+        if v.last() != Some(&key) {
+            v.push(key);
+        }
+    }
+
+    fn mark_all(&mut self, kind: BucketKind, b: &Buckets) {
+        for g in 0..3 {
+            for (k, _) in b.0[g].iter() {
+                self.mark(kind, g, *k);
+            }
+        }
+    }
+
+    /// Emits the current value (or a deletion) of every dirty bucket, then forgets them.
+    fn drain(&mut self, st: &NodeState) -> Vec<BucketRow> {
+        let mut out = Vec::new();
+        for kind in [BucketKind::Subtree, BucketKind::Own] {
+            for g in Granularity::ALL {
+                let v = &mut self.0[Self::slot(kind, g as usize)];
+                v.sort_unstable();
+                v.dedup();
+                for key in v.drain(..) {
+                    let agg = st
+                        .buckets_of(kind)
+                        .and_then(|b| b.0[g as usize].get(&key))
+                        .cloned();
+                    out.push(BucketRow {
+                        kind,
+                        granularity: g,
+                        key,
+                        agg,
+                    });
+                }
+            }
+        }
+        out
+    }
+}
+
+/// What a node answers to a snapshot: its header and the buckets that changed.
+#[derive(Debug)]
+pub struct NodeSnapshot {
+    pub header: NodeHeader,
+    pub buckets: Vec<BucketRow>,
 }
 
 /// One accepted event as a node sees it: bucket keys already resolved in the tenant's zone.
@@ -57,11 +146,14 @@ pub enum NodeMsg {
     },
     /// A child's coalesced delta for the current round.
     Child(Box<Delta>),
-    /// The node's whole state, encoded, after dropping buckets older than `prune` (checkpoint).
+    /// The node's header and changed buckets, after dropping buckets older than `prune`
+    /// (checkpoint).
     Snapshot {
         prune: [u64; 3],
-        reply: RpcReplyPort<Vec<u8>>,
+        reply: RpcReplyPort<NodeSnapshot>,
     },
+    /// The node's whole state (tests and diagnostics).
+    State(RpcReplyPort<NodeState>),
     /// The node's subtree (a move takes it from the old ancestors to the new ones).
     Subtree(RpcReplyPort<Delta>),
     /// A descendant's subtree leaves this node; `children` are its current children, asked for
@@ -109,6 +201,7 @@ pub struct Node {
     pending: Delta,
     expect: Option<u32>,
     received: u32,
+    dirty: DirtyBuckets,
 }
 
 impl Node {
@@ -117,6 +210,11 @@ impl Node {
         self.state.own.add_event(m);
         if let Some(b) = &mut self.state.own_buckets {
             b.add_event(&e.keys, m);
+            for (g, k) in e.keys.iter().enumerate() {
+                if let Some(k) = k {
+                    self.dirty.mark(BucketKind::Own, g, *k);
+                }
+            }
         }
         self.pending.total.add_event(m);
         self.pending.buckets.add_event(&e.keys, m);
@@ -130,6 +228,7 @@ impl Node {
         self.received = 0;
         let d = std::mem::take(&mut self.pending);
         self.state.subtree.merge(&d);
+        self.dirty.mark_all(BucketKind::Subtree, &d.buckets);
         match &self.parent {
             Some(p) => p.send_message(NodeMsg::Child(Box::new(d)))?,
             None => self.signals.send(TenantSignal::RoundDone)?,
@@ -169,6 +268,7 @@ impl Actor for NodeActor {
             pending: Delta::default(),
             expect: None,
             received: 0,
+            dirty: DirtyBuckets::default(),
         })
     }
 
@@ -192,11 +292,26 @@ impl Actor for NodeActor {
                 s.maybe_flush()?;
             }
             NodeMsg::Snapshot { prune, reply } => {
-                s.state.subtree.buckets.prune(&prune);
-                if let Some(b) = &mut s.state.own_buckets {
-                    b.prune(&prune);
+                for (kind, b) in [
+                    (BucketKind::Subtree, Some(&mut s.state.subtree.buckets)),
+                    (BucketKind::Own, s.state.own_buckets.as_mut()),
+                ] {
+                    if let Some(b) = b {
+                        for (g, keys) in b.prune(&prune).into_iter().enumerate() {
+                            for k in keys {
+                                s.dirty.mark(kind, g, k);
+                            }
+                        }
+                    }
                 }
-                let _ = reply.send(s.state.encode());
+                let buckets = s.dirty.drain(&s.state);
+                let _ = reply.send(NodeSnapshot {
+                    header: s.state.header(),
+                    buckets,
+                });
+            }
+            NodeMsg::State(reply) => {
+                let _ = reply.send(s.state.clone());
             }
             NodeMsg::Subtree(reply) => {
                 let _ = reply.send(s.state.subtree.clone());
@@ -206,6 +321,8 @@ impl Actor for NodeActor {
                 children,
                 reply,
             } => {
+                // Every bucket the leaving subtree touches changes (or disappears): persist them.
+                s.dirty.mark_all(BucketKind::Subtree, &gone.buckets);
                 let tainted = s.state.subtree.subtract(&gone);
                 if !tainted.is_empty() {
                     let wanted = Arc::new(tainted);
@@ -233,6 +350,7 @@ impl Actor for NodeActor {
             }
             NodeMsg::Add { delta, reply } => {
                 s.state.subtree.merge(&delta);
+                s.dirty.mark_all(BucketKind::Subtree, &delta.buckets);
                 let _ = reply.send(());
             }
             NodeMsg::Extremes { wanted, reply } => {
@@ -246,6 +364,7 @@ impl Actor for NodeActor {
             NodeMsg::Grow => {
                 if s.mode == Mode::Current && s.state.own_buckets.is_none() {
                     s.state.own_buckets = Some(s.state.subtree.buckets.clone());
+                    s.dirty.mark_all(BucketKind::Own, &s.state.subtree.buckets);
                 }
             }
             NodeMsg::Crash => panic!("chaos: node {} crashed on purpose", s.ix),

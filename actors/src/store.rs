@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::agg::{Agg, Granularity};
+
 use crate::tenant::TenantRow;
 use crate::time::Micros;
 
@@ -23,13 +25,40 @@ impl StoreError {
     }
 }
 
-/// One node row: its place in the topology and its encoded [`crate::node::NodeState`].
+/// Which aggregate a bucket row belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum BucketKind {
+    Subtree = 0,
+    Own = 1,
+}
+
+/// One bucket of one node. `agg: None` in a checkpoint deletes the row (emptied or out of retention).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BucketRow {
+    pub kind: BucketKind,
+    pub granularity: Granularity,
+    pub key: u64,
+    pub agg: Option<Agg>,
+}
+
+/// A node's totals (everything but its buckets).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct NodeHeader {
+    pub own: Agg,
+    pub subtree: Agg,
+    /// Whether `own` buckets are kept apart from `subtree` buckets (see [`crate::node::NodeState`]).
+    pub own_buckets: bool,
+}
+
+/// One node: its place in the topology, its totals, and bucket rows. In a checkpoint `buckets`
+/// holds only the buckets that changed since the previous checkpoint; loaded, it holds them all.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeRow {
     pub hierarchy: String,
     pub node: String,
     pub parent: Option<String>,
-    pub state: Vec<u8>,
+    pub header: NodeHeader,
+    pub buckets: Vec<BucketRow>,
 }
 
 /// Event ids accepted in one checkpoint interval, persisted as one row.
@@ -63,7 +92,11 @@ pub struct TenantChanges {
 impl TenantChanges {
     pub fn rows(&self) -> usize {
         self.row.is_some() as usize
-            + self.put_nodes.len()
+            + self
+                .put_nodes
+                .iter()
+                .map(|n| 1 + n.buckets.len())
+                .sum::<usize>()
             + self.delete_nodes.len()
             + self.dedup.is_some() as usize
             + self.expire_dedup.len()
@@ -106,5 +139,5 @@ pub trait Store: Send + Sync + 'static {
     async fn meta(&self) -> Result<Option<CheckpointMeta>, StoreError>;
     async fn tenants(&self) -> Result<Vec<String>, StoreError>;
     async fn load_tenant(&self, tenant: &str) -> Result<TenantImage, StoreError>;
-    async fn commit(&self, cp: &Checkpoint) -> Result<(), StoreError>;
+    async fn commit(&self, cp: std::sync::Arc<Checkpoint>) -> Result<(), StoreError>;
 }

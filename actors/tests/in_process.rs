@@ -46,8 +46,8 @@ impl Store for MemStore {
         img.nodes = nodes.into_values().collect();
         Ok(img)
     }
-    async fn commit(&self, cp: &Checkpoint) -> Result<(), StoreError> {
-        self.cps.lock().unwrap().push(cp.clone());
+    async fn commit(&self, cp: Arc<Checkpoint>) -> Result<(), StoreError> {
+        self.cps.lock().unwrap().push((*cp).clone());
         Ok(())
     }
 }

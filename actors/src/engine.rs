@@ -92,10 +92,20 @@ struct Position {
     dead_letters: Vec<u8>,
 }
 
+/// A checkpoint whose commit is running in the background.
+struct Inflight {
+    seq: u64,
+    rows: u64,
+    started: Instant,
+    task: tokio::task::JoinHandle<Result<(), StoreError>>,
+}
+
 struct TenantHandle {
     actor: ActorRef<CoordMsg>,
     /// Batches processed since the last committed checkpoint: replayed if the tenant is rebuilt.
-    log: Vec<TaggedBatch>,
+    /// Each batch is tagged with the sequence number of the last snapshot taken before it: a
+    /// committed checkpoint `s` covers exactly the batches tagged below `s`.
+    log: Vec<(u64, TaggedBatch)>,
     /// Consecutive rebuilds without a completed batch.
     restarts: u32,
 }
@@ -106,7 +116,11 @@ pub struct Engine {
     dead: Box<dyn DeadLetters>,
     tenants: HashMap<String, TenantHandle>,
     pub stats: Arc<Stats>,
+    /// The last committed checkpoint.
     seq: u64,
+    /// The last snapshot taken (committed, or being committed by `inflight`).
+    snap_seq: u64,
+    inflight: Option<Inflight>,
     position: Vec<u8>,
     since_checkpoint: u64,
     last_checkpoint: Instant,
@@ -146,6 +160,8 @@ impl Engine {
             tenants: HashMap::new(),
             stats: Arc::new(Stats::default()),
             seq,
+            snap_seq: seq,
+            inflight: None,
             position: pos.map(|p| p.source).unwrap_or_default(),
             since_checkpoint: 0,
             last_checkpoint: Instant::now(),
@@ -159,7 +175,7 @@ impl Engine {
             self.process(batch.inputs).await?;
             self.position = batch.position;
             if self.checkpoint_due() {
-                self.checkpoint().await?;
+                self.begin_checkpoint().await?;
             }
         }
         self.checkpoint().await
@@ -213,10 +229,11 @@ impl Engine {
             raw.insert(inp.tag, (inp.raw, inp.origin));
         }
         let mut calls = Vec::with_capacity(by_tenant.len());
+        let snap_seq = self.snap_seq;
         for (tenant, recs) in by_tenant {
             let batch: TaggedBatch = Arc::new(recs);
             let h = self.tenant(&tenant).await?;
-            h.log.push(batch.clone());
+            h.log.push((snap_seq, batch.clone()));
             calls.push((tenant, batch));
         }
         let outcomes = self.dispatch(calls).await?;
@@ -312,6 +329,9 @@ impl Engine {
         mut err: TenantError,
         retry: Option<TaggedBatch>,
     ) -> Result<BatchOutcome, EngineError> {
+        // The rebuilt tenant loads the store: let a checkpoint still being written land first, so
+        // that the log entries it covers can be told apart from those to replay.
+        self.await_commit().await?;
         loop {
             let h = self.tenants.get_mut(tenant).expect("known tenant");
             h.restarts += 1;
@@ -333,7 +353,7 @@ impl Engine {
             let h = self.tenants.get_mut(tenant).expect("known tenant");
             h.actor = actor.clone();
             // The log ends with `retry` when a batch failed: replay everything before it quietly.
-            let mut replay: Vec<TaggedBatch> = h.log.clone();
+            let mut replay: Vec<TaggedBatch> = h.log.iter().map(|(_, b)| b.clone()).collect();
             if let (Some(r), Some(last)) = (&retry, replay.last()) {
                 if Arc::ptr_eq(r, last) {
                     replay.pop();
@@ -383,11 +403,20 @@ impl Engine {
         }
     }
 
-    /// Takes a checkpoint: every tenant's changes, the dead letters made durable, and the source
-    /// position, committed in one atomic store write. Retries the commit with back-off.
+    /// Takes a checkpoint and waits until it is durable.
     pub async fn checkpoint(&mut self) -> Result<(), EngineError> {
+        self.begin_checkpoint().await?;
+        self.await_commit().await
+    }
+
+    /// Takes a checkpoint: every tenant's changes, the dead letters made durable, and the source
+    /// position, committed in one atomic store write. The commit runs in the background while
+    /// ingestion goes on; at most one is in flight (the next checkpoint, a tenant rebuild and the
+    /// end of the run wait for it), and it is retried with back-off until it lands.
+    pub async fn begin_checkpoint(&mut self) -> Result<(), EngineError> {
+        self.await_commit().await?;
         let started = Instant::now();
-        let seq = self.seq + 1;
+        let seq = self.snap_seq + 1;
         let span = info_span!("checkpoint", seq);
         let names: Vec<String> = self.tenants.keys().cloned().collect();
         let mut changes = Vec::with_capacity(names.len());
@@ -415,39 +444,65 @@ impl Engine {
             dead_letters,
         })
         .expect("position encodes");
-        let cp = Checkpoint {
+        let cp = Arc::new(Checkpoint {
             seq,
             source,
             tenants: changes.into_iter().filter(|c| c.rows() > 0).collect(),
-        };
+        });
         let rows = cp.rows() as u64;
-        let store = self.store.clone();
-        let cp = Arc::new(cp);
-        let commit_started = Instant::now();
-        retry_counted(&self.cfg, "commit checkpoint", &self.stats, || {
-            store.commit(cp.clone())
-        })
-        .instrument(span)
-        .await?;
-        debug!(
+        let (store, cfg, stats) = (self.store.clone(), self.cfg.clone(), self.stats.clone());
+        let task = tokio::spawn(
+            async move {
+                let t = Instant::now();
+                retry_counted(&cfg, "commit checkpoint", &stats, || {
+                    store.commit(cp.clone())
+                })
+                .await?;
+                debug!(
+                    seq,
+                    rows,
+                    snapshot_ms,
+                    commit_ms = t.elapsed().as_millis() as u64,
+                    "checkpoint committed"
+                );
+                Ok(())
+            }
+            .instrument(span),
+        );
+        self.inflight = Some(Inflight {
             seq,
             rows,
-            snapshot_ms,
-            commit_ms = commit_started.elapsed().as_millis() as u64,
-            "checkpoint committed"
-        );
-        for h in self.tenants.values_mut() {
-            h.log.clear();
-        }
-        self.seq = seq;
+            started,
+            task,
+        });
+        self.snap_seq = seq;
         self.since_checkpoint = 0;
         self.last_checkpoint = Instant::now();
+        Ok(())
+    }
+
+    /// Waits for the checkpoint being committed, if any, then forgets the replay log it covers.
+    pub async fn await_commit(&mut self) -> Result<(), EngineError> {
+        let Some(inf) = self.inflight.take() else {
+            return Ok(());
+        };
+        match inf.task.await {
+            Ok(r) => r?,
+            Err(e) => return Err(StoreError::Io(format!("checkpoint commit task: {e}")).into()),
+        }
+        for h in self.tenants.values_mut() {
+            h.log.retain(|(tag, _)| *tag >= inf.seq);
+        }
+        self.seq = inf.seq;
         self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
         self.stats.store_commits.fetch_add(1, Ordering::Relaxed);
-        self.stats.store_rows.fetch_add(rows, Ordering::Relaxed);
-        self.stats.last_checkpoint_seq.store(seq, Ordering::Relaxed);
-        metrics::histogram!("canopy_checkpoint_seconds").record(started.elapsed().as_secs_f64());
-        metrics::histogram!("canopy_checkpoint_rows").record(rows as f64);
+        self.stats.store_rows.fetch_add(inf.rows, Ordering::Relaxed);
+        self.stats
+            .last_checkpoint_seq
+            .store(inf.seq, Ordering::Relaxed);
+        metrics::histogram!("canopy_checkpoint_seconds")
+            .record(inf.started.elapsed().as_secs_f64());
+        metrics::histogram!("canopy_checkpoint_rows").record(inf.rows as f64);
         Ok(())
     }
 

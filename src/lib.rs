@@ -4,11 +4,13 @@
 //!
 //! - [`store`]: state store backends (the embedded redb store is the default).
 //! - [`file_source`]: NDJSON file input and dead-letter file output for `canopy ingest`.
+//! - [`audit`]: `canopy audit`, invariant checks of the stored state.
 //! - [`dump`]: `canopy dump`, the stored numbers as NDJSON (the conformance format).
 //! - [`ingest`]: wiring of source, engine, store and progress reporting for `canopy ingest`.
 //! - [`loadgen`]: a synthetic multi-tenant workload (`canopy loadgen`).
 //! - [`telemetry`]: logging setup.
 
+pub mod audit;
 pub mod dump;
 pub mod file_source;
 pub mod ingest;

@@ -54,6 +54,11 @@ enum Cmd {
         #[arg(long)]
         quiet: bool,
     },
+    /// Check the invariants of the stored state (subtree = own + children, per bucket too).
+    Audit {
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
     /// Write a synthetic multi-tenant workload as NDJSON.
     Loadgen {
         #[arg(long)]
@@ -157,6 +162,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let n = canopy::loadgen::generate(&cfg, &mut w)?;
             std::io::Write::flush(&mut w)?;
             eprintln!("canopy: wrote {n} records to {}", out.display());
+            Ok(())
+        }
+        Cmd::Audit { data_dir } => {
+            let store = EmbeddedStore::open(&data_dir)?;
+            let rep = canopy::audit::audit(&store).await?;
+            for v in &rep.violations {
+                println!("violation: {v}");
+            }
+            println!(
+                "audit: {} nodes checked, {} violations",
+                rep.nodes,
+                rep.violations.len()
+            );
+            if !rep.violations.is_empty() {
+                anyhow::bail!("{} invariant violations", rep.violations.len());
+            }
             Ok(())
         }
         Cmd::Dump { data_dir } => {

@@ -123,8 +123,9 @@ impl Agg {
     }
 
     /// The dump/API JSON shape: `{"events": n, "metrics": {name: {count,sum,min,max}}}`.
-    pub fn to_json(&self) -> serde_json::Value {
-        serde_json::to_value(AggJson(self)).expect("aggregate serializes")
+    /// (A string, not a `serde_json::Value`: a `Value` cannot hold sums beyond 64 bits.)
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(&AggJson(self)).expect("aggregate serializes")
     }
 }
 

@@ -13,9 +13,7 @@ use support::*;
 fn audit_passes_on_ingested_state_and_catches_a_tampered_node() {
     let dir = tempfile::tempdir().unwrap();
     let c = conformance_dir();
-    let data = std::env::var("AUDIT_KEEP")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| dir.path().join("data"));
+    let data = dir.path().join("data");
     ingest(
         &c.join("input.ndjson"),
         &data,

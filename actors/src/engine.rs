@@ -483,10 +483,13 @@ impl Engine {
 
     /// Waits for the checkpoint being committed, if any, then forgets the replay log it covers.
     pub async fn await_commit(&mut self) -> Result<(), EngineError> {
-        let Some(inf) = self.inflight.take() else {
+        // Await through a reference so that a cancelled wait leaves the commit tracked.
+        let Some(running) = self.inflight.as_mut() else {
             return Ok(());
         };
-        match inf.task.await {
+        let done = (&mut running.task).await;
+        let inf = self.inflight.take().expect("in-flight commit");
+        match done {
             Ok(r) => r?,
             Err(e) => return Err(StoreError::Io(format!("checkpoint commit task: {e}")).into()),
         }

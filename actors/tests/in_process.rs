@@ -272,3 +272,74 @@ async fn failing_store_writes_are_retried_and_nothing_is_lost_or_doubled() {
     );
     assert_eq!(extremes(&mut e2, "a").await, Some((0, 48, 25)));
 }
+
+/// A store whose commits hang until `open` is set: a stalled database.
+struct StalledStore {
+    inner: MemStore,
+    open: tokio::sync::watch::Receiver<bool>,
+}
+
+#[async_trait::async_trait]
+impl Store for StalledStore {
+    async fn meta(&self) -> Result<Option<CheckpointMeta>, StoreError> {
+        self.inner.meta().await
+    }
+    async fn tenants(&self) -> Result<Vec<String>, StoreError> {
+        self.inner.tenants().await
+    }
+    async fn load_tenant(&self, tenant: &str) -> Result<TenantImage, StoreError> {
+        self.inner.load_tenant(tenant).await
+    }
+    async fn commit(&self, cp: Arc<Checkpoint>) -> Result<(), StoreError> {
+        let mut open = self.open.clone();
+        while !*open.borrow() {
+            open.changed().await.unwrap();
+        }
+        self.inner.commit(cp).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_store_stops_ingestion_one_checkpoint_ahead() {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let store = Arc::new(StalledStore {
+        inner: MemStore::default(),
+        open: rx,
+    });
+    let mut e = Engine::open(
+        EngineConfig::default(),
+        store.clone(),
+        &mut NoSource,
+        Box::new(DiscardDeadLetters),
+    )
+    .await
+    .unwrap();
+    let root = up("root", None);
+    e.process(inputs(&[&root])).await.unwrap();
+    // The first checkpoint's commit hangs in the background; processing may go on...
+    e.begin_checkpoint().await.unwrap();
+    let ev1 = ev("1", "root", 1);
+    e.process(inputs(&[&ev1])).await.unwrap();
+    // ...but the next checkpoint waits for the stalled one: nothing runs further ahead.
+    let blocked =
+        tokio::time::timeout(std::time::Duration::from_millis(300), e.begin_checkpoint()).await;
+    assert!(
+        blocked.is_err(),
+        "a second checkpoint must wait while the store is stalled"
+    );
+    tx.send(true).unwrap();
+    e.checkpoint().await.unwrap();
+    assert_eq!(
+        store.inner.cps.lock().unwrap().len(),
+        2,
+        "both checkpoints landed once the store came back"
+    );
+    assert_eq!(
+        e.stats
+            .checkpoints
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2,
+        "the cancelled wait lost no commit"
+    );
+    assert_eq!(extremes(&mut e, "root").await, Some((1, 1, 1)));
+}

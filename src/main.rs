@@ -184,7 +184,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let store = EmbeddedStore::open(&data_dir)?;
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::with_capacity(1 << 20, stdout.lock());
-            canopy::dump::dump(&store, &mut out).await?;
+            match canopy::dump::dump(&store, &mut out).await {
+                // `canopy dump | head`: the reader closing the pipe is not a failure.
+                Err(canopy::dump::DumpError::Io(e))
+                    if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+                r => {
+                    r?;
+                }
+            }
             Ok(())
         }
     }

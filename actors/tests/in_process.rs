@@ -2,6 +2,8 @@
 //! the engine, and node states are read back from the live actors.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use canopy_actors::engine::{Engine, EngineConfig};
@@ -194,15 +196,27 @@ async fn attributed_numbers_stay_with_the_chain_they_were_accepted_under() {
     assert_eq!(extremes(&mut e, "c").await, Some((3, 10, 2)));
 }
 
-/// Wraps a store and fails the first `fail` commits with a transient error.
-struct FlakyStore {
+type Gate =
+    Box<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>> + Send + Sync>;
+
+/// A [`MemStore`] whose commits first pass through `gate`: it can fail them (a flaky store) or
+/// hold them (a stalled one).
+struct GatedStore {
     inner: MemStore,
-    fail: Mutex<u32>,
-    attempts: Mutex<u32>,
+    gate: Gate,
+}
+
+impl GatedStore {
+    fn new(gate: Gate) -> Self {
+        GatedStore {
+            inner: MemStore::default(),
+            gate,
+        }
+    }
 }
 
 #[async_trait::async_trait]
-impl Store for FlakyStore {
+impl Store for GatedStore {
     async fn meta(&self) -> Result<Option<CheckpointMeta>, StoreError> {
         self.inner.meta().await
     }
@@ -213,25 +227,30 @@ impl Store for FlakyStore {
         self.inner.load_tenant(tenant).await
     }
     async fn commit(&self, cp: Arc<Checkpoint>) -> Result<(), StoreError> {
-        *self.attempts.lock().unwrap() += 1;
-        {
-            let mut f = self.fail.lock().unwrap();
-            if *f > 0 {
-                *f -= 1;
-                return Err(StoreError::Unavailable("injected write failure".into()));
-            }
-        }
+        (self.gate)().await?;
         self.inner.commit(cp).await
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_store_writes_are_retried_and_nothing_is_lost_or_doubled() {
-    let store = Arc::new(FlakyStore {
-        inner: MemStore::default(),
-        fail: Mutex::new(3),
-        attempts: Mutex::new(0),
-    });
+    // Fails the first three commits with a transient error, counting every attempt.
+    let attempts = Arc::new(Mutex::new(0u32));
+    let seen = attempts.clone();
+    let store = Arc::new(GatedStore::new(Box::new(move || {
+        let n = {
+            let mut a = seen.lock().unwrap();
+            *a += 1;
+            *a
+        };
+        Box::pin(async move {
+            if n <= 3 {
+                Err(StoreError::Unavailable("injected write failure".into()))
+            } else {
+                Ok(())
+            }
+        })
+    })));
     let cfg = EngineConfig {
         retry_initial_ms: 1,
         retry_max_ms: 4,
@@ -253,11 +272,7 @@ async fn failing_store_writes_are_retried_and_nothing_is_lost_or_doubled() {
     lines.extend(evs.iter().map(String::as_str));
     e.process(inputs(&lines)).await.unwrap();
     e.checkpoint().await.unwrap();
-    assert_eq!(
-        *store.attempts.lock().unwrap(),
-        4,
-        "three failures, then success"
-    );
+    assert_eq!(*attempts.lock().unwrap(), 4, "three failures, then success");
     e.shutdown().await;
     // A fresh engine on what was committed: every event exactly once.
     let mut e2 = Engine::open(cfg, store, &mut NoSource, Box::new(DiscardDeadLetters))
@@ -273,39 +288,19 @@ async fn failing_store_writes_are_retried_and_nothing_is_lost_or_doubled() {
     assert_eq!(extremes(&mut e2, "a").await, Some((0, 48, 25)));
 }
 
-/// A store whose commits hang until `open` is set: a stalled database.
-struct StalledStore {
-    inner: MemStore,
-    open: tokio::sync::watch::Receiver<bool>,
-}
-
-#[async_trait::async_trait]
-impl Store for StalledStore {
-    async fn meta(&self) -> Result<Option<CheckpointMeta>, StoreError> {
-        self.inner.meta().await
-    }
-    async fn tenants(&self) -> Result<Vec<String>, StoreError> {
-        self.inner.tenants().await
-    }
-    async fn load_tenant(&self, tenant: &str) -> Result<TenantImage, StoreError> {
-        self.inner.load_tenant(tenant).await
-    }
-    async fn commit(&self, cp: Arc<Checkpoint>) -> Result<(), StoreError> {
-        let mut open = self.open.clone();
-        while !*open.borrow() {
-            open.changed().await.unwrap();
-        }
-        self.inner.commit(cp).await
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_store_stops_ingestion_one_checkpoint_ahead() {
     let (tx, rx) = tokio::sync::watch::channel(false);
-    let store = Arc::new(StalledStore {
-        inner: MemStore::default(),
-        open: rx,
-    });
+    // Commits hang until the store comes back (`tx` sends true).
+    let store = Arc::new(GatedStore::new(Box::new(move || {
+        let mut open = rx.clone();
+        Box::pin(async move {
+            while !*open.borrow() {
+                open.changed().await.unwrap();
+            }
+            Ok(())
+        })
+    })));
     let mut e = Engine::open(
         EngineConfig::default(),
         store.clone(),

@@ -67,7 +67,8 @@ fn main() {
         progress: false,
     };
     let t = Instant::now();
-    let rep = rt.block_on(ingest(opts, store)).expect("ingest");
+    let (_keep, never) = tokio::sync::watch::channel(false);
+    let rep = rt.block_on(ingest(opts, store, never)).expect("ingest");
     let secs = t.elapsed().as_secs_f64();
     println!(
         "ingest: {:.0} records/s ({} records in {:.2} s, checkpoint every {checkpoint_ms} ms)",

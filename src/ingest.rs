@@ -12,6 +12,7 @@ use canopy_actors::store::Store;
 use indicatif::{ProgressBar, ProgressStyle};
 use tracing::info;
 
+use crate::app::UntilShutdown;
 use crate::file_source::{FileDeadLetters, FileSource};
 
 #[derive(Debug, Clone)]
@@ -58,6 +59,7 @@ impl IngestReport {
 pub async fn ingest(
     opts: IngestOptions,
     store: Arc<dyn Store>,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<IngestReport, EngineError> {
     let started = Instant::now();
     let mut source = FileSource::new(opts.input.clone(), opts.batch_size);
@@ -71,7 +73,14 @@ pub async fn ingest(
         let total = std::fs::metadata(&opts.input).map(|m| m.len()).unwrap_or(0);
         spawn_progress(stats.clone(), source.bytes_read.clone(), total)
     });
-    let r = engine.run(&mut source).await;
+    // On SIGTERM/SIGINT the source ends early: the engine takes its final checkpoint and the
+    // next run resumes from it.
+    let r = engine
+        .run(&mut UntilShutdown {
+            inner: &mut source,
+            stop,
+        })
+        .await;
     engine.shutdown().await;
     if let Some((handle, stop)) = ticker {
         stop.store(true, Ordering::Relaxed);

@@ -2,6 +2,10 @@
 //!
 //! The `canopy` binary's crate: the adapters around the pure core in `canopy-actors`.
 //!
+//! - [`api`]: the HTTP query API, `/metrics`, health and the dashboard.
+//! - [`app`]: shutdown signals and the API server task, shared by the long-running commands.
+//! - [`config`]: the one settings tree (defaults, file, `CANOPY_*`, flags).
+//! - [`demo`]: `canopy demo`, everything in one process with a live generated workload.
 //! - [`store`]: state store backends (the embedded redb store is the default).
 //! - [`file_source`]: NDJSON file input and dead-letter file output for `canopy ingest`.
 //! - [`audit`]: `canopy audit`, invariant checks of the stored state.
@@ -10,7 +14,11 @@
 //! - [`loadgen`]: a synthetic multi-tenant workload (`canopy loadgen`).
 //! - [`telemetry`]: logging setup.
 
+pub mod api;
+pub mod app;
 pub mod audit;
+pub mod config;
+pub mod demo;
 pub mod dump;
 pub mod file_source;
 pub mod ingest;

@@ -33,6 +33,8 @@ pub struct LoadgenConfig {
     pub start_ms: i64,
     /// Whether some hierarchies are `attributed`.
     pub attributed: bool,
+    /// Events carry the wall-clock time instead of spreading over `span_secs` (the demo).
+    pub live: bool,
 }
 
 impl Default for LoadgenConfig {
@@ -52,6 +54,7 @@ impl Default for LoadgenConfig {
             // 2026-11-01T04:30:00Z: the stream crosses New York's fall-back at 06:00Z.
             start_ms: 1_793_507_400_000,
             attributed: true,
+            live: false,
         }
     }
 }
@@ -174,7 +177,11 @@ pub fn generate(cfg: &LoadgenConfig, out: &mut impl Write) -> std::io::Result<u6
     for e in 0..cfg.events {
         let ti = rng.random_range(0..tenants.len());
         let t = &mut tenants[ti];
-        let ts_ms = cfg.start_ms + (e as i64 * cfg.span_secs * 1000) / cfg.events.max(1) as i64;
+        let ts_ms = if cfg.live {
+            jiff::Timestamp::now().as_millisecond()
+        } else {
+            cfg.start_ms + (e as i64 * cfg.span_secs * 1000) / cfg.events.max(1) as i64
+        };
         let r: f64 = rng.random();
         if r < cfg.bad {
             line(out, bad_record(&mut rng, &t.id))?;

@@ -1,13 +1,19 @@
-//! The `canopy` command line (SPEC.md section 4).
+//! The `canopy` command line (SPEC.md section 4). Settings come from one tree
+//! ([`canopy::config::Config`]): defaults, `--config FILE`, `CANOPY_*` variables, then flags.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
+use canopy::api::Tokens;
+use canopy::app::{shutdown_on_signals, spawn_api};
+use canopy::config::Config;
 use canopy::ingest::{ingest, IngestOptions};
 use canopy::store::EmbeddedStore;
-use canopy_actors::engine::EngineConfig;
+use canopy_actors::store::StoreRead;
 use clap::{Parser, Subcommand};
+use toml::Value;
 
 #[derive(Parser)]
 #[command(
@@ -16,48 +22,74 @@ use clap::{Parser, Subcommand};
     about = "Real-time multi-level pre-aggregation for multi-tenant hierarchies"
 )]
 struct Cli {
+    /// A TOML configuration file (see `canopy config` for every key and its default).
+    #[arg(long, global = true, env = "CANOPY_CONFIG")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Process an NDJSON file through the actor engine into the embedded store in DIR.
+    /// Process an NDJSON file through the actor engine into the embedded store.
     Ingest {
         #[arg(long)]
         input: PathBuf,
+        /// [data_dir]
         #[arg(long)]
-        data_dir: PathBuf,
+        data_dir: Option<PathBuf>,
         /// Dead-letter file (NDJSON: line, reason, message, record).
         #[arg(long)]
         dlq: Option<PathBuf>,
-        /// Kill a random node actor after every N records (chaos testing).
-        #[arg(long, default_value_t = 0)]
-        chaos_kill_every: u64,
-        /// Checkpoint at least this often, in milliseconds.
-        #[arg(long, env = "CANOPY_CHECKPOINT_INTERVAL_MS", default_value_t = 1000)]
-        checkpoint_interval_ms: u64,
-        /// ... or after this many records.
-        #[arg(
-            long,
-            env = "CANOPY_CHECKPOINT_EVERY_RECORDS",
-            default_value_t = 1_000_000
-        )]
-        checkpoint_every_records: u64,
-        /// Records per batch handed from the reader to the engine.
-        #[arg(long, env = "CANOPY_BATCH_SIZE", default_value_t = 4096)]
-        batch_size: usize,
-        /// Event ids are remembered at least this long behind the watermark (seconds).
-        #[arg(long, env = "CANOPY_DEDUP_HORIZON_SECS", default_value_t = 3600)]
-        dedup_horizon_secs: i64,
+        /// Kill a random node actor after every N records (chaos testing). [engine.chaos_kill_every]
+        #[arg(long)]
+        chaos_kill_every: Option<u64>,
+        /// Checkpoint at least this often, in milliseconds. [engine.checkpoint_interval_ms]
+        #[arg(long)]
+        checkpoint_interval_ms: Option<u64>,
+        /// ... or after this many records. [engine.checkpoint_every_records]
+        #[arg(long)]
+        checkpoint_every_records: Option<u64>,
+        /// Records per batch handed from the reader to the engine. [engine.batch_size]
+        #[arg(long)]
+        batch_size: Option<u64>,
+        /// Event ids are remembered this long behind the watermark. [tenant.dedup_horizon_secs]
+        #[arg(long)]
+        dedup_horizon_secs: Option<i64>,
         /// No progress output.
         #[arg(long)]
         quiet: bool,
     },
+    /// Serve the query API (and dashboard) from an existing store.
+    Serve {
+        /// [data_dir]
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// [api.listen]
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Engine, embedded store, API and dashboard with a generated live workload.
+    Demo {
+        /// [data_dir]
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// [api.listen]
+        #[arg(long)]
+        listen: Option<String>,
+        /// Records per second of the generated workload. [demo.records_per_sec]
+        #[arg(long)]
+        rate: Option<u64>,
+    },
+    /// Print the effective configuration (defaults, file, environment and flags merged) as TOML.
+    Config,
+    /// Print the query API's OpenAPI document.
+    Openapi,
     /// Check the invariants of the stored state (subtree = own + children, per bucket too).
     Audit {
+        /// [data_dir]
         #[arg(long)]
-        data_dir: PathBuf,
+        data_dir: Option<PathBuf>,
     },
     /// Write a synthetic multi-tenant workload as NDJSON.
     Loadgen {
@@ -84,19 +116,92 @@ enum Cmd {
     },
     /// Write every stored node as one JSON line, sorted by tenant, hierarchy, node.
     Dump {
+        /// [data_dir]
         #[arg(long)]
-        data_dir: PathBuf,
+        data_dir: Option<PathBuf>,
     },
+}
+
+/// Flags that set configuration keys, as (key, value) overrides.
+#[derive(Default)]
+struct Flags(Vec<(&'static str, Value)>);
+
+impl Flags {
+    fn int(&mut self, key: &'static str, v: Option<impl Into<i64>>) {
+        if let Some(v) = v {
+            self.0.push((key, Value::Integer(v.into())));
+        }
+    }
+    fn uint(&mut self, key: &'static str, v: Option<u64>) {
+        self.int(key, v.map(|v| v.min(i64::MAX as u64) as i64));
+    }
+    fn text(&mut self, key: &'static str, v: Option<String>) {
+        if let Some(v) = v {
+            self.0.push((key, Value::String(v)));
+        }
+    }
+    fn path(&mut self, key: &'static str, v: Option<PathBuf>) {
+        self.text(key, v.map(|p| p.to_string_lossy().into_owned()));
+    }
+}
+
+impl Cmd {
+    fn flags(&self) -> Flags {
+        let mut f = Flags::default();
+        match self {
+            Cmd::Ingest {
+                data_dir,
+                chaos_kill_every,
+                checkpoint_interval_ms,
+                checkpoint_every_records,
+                batch_size,
+                dedup_horizon_secs,
+                ..
+            } => {
+                f.path("data_dir", data_dir.clone());
+                f.uint("engine.chaos_kill_every", *chaos_kill_every);
+                f.uint("engine.checkpoint_interval_ms", *checkpoint_interval_ms);
+                f.uint("engine.checkpoint_every_records", *checkpoint_every_records);
+                f.uint("engine.batch_size", *batch_size);
+                f.int("tenant.dedup_horizon_secs", *dedup_horizon_secs);
+            }
+            Cmd::Serve { data_dir, listen } => {
+                f.path("data_dir", data_dir.clone());
+                f.text("api.listen", listen.clone());
+            }
+            Cmd::Demo {
+                data_dir,
+                listen,
+                rate,
+            } => {
+                f.path("data_dir", data_dir.clone());
+                f.text("api.listen", listen.clone());
+                f.uint("demo.records_per_sec", *rate);
+            }
+            Cmd::Audit { data_dir } | Cmd::Dump { data_dir } => {
+                f.path("data_dir", data_dir.clone())
+            }
+            Cmd::Config | Cmd::Openapi | Cmd::Loadgen { .. } => {}
+        }
+        f
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    canopy::telemetry::init();
+    let cfg = match Config::load(cli.config.as_deref(), std::env::vars(), &cli.cmd.flags().0) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("canopy: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    canopy::telemetry::init(&cfg.log);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
-    match rt.block_on(run(cli)) {
+    match rt.block_on(run(cli.cmd, cfg)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("canopy: error: {e:#}");
@@ -105,35 +210,63 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.cmd {
+fn open_store(cfg: &Config) -> anyhow::Result<EmbeddedStore> {
+    if cfg.store.uri != "embedded" {
+        anyhow::bail!(
+            "store.uri = {:?}: only the embedded store is built so far (the Scylla store is not)",
+            cfg.store.uri
+        );
+    }
+    Ok(EmbeddedStore::open(&cfg.data_dir)?)
+}
+
+async fn run(cmd: Cmd, cfg: Config) -> anyhow::Result<()> {
+    match cmd {
         Cmd::Ingest {
-            input,
-            data_dir,
-            dlq,
-            chaos_kill_every,
-            checkpoint_interval_ms,
-            checkpoint_every_records,
-            batch_size,
-            dedup_horizon_secs,
-            quiet,
+            input, dlq, quiet, ..
         } => {
-            let store = Arc::new(EmbeddedStore::open(&data_dir)?);
-            let mut engine = EngineConfig {
-                chaos_kill_every,
-                checkpoint_interval_ms,
-                checkpoint_every_records,
-                ..Default::default()
-            };
-            engine.tenant.dedup_horizon_secs = dedup_horizon_secs;
+            let store = Arc::new(open_store(&cfg)?);
             let opts = IngestOptions {
                 input,
                 dlq,
-                batch_size,
-                engine,
+                batch_size: cfg.engine.batch_size,
+                engine: cfg.engine(),
                 progress: !quiet,
             };
-            ingest(opts, store).await?;
+            ingest(opts, store, shutdown_on_signals()).await?;
+            Ok(())
+        }
+        Cmd::Serve { .. } => {
+            let store = Arc::new(open_store(&cfg)?);
+            let tokens = Tokens::parse(&cfg.api.tokens)?;
+            if tokens.is_empty() {
+                tracing::warn!("no API tokens configured (api.tokens / CANOPY_API_TOKENS): every /v1 request will get 401");
+            }
+            let metrics = canopy::telemetry::install_metrics()?;
+            let stop = shutdown_on_signals();
+            let (addr, api) = spawn_api(
+                &cfg.api.listen,
+                store as Arc<dyn StoreRead>,
+                tokens,
+                Some(metrics),
+                Arc::new(AtomicBool::new(true)),
+                stop,
+            )
+            .await?;
+            println!("canopy serve: query API and dashboard at http://{addr}/");
+            api.await??;
+            Ok(())
+        }
+        Cmd::Demo { .. } => {
+            let metrics = canopy::telemetry::install_metrics()?;
+            canopy::demo::run(cfg, Some(metrics)).await
+        }
+        Cmd::Config => {
+            print!("{}", cfg.to_toml());
+            Ok(())
+        }
+        Cmd::Openapi => {
+            println!("{}", canopy::api::openapi_json());
             Ok(())
         }
         Cmd::Loadgen {
@@ -147,7 +280,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             churn,
             bad,
         } => {
-            let cfg = canopy::loadgen::LoadgenConfig {
+            let lg = canopy::loadgen::LoadgenConfig {
                 seed,
                 tenants,
                 hierarchies,
@@ -159,13 +292,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 ..Default::default()
             };
             let mut w = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&out)?);
-            let n = canopy::loadgen::generate(&cfg, &mut w)?;
+            let n = canopy::loadgen::generate(&lg, &mut w)?;
             std::io::Write::flush(&mut w)?;
             eprintln!("canopy: wrote {n} records to {}", out.display());
             Ok(())
         }
-        Cmd::Audit { data_dir } => {
-            let store = EmbeddedStore::open(&data_dir)?;
+        Cmd::Audit { .. } => {
+            let store = open_store(&cfg)?;
             let rep = canopy::audit::audit(&store).await?;
             for v in &rep.violations {
                 println!("violation: {v}");
@@ -180,8 +313,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Dump { data_dir } => {
-            let store = EmbeddedStore::open(&data_dir)?;
+        Cmd::Dump { .. } => {
+            let store = open_store(&cfg)?;
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::with_capacity(1 << 20, stdout.lock());
             match canopy::dump::dump(&store, &mut out).await {

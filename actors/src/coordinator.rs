@@ -189,6 +189,9 @@ impl Coord {
         if self.touched.is_empty() {
             return Ok(());
         }
+        // Every pending event ends up in one delta per ancestor: the coalescing ratio is
+        // events coalesced / deltas sent.
+        metrics::counter!("canopy_events_coalesced_total").increment(self.pending_events as u64);
         self.pending_events = 0;
         self.oldest_pending = None;
         self.generation += 1;

@@ -228,9 +228,13 @@ impl Engine {
             }
             raw.insert(inp.tag, (inp.raw, inp.origin));
         }
+        // Records that did not decode name no tenant; they count under the empty tenant label.
+        let refused_undecoded = refused.len() as u64;
         let mut calls = Vec::with_capacity(by_tenant.len());
         let snap_seq = self.snap_seq;
         for (tenant, recs) in by_tenant {
+            metrics::counter!("canopy_records_total", "tenant" => tenant.clone())
+                .increment(recs.len() as u64);
             let batch: TaggedBatch = Arc::new(recs);
             let h = self.tenant(&tenant).await?;
             h.log.push((snap_seq, batch.clone()));
@@ -265,7 +269,8 @@ impl Engine {
             .refused
             .fetch_add(refused.len() as u64, Ordering::Relaxed);
         self.stats.records.fetch_add(n, Ordering::Relaxed);
-        metrics::counter!("canopy_records_total").increment(n);
+        metrics::counter!("canopy_records_total", "tenant" => "")
+            .increment(refused_undecoded);
         self.since_checkpoint += n;
         Ok(())
     }
@@ -454,8 +459,12 @@ impl Engine {
         let task = tokio::spawn(
             async move {
                 let t = Instant::now();
-                retry_counted(&cfg, "commit checkpoint", &stats, || {
-                    store.commit(cp.clone())
+                retry_counted(&cfg, "commit checkpoint", &stats, || async {
+                    let t = Instant::now();
+                    let r = store.commit(cp.clone()).await;
+                    metrics::histogram!("canopy_store_commit_seconds")
+                        .record(t.elapsed().as_secs_f64());
+                    r
                 })
                 .await?;
                 debug!(

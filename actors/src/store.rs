@@ -141,3 +141,64 @@ pub trait Store: Send + Sync + 'static {
     async fn load_tenant(&self, tenant: &str) -> Result<TenantImage, StoreError>;
     async fn commit(&self, cp: std::sync::Arc<Checkpoint>) -> Result<(), StoreError>;
 }
+
+/// An answer read from one committed checkpoint, named by its sequence number.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AsOf<T> {
+    pub as_of: u64,
+    pub value: T,
+}
+
+/// One hierarchy of a tenant, as the query API lists it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HierarchyInfo {
+    pub hierarchy: String,
+    pub mode: crate::record::Mode,
+    pub nodes: u64,
+}
+
+/// A node with its children's ids, read together.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeView {
+    pub parent: Option<String>,
+    pub header: NodeHeader,
+    pub children: Vec<String>,
+}
+
+/// An entity across the hierarchies it is a node of.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EntityView {
+    pub suspended: bool,
+    /// hierarchy → parent (None for a root), for every hierarchy the entity is a node of.
+    pub hierarchies: Vec<(String, Option<String>)>,
+}
+
+/// The read port the query API uses. Each method answers one request from one snapshot of the
+/// store, so an answer never mixes two checkpoints. `None` means "no such tenant, hierarchy, node
+/// or entity" (the API turns every one of them into the same 404).
+#[async_trait::async_trait]
+pub trait StoreRead: Send + Sync + 'static {
+    /// Tenants with stored state.
+    async fn tenant_ids(&self) -> Result<AsOf<Vec<String>>, StoreError>;
+    async fn hierarchies(&self, tenant: &str)
+        -> Result<AsOf<Option<Vec<HierarchyInfo>>>, StoreError>;
+    async fn node(&self, tenant: &str, hierarchy: &str, node: &str)
+        -> Result<AsOf<Option<NodeView>>, StoreError>;
+    /// The children of `parent` (the roots when `parent` is None), each with its subtree total.
+    async fn children(
+        &self,
+        tenant: &str,
+        hierarchy: &str,
+        parent: Option<&str>,
+    ) -> Result<AsOf<Option<Vec<(String, Agg)>>>, StoreError>;
+    /// A node's `subtree` buckets of one granularity, in key order.
+    async fn series(
+        &self,
+        tenant: &str,
+        hierarchy: &str,
+        node: &str,
+        granularity: Granularity,
+    ) -> Result<AsOf<Option<Vec<(u64, Agg)>>>, StoreError>;
+    async fn entity(&self, tenant: &str, entity: &str)
+        -> Result<AsOf<Option<EntityView>>, StoreError>;
+}

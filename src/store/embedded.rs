@@ -7,6 +7,9 @@
 //! - `buckets`: (tenant, hierarchy, node, kind, granularity, key) → one bucket's aggregate; a
 //!   checkpoint writes only the buckets that changed, so a busy root does not rewrite its history
 //! - `dedup`: (tenant, checkpoint seq) → the event ids accepted in that checkpoint interval
+//! - `children`: (tenant, hierarchy, parent or None for roots, child) → (): the query API's
+//!   children and roots reads, kept in step with `nodes` inside the same transaction
+//! - `node_counts`: (tenant, hierarchy) → number of nodes
 //!
 //! One checkpoint is one redb write transaction, so a reader sees all of it or none of it.
 
@@ -16,9 +19,10 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use canopy_actors::agg::Granularity;
 use canopy_actors::store::{
-    BucketKind, BucketRow, Checkpoint, CheckpointMeta, DedupBatch, NodeHeader, NodeRow, Store,
-    StoreError, TenantImage,
+    AsOf, BucketKind, BucketRow, Checkpoint, CheckpointMeta, DedupBatch, EntityView,
+    HierarchyInfo, NodeHeader, NodeRow, NodeView, Store, StoreError, StoreRead, TenantImage,
 };
+use canopy_actors::agg::Agg;
 use canopy_actors::tenant::TenantRow;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
@@ -28,6 +32,9 @@ const NODES: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinition::new("
 const DEDUP: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("dedup");
 type BucketKey<'a> = (&'a str, &'a str, &'a str, u8, u8, u64);
 const BUCKETS: TableDefinition<BucketKey, &[u8]> = TableDefinition::new("buckets");
+type ChildKey<'a> = (&'a str, &'a str, Option<&'a str>, &'a str);
+const CHILDREN: TableDefinition<ChildKey, ()> = TableDefinition::new("children");
+const COUNTS: TableDefinition<(&str, &str), u64> = TableDefinition::new("node_counts");
 
 pub const FILE_NAME: &str = "canopy.redb";
 
@@ -55,6 +62,8 @@ impl EmbeddedStore {
         tx.open_table(NODES).map_err(io)?;
         tx.open_table(DEDUP).map_err(io)?;
         tx.open_table(BUCKETS).map_err(io)?;
+        tx.open_table(CHILDREN).map_err(io)?;
+        tx.open_table(COUNTS).map_err(io)?;
         tx.commit().map_err(io)?;
         Ok(EmbeddedStore { db: Arc::new(db) })
     }
@@ -77,6 +86,8 @@ fn commit(db: &Database, cp: &Checkpoint) -> Result<(), StoreError> {
         let mut nodes = tx.open_table(NODES).map_err(io)?;
         let mut dedup = tx.open_table(DEDUP).map_err(io)?;
         let mut buckets = tx.open_table(BUCKETS).map_err(io)?;
+        let mut children = tx.open_table(CHILDREN).map_err(io)?;
+        let mut counts = tx.open_table(COUNTS).map_err(io)?;
         for t in &cp.tenants {
             if let Some(row) = &t.row {
                 tenants
@@ -89,7 +100,12 @@ fn commit(db: &Database, cp: &Checkpoint) -> Result<(), StoreError> {
             // Deletes first: a node deleted and created again in one interval ends up present.
             for (h, n) in &t.delete_nodes {
                 let (t, h, n) = (t.tenant.as_str(), h.as_str(), n.as_str());
-                nodes.remove((t, h, n)).map_err(io)?;
+                if let Some(old) = nodes.remove((t, h, n)).map_err(io)? {
+                    let ParentOnly(parent, _) = rmp_serde::from_slice(old.value()).map_err(corrupt)?;
+                    drop(old);
+                    children.remove((t, h, parent.as_deref(), n)).map_err(io)?;
+                    add_count(&mut counts, t, h, -1)?;
+                }
                 let mut doomed = Vec::new();
                 for e in buckets
                     .range((t, h, n, 0u8, 0u8, 0u64)..=(t, h, n, u8::MAX, u8::MAX, u64::MAX))
@@ -106,7 +122,26 @@ fn commit(db: &Database, cp: &Checkpoint) -> Result<(), StoreError> {
             for n in &t.put_nodes {
                 let v = rmp_serde::to_vec(&(&n.parent, &n.header)).map_err(io)?;
                 let (tn, h, node) = (t.tenant.as_str(), n.hierarchy.as_str(), n.node.as_str());
-                nodes.insert((tn, h, node), v.as_slice()).map_err(io)?;
+                let old = nodes.insert((tn, h, node), v.as_slice()).map_err(io)?;
+                // The index changes only when a node appears or moves: most puts are number updates.
+                let old_parent = match old {
+                    Some(o) => {
+                        let ParentOnly(p, _) = rmp_serde::from_slice(o.value()).map_err(corrupt)?;
+                        Some(p)
+                    }
+                    None => None,
+                };
+                match old_parent {
+                    Some(p) if p == n.parent => {}
+                    Some(p) => {
+                        children.remove((tn, h, p.as_deref(), node)).map_err(io)?;
+                        children.insert((tn, h, n.parent.as_deref(), node), ()).map_err(io)?;
+                    }
+                    None => {
+                        children.insert((tn, h, n.parent.as_deref(), node), ()).map_err(io)?;
+                        add_count(&mut counts, tn, h, 1)?;
+                    }
+                }
                 for b in &n.buckets {
                     let k = (tn, h, node, b.kind as u8, b.granularity as u8, b.key);
                     match &b.agg {
@@ -147,6 +182,28 @@ fn commit(db: &Database, cp: &Checkpoint) -> Result<(), StoreError> {
 
 #[derive(serde::Deserialize)]
 struct StoredNode(Option<String>, NodeHeader);
+
+/// A stored node's parent, without decoding its numbers.
+#[derive(serde::Deserialize)]
+struct ParentOnly(Option<String>, serde::de::IgnoredAny);
+
+fn add_count(
+    counts: &mut redb::Table<(&str, &str), u64>,
+    t: &str,
+    h: &str,
+    d: i64,
+) -> Result<(), StoreError> {
+    let now = counts.get((t, h)).map_err(io)?.map(|v| v.value()).unwrap_or(0);
+    let next = now
+        .checked_add_signed(d)
+        .ok_or_else(|| StoreError::Corrupt(format!("node count of {t}/{h} below zero")))?;
+    if next == 0 {
+        counts.remove((t, h)).map_err(io)?;
+    } else {
+        counts.insert((t, h), next).map_err(io)?;
+    }
+    Ok(())
+}
 
 fn kind(k: u8) -> Result<BucketKind, StoreError> {
     match k {
@@ -272,6 +329,235 @@ impl Store for EmbeddedStore {
 
     async fn commit(&self, cp: Arc<Checkpoint>) -> Result<(), StoreError> {
         self.blocking(move |db| commit(db, &cp)).await
+    }
+}
+
+fn as_of(tx: &redb::ReadTransaction) -> Result<u64, StoreError> {
+    let t = tx.open_table(META).map_err(io)?;
+    match t.get("checkpoint").map_err(io)? {
+        Some(v) => Ok(rmp_serde::from_slice::<CheckpointMeta>(v.value())
+            .map_err(corrupt)?
+            .seq),
+        None => Ok(0),
+    }
+}
+
+fn tenant_row(tx: &redb::ReadTransaction, tenant: &str) -> Result<Option<TenantRow>, StoreError> {
+    let t = tx.open_table(TENANTS).map_err(io)?;
+    let row = t.get(tenant).map_err(io)?;
+    row.map(|v| rmp_serde::from_slice::<TenantRow>(v.value()).map_err(corrupt))
+        .transpose()
+}
+
+fn stored_node(
+    nodes: &redb::ReadOnlyTable<(&str, &str, &str), &[u8]>,
+    key: (&str, &str, &str),
+) -> Result<Option<StoredNode>, StoreError> {
+    let v = nodes.get(key).map_err(io)?;
+    v.map(|v| rmp_serde::from_slice::<StoredNode>(v.value()).map_err(corrupt))
+        .transpose()
+}
+
+fn child_ids(
+    tx: &redb::ReadTransaction,
+    t: &str,
+    h: &str,
+    parent: Option<&str>,
+) -> Result<Vec<String>, StoreError> {
+    let children = tx.open_table(CHILDREN).map_err(io)?;
+    let mut out = Vec::new();
+    for e in children.range((t, h, parent, "")..).map_err(io)? {
+        let (k, _) = e.map_err(io)?;
+        let (kt, kh, kp, c) = k.value();
+        if (kt, kh, kp) != (t, h, parent) {
+            break;
+        }
+        out.push(c.to_string());
+    }
+    Ok(out)
+}
+
+impl EmbeddedStore {
+    /// Runs one read in one redb read transaction: a snapshot of one committed checkpoint.
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&redb::ReadTransaction) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<AsOf<T>, StoreError> {
+        self.blocking(move |db| {
+            let tx = db.begin_read().map_err(io)?;
+            Ok(AsOf {
+                as_of: as_of(&tx)?,
+                value: f(&tx)?,
+            })
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl StoreRead for EmbeddedStore {
+    async fn tenant_ids(&self) -> Result<AsOf<Vec<String>>, StoreError> {
+        self.read(|tx| {
+            let t = tx.open_table(TENANTS).map_err(io)?;
+            let mut out = Vec::new();
+            for e in t.iter().map_err(io)? {
+                out.push(e.map_err(io)?.0.value().to_string());
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn hierarchies(
+        &self,
+        tenant: &str,
+    ) -> Result<AsOf<Option<Vec<HierarchyInfo>>>, StoreError> {
+        let tenant = tenant.to_string();
+        self.read(move |tx| {
+            let Some(row) = tenant_row(tx, &tenant)? else {
+                return Ok(None);
+            };
+            let counts = tx.open_table(COUNTS).map_err(io)?;
+            let mut out = Vec::new();
+            for (h, mode) in row.hierarchies {
+                let nodes = counts
+                    .get((tenant.as_str(), h.as_str()))
+                    .map_err(io)?
+                    .map(|v| v.value())
+                    .unwrap_or(0);
+                out.push(HierarchyInfo {
+                    hierarchy: h,
+                    mode,
+                    nodes,
+                });
+            }
+            out.sort_by(|a, b| a.hierarchy.cmp(&b.hierarchy));
+            Ok(Some(out))
+        })
+        .await
+    }
+
+    async fn node(
+        &self,
+        tenant: &str,
+        hierarchy: &str,
+        node: &str,
+    ) -> Result<AsOf<Option<NodeView>>, StoreError> {
+        let (t, h, n) = (tenant.to_string(), hierarchy.to_string(), node.to_string());
+        self.read(move |tx| {
+            let nodes = tx.open_table(NODES).map_err(io)?;
+            let Some(StoredNode(parent, header)) = stored_node(&nodes, (&t, &h, &n))? else {
+                return Ok(None);
+            };
+            Ok(Some(NodeView {
+                parent,
+                header,
+                children: child_ids(tx, &t, &h, Some(&n))?,
+            }))
+        })
+        .await
+    }
+
+    async fn children(
+        &self,
+        tenant: &str,
+        hierarchy: &str,
+        parent: Option<&str>,
+    ) -> Result<AsOf<Option<Vec<(String, Agg)>>>, StoreError> {
+        let (t, h) = (tenant.to_string(), hierarchy.to_string());
+        let p = parent.map(str::to_string);
+        self.read(move |tx| {
+            let nodes = tx.open_table(NODES).map_err(io)?;
+            match &p {
+                Some(p) => {
+                    if nodes.get((t.as_str(), h.as_str(), p.as_str())).map_err(io)?.is_none() {
+                        return Ok(None);
+                    }
+                }
+                None => {
+                    let known = tenant_row(tx, &t)?
+                        .is_some_and(|r| r.hierarchies.iter().any(|(x, _)| *x == h));
+                    if !known {
+                        return Ok(None);
+                    }
+                }
+            }
+            let mut out = Vec::new();
+            for c in child_ids(tx, &t, &h, p.as_deref())? {
+                let Some(StoredNode(_, header)) = stored_node(&nodes, (&t, &h, &c))? else {
+                    return Err(StoreError::Corrupt(format!(
+                        "children index names missing node {t}/{h}/{c}"
+                    )));
+                };
+                out.push((c, header.subtree));
+            }
+            Ok(Some(out))
+        })
+        .await
+    }
+
+    async fn series(
+        &self,
+        tenant: &str,
+        hierarchy: &str,
+        node: &str,
+        granularity: Granularity,
+    ) -> Result<AsOf<Option<Vec<(u64, Agg)>>>, StoreError> {
+        let (t, h, n) = (tenant.to_string(), hierarchy.to_string(), node.to_string());
+        self.read(move |tx| {
+            let nodes = tx.open_table(NODES).map_err(io)?;
+            if nodes.get((t.as_str(), h.as_str(), n.as_str())).map_err(io)?.is_none() {
+                return Ok(None);
+            }
+            let buckets = tx.open_table(BUCKETS).map_err(io)?;
+            let (kd, g) = (BucketKind::Subtree as u8, granularity as u8);
+            let (t, h, n) = (t.as_str(), h.as_str(), n.as_str());
+            let mut out = Vec::new();
+            for e in buckets
+                .range((t, h, n, kd, g, 0u64)..=(t, h, n, kd, g, u64::MAX))
+                .map_err(io)?
+            {
+                let (k, v) = e.map_err(io)?;
+                out.push((
+                    k.value().5,
+                    rmp_serde::from_slice(v.value()).map_err(corrupt)?,
+                ));
+            }
+            Ok(Some(out))
+        })
+        .await
+    }
+
+    async fn entity(
+        &self,
+        tenant: &str,
+        entity: &str,
+    ) -> Result<AsOf<Option<EntityView>>, StoreError> {
+        let (t, e) = (tenant.to_string(), entity.to_string());
+        self.read(move |tx| {
+            let Some(row) = tenant_row(tx, &t)? else {
+                return Ok(None);
+            };
+            let nodes = tx.open_table(NODES).map_err(io)?;
+            let mut hierarchies = Vec::new();
+            for (h, _) in &row.hierarchies {
+                let v = nodes.get((t.as_str(), h.as_str(), e.as_str())).map_err(io)?;
+                if let Some(v) = v {
+                    let ParentOnly(p, _) = rmp_serde::from_slice(v.value()).map_err(corrupt)?;
+                    hierarchies.push((h.clone(), p));
+                }
+            }
+            hierarchies.sort();
+            let suspended = row.suspended.iter().any(|s| *s == e);
+            if hierarchies.is_empty() && !suspended {
+                return Ok(None);
+            }
+            Ok(Some(EntityView {
+                suspended,
+                hierarchies,
+            }))
+        })
+        .await
     }
 }
 

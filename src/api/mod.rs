@@ -1,0 +1,152 @@
+//! The query API (SPEC.md §6): pre-aggregated numbers read from the store, per tenant, with
+//! bearer-token auth; plus `/metrics`, `/healthz`, `/readyz`, the OpenAPI document and the
+//! dashboard page.
+//!
+//! - [`auth`]: tokens → tenants, the `Access` extractor.
+//! - [`v1`]: the read endpoints.
+//! - [`error`]: the JSON error shape.
+//! - [`extract`]: path/query extractors that answer bad input with JSON 400s.
+
+pub mod auth;
+pub mod error;
+pub mod extract;
+pub mod v1;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use canopy_actors::store::StoreRead;
+use metrics_exporter_prometheus::PrometheusHandle;
+use utoipa::OpenApi;
+
+pub use auth::{Access, Tokens};
+pub use error::ApiError;
+
+pub struct ApiState {
+    pub store: Arc<dyn StoreRead>,
+    pub tokens: Tokens,
+    /// Renders `/metrics`; None when no Prometheus recorder is installed (tests).
+    pub metrics: Option<PrometheusHandle>,
+    /// Set once the engine (if any) has restored its state and runs.
+    pub ready: Arc<AtomicBool>,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "canopy query API", description = "Pre-aggregated hierarchy numbers, per tenant (SPEC.md section 6)."),
+    paths(v1::tenants, v1::hierarchies, v1::roots, v1::node, v1::children, v1::series, v1::entity),
+    modifiers(&BearerAuth)
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let c = openapi.components.get_or_insert_with(Default::default);
+        c.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The OpenAPI document as pretty JSON (also committed as `schemas/openapi.json`).
+pub fn openapi_json() -> String {
+    ApiDoc::openapi()
+        .to_pretty_json()
+        .expect("the OpenAPI document serializes")
+}
+
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+pub fn router(state: ApiState) -> Router {
+    let v1 = Router::new()
+        .route("/v1/tenants", get(v1::tenants))
+        .route("/v1/tenants/{tenant}/hierarchies", get(v1::hierarchies))
+        .route("/v1/tenants/{tenant}/hierarchies/{hierarchy}/roots", get(v1::roots))
+        .route(
+            "/v1/tenants/{tenant}/hierarchies/{hierarchy}/nodes/{node}",
+            get(v1::node),
+        )
+        .route(
+            "/v1/tenants/{tenant}/hierarchies/{hierarchy}/nodes/{node}/children",
+            get(v1::children),
+        )
+        .route(
+            "/v1/tenants/{tenant}/hierarchies/{hierarchy}/nodes/{node}/series",
+            get(v1::series),
+        )
+        .route("/v1/tenants/{tenant}/entities/{entity}", get(v1::entity));
+    v1.route("/", get(|| async { Html(DASHBOARD) }))
+        .route("/openapi.json", get(openapi))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz))
+        .fallback(|| async { ApiError::not_found("no such path") })
+        .layer(axum::middleware::from_fn(observe))
+        .with_state(Arc::new(state))
+}
+
+async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        openapi_json(),
+    )
+        .into_response()
+}
+
+async fn metrics(State(st): State<Arc<ApiState>>) -> Response {
+    match &st.metrics {
+        Some(h) => (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            h.render(),
+        )
+            .into_response(),
+        None => (StatusCode::NOT_FOUND, "no metrics recorder installed").into_response(),
+    }
+}
+
+/// Ready when the engine (if any) runs and the store answers a read.
+async fn readyz(State(st): State<Arc<ApiState>>) -> Response {
+    if !st.ready.load(Ordering::Acquire) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"status": "starting"})),
+        )
+            .into_response();
+    }
+    match st.store.tenant_ids().await {
+        Ok(r) => Json(serde_json::json!({"status": "ready", "as_of": r.as_of})).into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"status": "store unavailable", "error": e.to_string()})),
+        )
+            .into_response(),
+    }
+}
+
+/// Request latency and count per route template (bounded labels: never the raw path).
+async fn observe(req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".to_string());
+    let started = Instant::now();
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16().to_string();
+    metrics::histogram!("canopy_api_request_seconds", "route" => route.clone())
+        .record(started.elapsed().as_secs_f64());
+    metrics::counter!("canopy_api_requests_total", "route" => route, "status" => status)
+        .increment(1);
+    resp
+}

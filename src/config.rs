@@ -1,0 +1,473 @@
+//! One tree of typed settings. Layers, later wins: built-in defaults, the TOML file given with
+//! `--config` (or `CANOPY_CONFIG`), `CANOPY_*` environment variables, command-line flags.
+//!
+//! Every key has an environment name: `CANOPY_` + the dotted path upper-cased with `_` for `.`
+//! (`api.tokens` → `CANOPY_API_TOKENS`, `engine.checkpoint_interval_ms` →
+//! `CANOPY_ENGINE_CHECKPOINT_INTERVAL_MS`). An unknown key in the file or an unknown `CANOPY_*`
+//! variable is an error that names it: a typo must not silently fall back to a default.
+//! `canopy config` prints the effective tree.
+
+use std::path::{Path, PathBuf};
+
+use canopy_actors::engine::EngineConfig;
+use canopy_actors::tenant::TenantSettings;
+use canopy_actors::time::Retention;
+use serde::{Deserialize, Serialize};
+use toml::{Table, Value};
+
+/// `CANOPY_*` variables that are not configuration keys.
+const NOT_CONFIG: &[&str] = &[
+    "CANOPY_CONFIG",
+    "CANOPY_SCYLLA_URI",
+    "CANOPY_BENCH_EVENTS",
+    "CANOPY_BENCH_CHECKPOINT_MS",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("unknown configuration key `{0}`")]
+    UnknownKey(String),
+    #[error("unknown environment variable {0} (no configuration key has that name)")]
+    UnknownEnv(String),
+    #[error("configuration key `{key}`: {message}")]
+    BadValue { key: String, message: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where the embedded store keeps its file.
+    pub data_dir: PathBuf,
+    pub store: StoreSection,
+    pub engine: EngineSection,
+    pub tenant: TenantSection,
+    pub api: ApiSection,
+    pub kafka: KafkaSection,
+    pub demo: DemoSection,
+    pub log: LogSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreSection {
+    /// `embedded` (redb in `data_dir`) or `scylla://host:port/keyspace`.
+    pub uri: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineSection {
+    pub checkpoint_interval_ms: u64,
+    pub checkpoint_every_records: u64,
+    /// Kill a random node actor after every N records (0 = off).
+    pub chaos_kill_every: u64,
+    /// Consecutive failed rebuilds before a tenant is parked.
+    pub max_restarts: u32,
+    pub retry_initial_ms: u64,
+    pub retry_max_ms: u64,
+    /// Records per batch handed from the source to the engine.
+    pub batch_size: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TenantSection {
+    pub dedup_horizon_secs: i64,
+    pub retention_minute_secs: i64,
+    pub retention_hour_secs: i64,
+    pub retention_day_secs: i64,
+    /// A coalescing round runs once this many events are pending...
+    pub round_max_events: usize,
+    /// ...or once the oldest pending event waited this long.
+    pub round_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiSection {
+    pub listen: String,
+    /// `TOKEN=TENANT,TOKEN=*`. `canopy demo` uses `demo=*` when this is empty.
+    pub tokens: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaSection {
+    pub brokers: String,
+    pub topic: String,
+    pub group: String,
+    pub dlq_topic: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DemoSection {
+    pub tenants: usize,
+    pub hierarchies: usize,
+    pub depth: usize,
+    pub fanout: usize,
+    /// Records per second the demo workload produces.
+    pub records_per_sec: u64,
+    /// Share of records that move, delete or re-create nodes.
+    pub churn: f64,
+    /// Share of records that are refused.
+    pub bad: f64,
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSection {
+    /// A `tracing` filter (`RUST_LOG` wins when set).
+    pub filter: String,
+    /// JSON lines instead of text.
+    pub json: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("data"),
+            store: StoreSection::default(),
+            engine: EngineSection::default(),
+            tenant: TenantSection::default(),
+            api: ApiSection::default(),
+            kafka: KafkaSection::default(),
+            demo: DemoSection::default(),
+            log: LogSection::default(),
+        }
+    }
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        StoreSection {
+            uri: "embedded".into(),
+        }
+    }
+}
+
+impl Default for EngineSection {
+    fn default() -> Self {
+        let e = EngineConfig::default();
+        EngineSection {
+            checkpoint_interval_ms: e.checkpoint_interval_ms,
+            checkpoint_every_records: e.checkpoint_every_records,
+            chaos_kill_every: e.chaos_kill_every,
+            max_restarts: e.max_restarts,
+            retry_initial_ms: e.retry_initial_ms,
+            retry_max_ms: e.retry_max_ms,
+            batch_size: 4096,
+        }
+    }
+}
+
+impl Default for TenantSection {
+    fn default() -> Self {
+        let t = TenantSettings::default();
+        TenantSection {
+            dedup_horizon_secs: t.dedup_horizon_secs,
+            retention_minute_secs: t.retention.minute_secs,
+            retention_hour_secs: t.retention.hour_secs,
+            retention_day_secs: t.retention.day_secs,
+            round_max_events: t.round_max_events,
+            round_interval_ms: t.round_interval_ms,
+        }
+    }
+}
+
+impl Default for ApiSection {
+    fn default() -> Self {
+        ApiSection {
+            listen: "127.0.0.1:8080".into(),
+            tokens: String::new(),
+        }
+    }
+}
+
+impl Default for KafkaSection {
+    fn default() -> Self {
+        KafkaSection {
+            brokers: "127.0.0.1:9092".into(),
+            topic: "canopy-input".into(),
+            group: "canopy".into(),
+            dlq_topic: "canopy-dead-letters".into(),
+        }
+    }
+}
+
+impl Default for DemoSection {
+    fn default() -> Self {
+        DemoSection {
+            tenants: 3,
+            hierarchies: 2,
+            depth: 6,
+            fanout: 4,
+            records_per_sec: 5_000,
+            churn: 0.002,
+            bad: 0.002,
+            seed: 1,
+        }
+    }
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection {
+            filter: "info".into(),
+            json: false,
+        }
+    }
+}
+
+impl Config {
+    pub fn engine(&self) -> EngineConfig {
+        let e = &self.engine;
+        let t = &self.tenant;
+        EngineConfig {
+            checkpoint_interval_ms: e.checkpoint_interval_ms,
+            checkpoint_every_records: e.checkpoint_every_records,
+            chaos_kill_every: e.chaos_kill_every,
+            max_restarts: e.max_restarts,
+            retry_initial_ms: e.retry_initial_ms,
+            retry_max_ms: e.retry_max_ms,
+            tenant: TenantSettings {
+                dedup_horizon_secs: t.dedup_horizon_secs,
+                retention: Retention {
+                    minute_secs: t.retention_minute_secs,
+                    hour_secs: t.retention_hour_secs,
+                    day_secs: t.retention_day_secs,
+                },
+                round_max_events: t.round_max_events,
+                round_interval_ms: t.round_interval_ms,
+            },
+        }
+    }
+
+    /// The effective configuration as TOML (what `canopy config` prints).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("the configuration serializes")
+    }
+
+    /// Builds the effective configuration from its layers.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        flags: &[(&str, Value)],
+    ) -> Result<Config, ConfigError> {
+        let defaults = Table::try_from(Config::default()).expect("defaults serialize");
+        let mut merged = defaults.clone();
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            let t: Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Parse {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
+            overlay(&defaults, &mut merged, &t, "")?;
+        }
+        let keys = leaf_keys(&defaults, "");
+        let mut env: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("CANOPY_") && !NOT_CONFIG.contains(&k.as_str()))
+            .collect();
+        env.sort();
+        for (name, raw) in env {
+            let key = keys
+                .iter()
+                .find(|k| env_name(k) == name)
+                .ok_or_else(|| ConfigError::UnknownEnv(name.clone()))?;
+            let default = lookup(&defaults, key).expect("a listed key exists");
+            let v = parse_like(default, &raw).map_err(|message| ConfigError::BadValue {
+                key: format!("{key} (from {name})"),
+                message,
+            })?;
+            set(&mut merged, key, v);
+        }
+        for (key, v) in flags {
+            if lookup(&defaults, key).is_none() {
+                return Err(ConfigError::UnknownKey(key.to_string()));
+            }
+            set(&mut merged, key, v.clone());
+        }
+        Value::Table(merged)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::BadValue {
+                key: "(configuration)".into(),
+                message: e.message().to_string(),
+            })
+    }
+}
+
+/// The environment variable of a dotted key.
+pub fn env_name(key: &str) -> String {
+    format!("CANOPY_{}", key.replace('.', "_").to_uppercase())
+}
+
+fn leaf_keys(t: &Table, prefix: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for (k, v) in t {
+        let path = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        match v {
+            Value::Table(sub) => out.extend(leaf_keys(sub, &path)),
+            _ => out.push(path),
+        }
+    }
+    out
+}
+
+fn lookup<'a>(t: &'a Table, key: &str) -> Option<&'a Value> {
+    let mut parts = key.split('.');
+    let mut v = t.get(parts.next()?)?;
+    for p in parts {
+        v = v.as_table()?.get(p)?;
+    }
+    Some(v)
+}
+
+fn set(t: &mut Table, key: &str, v: Value) {
+    let (head, last) = match key.rsplit_once('.') {
+        Some((h, l)) => (Some(h), l),
+        None => (None, key),
+    };
+    let mut cur = t;
+    if let Some(h) = head {
+        for p in h.split('.') {
+            cur = cur
+                .entry(p)
+                .or_insert_with(|| Value::Table(Table::new()))
+                .as_table_mut()
+                .expect("sections are tables");
+        }
+    }
+    cur.insert(last.to_string(), v);
+}
+
+/// Copies `src` onto `dst`, refusing keys that `defaults` does not have.
+fn overlay(defaults: &Table, dst: &mut Table, src: &Table, prefix: &str) -> Result<(), ConfigError> {
+    for (k, v) in src {
+        let path = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        match (defaults.get(k), v) {
+            (None, _) => return Err(ConfigError::UnknownKey(path)),
+            (Some(Value::Table(d)), Value::Table(s)) => {
+                let sub = dst
+                    .get_mut(k)
+                    .and_then(Value::as_table_mut)
+                    .expect("defaults and merged share sections");
+                overlay(d, sub, s, &path)?;
+            }
+            (Some(Value::Table(_)), _) => {
+                return Err(ConfigError::BadValue {
+                    key: path,
+                    message: "is a section, not a value".into(),
+                })
+            }
+            (Some(_), _) => {
+                dst.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Parses an environment value as the type of the key's default.
+fn parse_like(default: &Value, raw: &str) -> Result<Value, String> {
+    match default {
+        Value::String(_) => Ok(Value::String(raw.to_string())),
+        Value::Integer(_) => raw
+            .trim()
+            .parse::<i64>()
+            .map(Value::Integer)
+            .map_err(|_| format!("{raw:?} is not an integer")),
+        Value::Float(_) => raw
+            .trim()
+            .parse::<f64>()
+            .map(Value::Float)
+            .map_err(|_| format!("{raw:?} is not a number")),
+        Value::Boolean(_) => match raw.trim() {
+            "1" | "true" => Ok(Value::Boolean(true)),
+            "0" | "false" => Ok(Value::Boolean(false)),
+            _ => Err(format!("{raw:?} is not true/false")),
+        },
+        other => Err(format!("cannot be set from the environment ({other:?})")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn layers_apply_in_order_file_env_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(
+            &f,
+            "data_dir = \"/x\"\n[engine]\ncheckpoint_interval_ms = 7\nbatch_size = 9\n[api]\ntokens = \"a=b\"\n",
+        )
+        .unwrap();
+        let c = Config::load(
+            Some(&f),
+            env(&[
+                ("CANOPY_ENGINE_BATCH_SIZE", "11"),
+                ("CANOPY_API_TOKENS", "root=*"),
+                ("HOME", "/root"),
+            ]),
+            &[("engine.checkpoint_interval_ms", Value::Integer(5))],
+        )
+        .unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/x"), "file over default");
+        assert_eq!(c.engine.batch_size, 11, "env over file");
+        assert_eq!(c.api.tokens, "root=*");
+        assert_eq!(c.engine.checkpoint_interval_ms, 5, "flag over file");
+        assert_eq!(c.engine.max_restarts, EngineSection::default().max_restarts);
+    }
+
+    #[test]
+    fn unknown_keys_and_variables_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(&f, "[engine]\ncheckpoint_intervall_ms = 7\n").unwrap();
+        let e = Config::load(Some(&f), env(&[]), &[]).unwrap_err();
+        assert_eq!(e.to_string(), "unknown configuration key `engine.checkpoint_intervall_ms`");
+        let e = Config::load(None, env(&[("CANOPY_API_TOKEN", "x")]), &[]).unwrap_err();
+        assert!(e.to_string().contains("CANOPY_API_TOKEN"), "{e}");
+        let e = Config::load(None, env(&[("CANOPY_ENGINE_BATCH_SIZE", "many")]), &[]).unwrap_err();
+        assert!(e.to_string().contains("engine.batch_size"), "{e}");
+    }
+
+    #[test]
+    fn the_printed_tree_reads_back_identically() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        let mut c = Config::default();
+        c.demo.churn = 0.25;
+        c.api.listen = "0.0.0.0:9".into();
+        std::fs::write(&f, c.to_toml()).unwrap();
+        assert_eq!(Config::load(Some(&f), env(&[]), &[]).unwrap(), c);
+    }
+}

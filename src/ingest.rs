@@ -78,7 +78,7 @@ pub async fn ingest(
     let r = engine
         .run(&mut UntilShutdown {
             inner: &mut source,
-            stop,
+            stop: stop.clone(),
         })
         .await;
     engine.shutdown().await;
@@ -88,6 +88,13 @@ pub async fn ingest(
     }
     r?;
     let rep = IngestReport::from(&stats, started.elapsed());
+    if *stop.borrow() {
+        info!(
+            records = rep.records,
+            "stopped by a signal after a final checkpoint; the same command resumes from it"
+        );
+        return Ok(rep);
+    }
     info!(
         records = rep.records,
         accepted = rep.accepted,

@@ -269,10 +269,12 @@ impl Config {
                 path: path.to_path_buf(),
                 source,
             })?;
-            let t: Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Parse {
-                path: path.to_path_buf(),
-                message: e.to_string(),
-            })?;
+            let t: Table = text
+                .parse()
+                .map_err(|e: toml::de::Error| ConfigError::Parse {
+                    path: path.to_path_buf(),
+                    message: e.to_string(),
+                })?;
             overlay(&defaults, &mut merged, &t, "")?;
         }
         let keys = leaf_keys(&defaults, "");
@@ -357,7 +359,12 @@ fn set(t: &mut Table, key: &str, v: Value) {
 }
 
 /// Copies `src` onto `dst`, refusing keys that `defaults` does not have.
-fn overlay(defaults: &Table, dst: &mut Table, src: &Table, prefix: &str) -> Result<(), ConfigError> {
+fn overlay(
+    defaults: &Table,
+    dst: &mut Table,
+    src: &Table,
+    prefix: &str,
+) -> Result<(), ConfigError> {
     for (k, v) in src {
         let path = if prefix.is_empty() {
             k.clone()
@@ -453,7 +460,10 @@ mod tests {
         let f = dir.path().join("c.toml");
         std::fs::write(&f, "[engine]\ncheckpoint_intervall_ms = 7\n").unwrap();
         let e = Config::load(Some(&f), env(&[]), &[]).unwrap_err();
-        assert_eq!(e.to_string(), "unknown configuration key `engine.checkpoint_intervall_ms`");
+        assert_eq!(
+            e.to_string(),
+            "unknown configuration key `engine.checkpoint_intervall_ms`"
+        );
         let e = Config::load(None, env(&[("CANOPY_API_TOKEN", "x")]), &[]).unwrap_err();
         assert!(e.to_string().contains("CANOPY_API_TOKEN"), "{e}");
         let e = Config::load(None, env(&[("CANOPY_ENGINE_BATCH_SIZE", "many")]), &[]).unwrap_err();

@@ -228,7 +228,9 @@ pub async fn run(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Resu
 }
 
 /// Tenants, nodes and the checkpoint the numbers come from, for the status line.
-async fn census(store: &dyn StoreRead) -> Result<(usize, u64, u64), canopy_actors::store::StoreError> {
+async fn census(
+    store: &dyn StoreRead,
+) -> Result<(usize, u64, u64), canopy_actors::store::StoreError> {
     let t = store.tenant_ids().await?;
     let mut nodes = 0;
     for id in &t.value {

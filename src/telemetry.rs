@@ -47,18 +47,57 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
 /// Every metric canopy records, with its help text. Labels are bounded: tenant ids, reasons,
 /// route templates; never node ids.
 fn describe() {
-    describe_counter!("canopy_records_total", "Input records taken from the source, by tenant.");
+    describe_counter!(
+        "canopy_records_total",
+        "Input records taken from the source, by tenant."
+    );
     describe_counter!("canopy_dead_letters_total", "Refused records, by reason.");
-    describe_counter!("canopy_duplicates_total", "Events dropped as duplicates of an accepted event id.");
-    describe_counter!("canopy_deltas_sent_total", "Coalesced deltas sent from a node to its parent.");
-    describe_counter!("canopy_events_coalesced_total", "Events folded into coalesced deltas.");
-    describe_counter!("canopy_actor_restarts_total", "Actor restarts, by kind (node, tenant).");
-    describe_counter!("canopy_tenants_parked_total", "Tenants parked after repeated failures.");
-    describe_counter!("canopy_store_retries_total", "Store operations retried after a failure.");
-    describe_histogram!("canopy_checkpoint_seconds", Unit::Seconds, "Checkpoint duration, snapshot to commit.");
+    describe_counter!(
+        "canopy_duplicates_total",
+        "Events dropped as duplicates of an accepted event id."
+    );
+    describe_counter!(
+        "canopy_deltas_sent_total",
+        "Coalesced deltas sent from a node to its parent."
+    );
+    describe_counter!(
+        "canopy_events_coalesced_total",
+        "Events folded into coalesced deltas."
+    );
+    describe_counter!(
+        "canopy_actor_restarts_total",
+        "Actor restarts, by kind (node, tenant)."
+    );
+    describe_counter!(
+        "canopy_tenants_parked_total",
+        "Tenants parked after repeated failures."
+    );
+    describe_counter!(
+        "canopy_store_retries_total",
+        "Store operations retried after a failure."
+    );
+    describe_histogram!(
+        "canopy_checkpoint_seconds",
+        Unit::Seconds,
+        "Checkpoint duration, snapshot to commit."
+    );
     describe_histogram!("canopy_checkpoint_rows", "Rows written by one checkpoint.");
-    describe_histogram!("canopy_store_commit_seconds", Unit::Seconds, "Latency of one store commit.");
-    describe_gauge!("canopy_consumer_lag", "Records behind the end of the input (Kafka).");
-    describe_histogram!("canopy_api_request_seconds", Unit::Seconds, "Query API latency, by route.");
-    describe_counter!("canopy_api_requests_total", "Query API requests, by route and status.");
+    describe_histogram!(
+        "canopy_store_commit_seconds",
+        Unit::Seconds,
+        "Latency of one store commit."
+    );
+    describe_gauge!(
+        "canopy_consumer_lag",
+        "Records behind the end of the input (Kafka)."
+    );
+    describe_histogram!(
+        "canopy_api_request_seconds",
+        Unit::Seconds,
+        "Query API latency, by route."
+    );
+    describe_counter!(
+        "canopy_api_requests_total",
+        "Query API requests, by route and status."
+    );
 }

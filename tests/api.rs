@@ -84,9 +84,11 @@ fn dump_via_api(s: &Served) -> (String, usize) {
         for h in hs["hierarchies"].as_array().unwrap() {
             let h = h["hierarchy"].as_str().unwrap();
             let base = format!("/v1/tenants/{}/hierarchies/{}", enc(t), enc(h));
-            let roots: Items =
-                serde_json::from_str(&ok(s.get(&format!("{base}/roots?limit=1000"), tok), "roots"))
-                    .unwrap();
+            let roots: Items = serde_json::from_str(&ok(
+                s.get(&format!("{base}/roots?limit=1000"), tok),
+                "roots",
+            ))
+            .unwrap();
             let mut stack: Vec<(String, Option<String>)> =
                 roots.items.into_iter().map(|i| (i.node, None)).collect();
             let mut listed = 0;
@@ -94,8 +96,14 @@ fn dump_via_api(s: &Served) -> (String, usize) {
                 let nb = format!("{base}/nodes/{}", enc(&n));
                 let body = ok(s.get(&nb, tok), "node");
                 let a: NodeAnswer = serde_json::from_str(&body).unwrap();
-                assert_eq!((a.tenant.as_str(), a.hierarchy.as_str(), a.node.as_str()), (t, h, n.as_str()));
-                assert_eq!(a.parent, listed_parent, "{nb}: parent differs from the listing");
+                assert_eq!(
+                    (a.tenant.as_str(), a.hierarchy.as_str(), a.node.as_str()),
+                    (t, h, n.as_str())
+                );
+                assert_eq!(
+                    a.parent, listed_parent,
+                    "{nb}: parent differs from the listing"
+                );
                 assert!(a.as_of > 0);
                 let kids: Items = serde_json::from_str(&ok(
                     s.get(&format!("{nb}/children?limit=1000"), tok),
@@ -106,10 +114,16 @@ fn dump_via_api(s: &Served) -> (String, usize) {
                 listed_kids.sort();
                 let mut node_kids = a.children.clone();
                 node_kids.sort();
-                assert_eq!(node_kids, listed_kids, "{nb}: children differ between endpoints");
+                assert_eq!(
+                    node_kids, listed_kids,
+                    "{nb}: children differ between endpoints"
+                );
                 let mut buckets = String::new();
                 for g in ["minute", "hour", "day"] {
-                    let body = ok(s.get(&format!("{nb}/series?granularity={g}"), tok), "series");
+                    let body = ok(
+                        s.get(&format!("{nb}/series?granularity={g}"), tok),
+                        "series",
+                    );
                     let ser: Series = serde_json::from_str(&body).unwrap();
                     let mut one = String::new();
                     for b in &ser.buckets {
@@ -175,7 +189,11 @@ fn every_node_and_series_answer_equals_the_expected_dump() {
     let (rows, nodes) = dump_via_api(&s);
     let c = conformance_dir();
     let expected = std::fs::read_to_string(c.join("expected-dump.ndjson")).unwrap();
-    assert_eq!(nodes, expected.lines().count(), "nodes reachable through the API");
+    assert_eq!(
+        nodes,
+        expected.lines().count(),
+        "nodes reachable through the API"
+    );
     let api_dump = dir.path().join("api-dump.ndjson");
     std::fs::write(&api_dump, rows).unwrap();
     let dlq = c.join("expected-dlq.ndjson");
@@ -214,7 +232,10 @@ fn auth_401_404_and_wildcard() {
         .env("CANOPY_API_TOKENS", format!("root=*,tok-a={a}"));
     let s = Served::start(cmd);
 
-    for path in ["/v1/tenants".to_string(), format!("/v1/tenants/{}/hierarchies", enc(a))] {
+    for path in [
+        "/v1/tenants".to_string(),
+        format!("/v1/tenants/{}/hierarchies", enc(a)),
+    ] {
         let r = s.get(&path, None);
         assert_eq!(r.status, 401, "{path} without a token");
         assert_eq!(r.json()["error"]["code"], "unauthorized");
@@ -222,27 +243,57 @@ fn auth_401_404_and_wildcard() {
         assert_eq!(r.status, 401, "{path} with an unknown token");
     }
     let listed = s.get("/v1/tenants", Some("root")).json();
-    assert_eq!(listed["tenants"], serde_json::json!(all), "`*` lists every tenant");
-    let listed = s.get("/v1/tenants", Some("tok-a")).json();
-    assert_eq!(listed["tenants"], serde_json::json!([a]), "a tenant token lists its tenant");
     assert_eq!(
-        s.get(&format!("/v1/tenants/{}/hierarchies", enc(a)), Some("tok-a")).status,
+        listed["tenants"],
+        serde_json::json!(all),
+        "`*` lists every tenant"
+    );
+    let listed = s.get("/v1/tenants", Some("tok-a")).json();
+    assert_eq!(
+        listed["tenants"],
+        serde_json::json!([a]),
+        "a tenant token lists its tenant"
+    );
+    assert_eq!(
+        s.get(
+            &format!("/v1/tenants/{}/hierarchies", enc(a)),
+            Some("tok-a")
+        )
+        .status,
         200
     );
     // Another tenant's data answers exactly like a tenant that does not exist.
     let missing = "no-such-tenant";
-    let hs = s.get(&format!("/v1/tenants/{}/hierarchies", enc(b)), Some("root")).json();
-    let h = hs["hierarchies"][0]["hierarchy"].as_str().unwrap().to_string();
+    let hs = s
+        .get(&format!("/v1/tenants/{}/hierarchies", enc(b)), Some("root"))
+        .json();
+    let h = hs["hierarchies"][0]["hierarchy"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let roots = s
-        .get(&format!("/v1/tenants/{}/hierarchies/{}/roots", enc(b), enc(&h)), Some("root"))
+        .get(
+            &format!("/v1/tenants/{}/hierarchies/{}/roots", enc(b), enc(&h)),
+            Some("root"),
+        )
         .json();
     let n = roots["items"][0]["node"].as_str().unwrap().to_string();
     let paths = |t: &str| {
         vec![
             format!("/v1/tenants/{}/hierarchies", enc(t)),
             format!("/v1/tenants/{}/hierarchies/{}/roots", enc(t), enc(&h)),
-            format!("/v1/tenants/{}/hierarchies/{}/nodes/{}", enc(t), enc(&h), enc(&n)),
-            format!("/v1/tenants/{}/hierarchies/{}/nodes/{}/series?granularity=day", enc(t), enc(&h), enc(&n)),
+            format!(
+                "/v1/tenants/{}/hierarchies/{}/nodes/{}",
+                enc(t),
+                enc(&h),
+                enc(&n)
+            ),
+            format!(
+                "/v1/tenants/{}/hierarchies/{}/nodes/{}/series?granularity=day",
+                enc(t),
+                enc(&h),
+                enc(&n)
+            ),
             format!("/v1/tenants/{}/entities/{}", enc(t), enc(&n)),
         ]
     };
@@ -255,7 +306,11 @@ fn auth_401_404_and_wildcard() {
             m.body.replacen(missing, "T", 1),
             "a forbidden tenant must look like a missing one"
         );
-        assert_eq!(s.get(forbidden, Some("root")).status, 200, "{forbidden} with `*`");
+        assert_eq!(
+            s.get(forbidden, Some("root")).status,
+            200,
+            "{forbidden} with `*`"
+        );
     }
 }
 
@@ -267,13 +322,29 @@ fn bad_parameters_get_400s_never_500s() {
     let s = serve_conformance(dir.path());
     let tenants = s.get("/v1/tenants", Some("root")).json();
     let t = tenants["tenants"][0].as_str().unwrap().to_string();
-    let hs = s.get(&format!("/v1/tenants/{}/hierarchies", enc(&t)), Some("root")).json();
-    let h = hs["hierarchies"][0]["hierarchy"].as_str().unwrap().to_string();
+    let hs = s
+        .get(
+            &format!("/v1/tenants/{}/hierarchies", enc(&t)),
+            Some("root"),
+        )
+        .json();
+    let h = hs["hierarchies"][0]["hierarchy"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let roots = s
-        .get(&format!("/v1/tenants/{}/hierarchies/{}/roots", enc(&t), enc(&h)), Some("root"))
+        .get(
+            &format!("/v1/tenants/{}/hierarchies/{}/roots", enc(&t), enc(&h)),
+            Some("root"),
+        )
         .json();
     let n = roots["items"][0]["node"].as_str().unwrap().to_string();
-    let node = format!("/v1/tenants/{}/hierarchies/{}/nodes/{}", enc(&t), enc(&h), enc(&n));
+    let node = format!(
+        "/v1/tenants/{}/hierarchies/{}/nodes/{}",
+        enc(&t),
+        enc(&h),
+        enc(&n)
+    );
 
     // Named cases first: each must be a 400 with a specific code.
     let cases = [
@@ -296,12 +367,47 @@ fn bad_parameters_get_400s_never_500s() {
         assert_eq!(r.json()["error"]["code"], *code, "{path}");
     }
 
-    let keys = ["granularity", "from", "to", "sort", "by", "order", "limit", "x", ""];
+    let keys = [
+        "granularity",
+        "from",
+        "to",
+        "sort",
+        "by",
+        "order",
+        "limit",
+        "x",
+        "",
+    ];
     let values = [
-        "", "minute", "hour", "day", "DAY", "events", "amount", "sum", "max", "asc", "desc", "1",
-        "0", "-5", "1000", "1001", "99999999999999999999999", "2026-11-01T00:00:00Z",
-        "2026-13-45T99:99:99Z", "2026-11-01T00:00:00+25:00", "%00", "%ZZ", "%F0%9F%8C%B2", "%C3%28",
-        "a%26b%3Dc", "NaN", "1e9", "%20", "'%22;--",
+        "",
+        "minute",
+        "hour",
+        "day",
+        "DAY",
+        "events",
+        "amount",
+        "sum",
+        "max",
+        "asc",
+        "desc",
+        "1",
+        "0",
+        "-5",
+        "1000",
+        "1001",
+        "99999999999999999999999",
+        "2026-11-01T00:00:00Z",
+        "2026-13-45T99:99:99Z",
+        "2026-11-01T00:00:00+25:00",
+        "%00",
+        "%ZZ",
+        "%F0%9F%8C%B2",
+        "%C3%28",
+        "a%26b%3Dc",
+        "NaN",
+        "1e9",
+        "%20",
+        "'%22;--",
     ];
     let suffixes = ["", "/children", "/series"];
     let mut rng = StdRng::seed_from_u64(7);
@@ -340,7 +446,11 @@ fn bad_parameters_get_400s_never_500s() {
         );
         if r.status != 200 {
             let e = r.json();
-            assert!(e["error"]["code"].is_string() && e["error"]["message"].is_string(), "{path}: {}", r.body);
+            assert!(
+                e["error"]["code"].is_string() && e["error"]["message"].is_string(),
+                "{path}: {}",
+                r.body
+            );
         }
     }
     // Still serving after all of that.
@@ -382,7 +492,11 @@ fn openapi_document_is_served_and_committed() {
             .replace("{node}", "n")
             .replace("{entity}", "e");
         let r = s.get(&concrete, None);
-        assert_eq!(r.status, 401, "{p} should exist and ask for a token: {}", r.body);
+        assert_eq!(
+            r.status, 401,
+            "{p} should exist and ask for a token: {}",
+            r.body
+        );
     }
     assert_eq!(s.get("/v1/nowhere", Some("root")).status, 404);
 }

@@ -31,7 +31,9 @@ fn parse_prometheus(text: &str) -> BTreeSet<String> {
             }
             continue;
         }
-        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("line {i}: {line}"));
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("line {i}: {line}"));
         assert!(
             value.parse::<f64>().is_ok() || ["+Inf", "-Inf", "NaN"].contains(&value),
             "line {i}: bad value in {line}"
@@ -46,11 +48,19 @@ fn parse_prometheus(text: &str) -> BTreeSet<String> {
             "line {i}: bad metric name in {line}"
         );
         if name_end < series.len() {
-            assert!(series.ends_with('}'), "line {i}: unterminated labels in {line}");
+            assert!(
+                series.ends_with('}'),
+                "line {i}: unterminated labels in {line}"
+            );
             let labels = &series[name_end + 1..series.len() - 1];
             for pair in split_labels(labels) {
-                let (k, v) = pair.split_once('=').unwrap_or_else(|| panic!("line {i}: {pair}"));
-                assert!(!k.is_empty() && v.starts_with('"') && v.ends_with('"'), "line {i}: {pair}");
+                let (k, v) = pair
+                    .split_once('=')
+                    .unwrap_or_else(|| panic!("line {i}: {pair}"));
+                assert!(
+                    !k.is_empty() && v.starts_with('"') && v.ends_with('"'),
+                    "line {i}: {pair}"
+                );
             }
         }
     }
@@ -92,17 +102,30 @@ fn demo_serves_numbers_metrics_and_stops_cleanly_on_sigterm() {
 
     // Numbers within 2 minutes of the start (the demo's promise).
     let (t, h, root) = loop {
-        assert!(started.elapsed() < Duration::from_secs(120), "no numbers within 2 minutes");
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no numbers within 2 minutes"
+        );
         std::thread::sleep(Duration::from_millis(300));
         let r = s.get("/v1/tenants", tok);
         if r.status != 200 {
             continue;
         }
-        let Some(t) = r.json()["tenants"][0].as_str().map(str::to_string) else { continue };
-        let hs = s.get(&format!("/v1/tenants/{}/hierarchies", enc(&t)), tok).json();
-        let h = hs["hierarchies"][0]["hierarchy"].as_str().unwrap().to_string();
+        let Some(t) = r.json()["tenants"][0].as_str().map(str::to_string) else {
+            continue;
+        };
+        let hs = s
+            .get(&format!("/v1/tenants/{}/hierarchies", enc(&t)), tok)
+            .json();
+        let h = hs["hierarchies"][0]["hierarchy"]
+            .as_str()
+            .unwrap()
+            .to_string();
         let roots = s
-            .get(&format!("/v1/tenants/{}/hierarchies/{}/roots", enc(&t), enc(&h)), tok)
+            .get(
+                &format!("/v1/tenants/{}/hierarchies/{}/roots", enc(&t), enc(&h)),
+                tok,
+            )
             .json();
         let root = &roots["items"][0];
         if root["subtree"]["events"].as_u64().unwrap_or(0) > 0 {
@@ -112,7 +135,12 @@ fn demo_serves_numbers_metrics_and_stops_cleanly_on_sigterm() {
     eprintln!("demo numbers after {:?}", started.elapsed());
 
     // The numbers add up: subtree = own + Σ children's subtree, read from one checkpoint.
-    let node = format!("/v1/tenants/{}/hierarchies/{}/nodes/{}", enc(&t), enc(&h), enc(&root));
+    let node = format!(
+        "/v1/tenants/{}/hierarchies/{}/nodes/{}",
+        enc(&t),
+        enc(&h),
+        enc(&root)
+    );
     let mut checked = false;
     for _ in 0..20 {
         let n = s.get(&node, tok).json();
@@ -134,13 +162,20 @@ fn demo_serves_numbers_metrics_and_stops_cleanly_on_sigterm() {
         checked = true;
         break;
     }
-    assert!(checked, "never read a node and its children from one checkpoint");
+    assert!(
+        checked,
+        "never read a node and its children from one checkpoint"
+    );
 
     // Let chaos kills and a few checkpoints happen, then read the metrics.
     std::thread::sleep(Duration::from_secs(3));
     let m = s.get("/metrics", None);
     assert_eq!(m.status, 200);
-    assert!(m.content_type.starts_with("text/plain"), "{}", m.content_type);
+    assert!(
+        m.content_type.starts_with("text/plain"),
+        "{}",
+        m.content_type
+    );
     let families = parse_prometheus(&m.body);
     for want in [
         "canopy_records_total",
@@ -155,10 +190,14 @@ fn demo_serves_numbers_metrics_and_stops_cleanly_on_sigterm() {
         "canopy_api_request_seconds",
         "canopy_api_requests_total",
     ] {
-        assert!(families.contains(want), "/metrics lacks {want}: {families:?}");
+        assert!(
+            families.contains(want),
+            "/metrics lacks {want}: {families:?}"
+        );
     }
     assert!(
-        m.body.contains(&format!("canopy_records_total{{tenant=\"{t}\"}}")),
+        m.body
+            .contains(&format!("canopy_records_total{{tenant=\"{t}\"}}")),
         "records are counted per tenant"
     );
     assert!(!m.body.contains(&root), "no per-node labels");

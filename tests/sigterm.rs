@@ -15,8 +15,22 @@ fn sigterm_mid_stream_exits_0_after_a_final_checkpoint_and_resume_is_exact() {
     loadgen(
         &input,
         &[
-            "--seed", "9", "--tenants", "2", "--hierarchies", "2", "--depth", "4", "--fanout", "4",
-            "--events", "300000", "--churn", "0.002", "--bad", "0.01",
+            "--seed",
+            "9",
+            "--tenants",
+            "2",
+            "--hierarchies",
+            "2",
+            "--depth",
+            "4",
+            "--fanout",
+            "4",
+            "--events",
+            "300000",
+            "--churn",
+            "0.002",
+            "--bad",
+            "0.01",
         ],
     );
     let (exp_dump, exp_dlq) = oracle(&input);
@@ -49,16 +63,28 @@ fn sigterm_mid_stream_exits_0_after_a_final_checkpoint_and_resume_is_exact() {
         }
         if child.try_wait().unwrap().is_none() {
             let pid = child.id().to_string();
-            assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+            assert!(std::process::Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success());
         }
         let out = child.wait_with_output().unwrap();
         let log = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "exit after SIGTERM: {}\n{}", out.status, tail(&log, 3000));
+        assert!(
+            out.status.success(),
+            "exit after SIGTERM: {}\n{}",
+            out.status,
+            tail(&log, 3000)
+        );
         if log.contains("stopped by a signal after a final checkpoint") {
             // No periodic checkpoint ran (60 s interval): what is stored now was written by the
             // final one, and it must hold more events than the previous stop did.
             let events = stored_events(&data);
-            assert!(events > durable, "after SIGTERM {events} events stored, before {durable}");
+            assert!(
+                events > durable,
+                "after SIGTERM {events} events stored, before {durable}"
+            );
             durable = events;
             interrupted += 1;
         } else {
@@ -70,7 +96,10 @@ fn sigterm_mid_stream_exits_0_after_a_final_checkpoint_and_resume_is_exact() {
             delay /= 2;
         }
     }
-    assert_eq!(interrupted, 3, "could not interrupt ingest mid-stream three times in a row");
+    assert_eq!(
+        interrupted, 3,
+        "could not interrupt ingest mid-stream three times in a row"
+    );
     let out = cmd().output().unwrap();
     assert!(out.status.success());
     compare(&exp_dump, &dump(&data), &exp_dlq, &dlq);

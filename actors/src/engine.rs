@@ -269,8 +269,7 @@ impl Engine {
             .refused
             .fetch_add(refused.len() as u64, Ordering::Relaxed);
         self.stats.records.fetch_add(n, Ordering::Relaxed);
-        metrics::counter!("canopy_records_total", "tenant" => "")
-            .increment(refused_undecoded);
+        metrics::counter!("canopy_records_total", "tenant" => "").increment(refused_undecoded);
         self.since_checkpoint += n;
         Ok(())
     }

@@ -180,10 +180,16 @@ pub struct EntityView {
 pub trait StoreRead: Send + Sync + 'static {
     /// Tenants with stored state.
     async fn tenant_ids(&self) -> Result<AsOf<Vec<String>>, StoreError>;
-    async fn hierarchies(&self, tenant: &str)
-        -> Result<AsOf<Option<Vec<HierarchyInfo>>>, StoreError>;
-    async fn node(&self, tenant: &str, hierarchy: &str, node: &str)
-        -> Result<AsOf<Option<NodeView>>, StoreError>;
+    async fn hierarchies(
+        &self,
+        tenant: &str,
+    ) -> Result<AsOf<Option<Vec<HierarchyInfo>>>, StoreError>;
+    async fn node(
+        &self,
+        tenant: &str,
+        hierarchy: &str,
+        node: &str,
+    ) -> Result<AsOf<Option<NodeView>>, StoreError>;
     /// The children of `parent` (the roots when `parent` is None), each with its subtree total.
     async fn children(
         &self,
@@ -199,6 +205,9 @@ pub trait StoreRead: Send + Sync + 'static {
         node: &str,
         granularity: Granularity,
     ) -> Result<AsOf<Option<Vec<(u64, Agg)>>>, StoreError>;
-    async fn entity(&self, tenant: &str, entity: &str)
-        -> Result<AsOf<Option<EntityView>>, StoreError>;
+    async fn entity(
+        &self,
+        tenant: &str,
+        entity: &str,
+    ) -> Result<AsOf<Option<EntityView>>, StoreError>;
 }

@@ -72,7 +72,10 @@ pub fn router(state: ApiState) -> Router {
     let v1 = Router::new()
         .route("/v1/tenants", get(v1::tenants))
         .route("/v1/tenants/{tenant}/hierarchies", get(v1::hierarchies))
-        .route("/v1/tenants/{tenant}/hierarchies/{hierarchy}/roots", get(v1::roots))
+        .route(
+            "/v1/tenants/{tenant}/hierarchies/{hierarchy}/roots",
+            get(v1::roots),
+        )
         .route(
             "/v1/tenants/{tenant}/hierarchies/{hierarchy}/nodes/{node}",
             get(v1::node),
@@ -89,7 +92,10 @@ pub fn router(state: ApiState) -> Router {
     v1.route("/", get(|| async { Html(DASHBOARD) }))
         .route("/openapi.json", get(openapi))
         .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
+        .route(
+            "/healthz",
+            get(|| async { Json(serde_json::json!({"status": "ok"})) }),
+        )
         .route("/readyz", get(readyz))
         .fallback(|| async { ApiError::not_found("no such path") })
         .layer(axum::middleware::from_fn(observe))
@@ -97,11 +103,7 @@ pub fn router(state: ApiState) -> Router {
 }
 
 async fn openapi() -> Response {
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        openapi_json(),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "application/json")], openapi_json()).into_response()
 }
 
 async fn metrics(State(st): State<Arc<ApiState>>) -> Response {

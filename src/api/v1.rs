@@ -85,11 +85,7 @@ pub struct TenantsAnswer {
     responses((status = 200, body = TenantsAnswer), (status = 401, body = ErrorAnswer)))]
 pub async fn tenants(State(st): St, access: Access) -> Answer<TenantsAnswer> {
     let r = st.store.tenant_ids().await?;
-    let mut tenants: Vec<String> = r
-        .value
-        .into_iter()
-        .filter(|t| access.may_read(t))
-        .collect();
+    let mut tenants: Vec<String> = r.value.into_iter().filter(|t| access.may_read(t)).collect();
     tenants.sort();
     Ok(Json(TenantsAnswer {
         tenants,
@@ -243,7 +239,9 @@ pub fn rank(items: &mut Vec<(String, Agg)>, q: &RankQuery) -> Result<(), ApiErro
     }
     let sort = q.sort.as_deref().unwrap_or("events");
     let by = q.by.unwrap_or_default();
-    if sort != "events" && !items.is_empty() && !items.iter().any(|(_, a)| stat_of(a, sort).is_some())
+    if sort != "events"
+        && !items.is_empty()
+        && !items.iter().any(|(_, a)| stat_of(a, sort).is_some())
     {
         return Err(ApiError::bad_request(
             "unknown_metric",
@@ -435,12 +433,10 @@ pub async fn series(
     rows.sort_by_key(|(s, _, _)| *s);
     let buckets = rows
         .into_iter()
-        .map(|(_, k, a)| {
-            SeriesBucket {
-                start: BucketKey(k).format(),
-                events: a.events,
-                metrics: metrics_of(&a),
-            }
+        .map(|(_, k, a)| SeriesBucket {
+            start: BucketKey(k).format(),
+            events: a.events,
+            metrics: metrics_of(&a),
         })
         .collect();
     Ok(Json(SeriesAnswer {

@@ -17,12 +17,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use canopy_actors::agg::Agg;
 use canopy_actors::agg::Granularity;
 use canopy_actors::store::{
-    AsOf, BucketKind, BucketRow, Checkpoint, CheckpointMeta, DedupBatch, EntityView,
-    HierarchyInfo, NodeHeader, NodeRow, NodeView, Store, StoreError, StoreRead, TenantImage,
+    AsOf, BucketKind, BucketRow, Checkpoint, CheckpointMeta, DedupBatch, EntityView, HierarchyInfo,
+    NodeHeader, NodeRow, NodeView, Store, StoreError, StoreRead, TenantImage,
 };
-use canopy_actors::agg::Agg;
 use canopy_actors::tenant::TenantRow;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
@@ -101,7 +101,8 @@ fn commit(db: &Database, cp: &Checkpoint) -> Result<(), StoreError> {
             for (h, n) in &t.delete_nodes {
                 let (t, h, n) = (t.tenant.as_str(), h.as_str(), n.as_str());
                 if let Some(old) = nodes.remove((t, h, n)).map_err(io)? {
-                    let ParentOnly(parent, _) = rmp_serde::from_slice(old.value()).map_err(corrupt)?;
+                    let ParentOnly(parent, _) =
+                        rmp_serde::from_slice(old.value()).map_err(corrupt)?;
                     drop(old);
                     children.remove((t, h, parent.as_deref(), n)).map_err(io)?;
                     add_count(&mut counts, t, h, -1)?;
@@ -135,10 +136,14 @@ fn commit(db: &Database, cp: &Checkpoint) -> Result<(), StoreError> {
                     Some(p) if p == n.parent => {}
                     Some(p) => {
                         children.remove((tn, h, p.as_deref(), node)).map_err(io)?;
-                        children.insert((tn, h, n.parent.as_deref(), node), ()).map_err(io)?;
+                        children
+                            .insert((tn, h, n.parent.as_deref(), node), ())
+                            .map_err(io)?;
                     }
                     None => {
-                        children.insert((tn, h, n.parent.as_deref(), node), ()).map_err(io)?;
+                        children
+                            .insert((tn, h, n.parent.as_deref(), node), ())
+                            .map_err(io)?;
                         add_count(&mut counts, tn, h, 1)?;
                     }
                 }
@@ -193,7 +198,11 @@ fn add_count(
     h: &str,
     d: i64,
 ) -> Result<(), StoreError> {
-    let now = counts.get((t, h)).map_err(io)?.map(|v| v.value()).unwrap_or(0);
+    let now = counts
+        .get((t, h))
+        .map_err(io)?
+        .map(|v| v.value())
+        .unwrap_or(0);
     let next = now
         .checked_add_signed(d)
         .ok_or_else(|| StoreError::Corrupt(format!("node count of {t}/{h} below zero")))?;
@@ -470,7 +479,11 @@ impl StoreRead for EmbeddedStore {
             let nodes = tx.open_table(NODES).map_err(io)?;
             match &p {
                 Some(p) => {
-                    if nodes.get((t.as_str(), h.as_str(), p.as_str())).map_err(io)?.is_none() {
+                    if nodes
+                        .get((t.as_str(), h.as_str(), p.as_str()))
+                        .map_err(io)?
+                        .is_none()
+                    {
                         return Ok(None);
                     }
                 }
@@ -506,7 +519,11 @@ impl StoreRead for EmbeddedStore {
         let (t, h, n) = (tenant.to_string(), hierarchy.to_string(), node.to_string());
         self.read(move |tx| {
             let nodes = tx.open_table(NODES).map_err(io)?;
-            if nodes.get((t.as_str(), h.as_str(), n.as_str())).map_err(io)?.is_none() {
+            if nodes
+                .get((t.as_str(), h.as_str(), n.as_str()))
+                .map_err(io)?
+                .is_none()
+            {
                 return Ok(None);
             }
             let buckets = tx.open_table(BUCKETS).map_err(io)?;
@@ -541,7 +558,9 @@ impl StoreRead for EmbeddedStore {
             let nodes = tx.open_table(NODES).map_err(io)?;
             let mut hierarchies = Vec::new();
             for (h, _) in &row.hierarchies {
-                let v = nodes.get((t.as_str(), h.as_str(), e.as_str())).map_err(io)?;
+                let v = nodes
+                    .get((t.as_str(), h.as_str(), e.as_str()))
+                    .map_err(io)?;
                 if let Some(v) = v {
                     let ParentOnly(p, _) = rmp_serde::from_slice(v.value()).map_err(corrupt)?;
                     hierarchies.push((h.clone(), p));

@@ -15,13 +15,16 @@ use canopy_actors::time::Retention;
 use serde::{Deserialize, Serialize};
 use toml::{Table, Value};
 
-/// `CANOPY_*` variables that are not configuration keys.
-const NOT_CONFIG: &[&str] = &[
-    "CANOPY_CONFIG",
-    "CANOPY_SCYLLA_URI",
-    "CANOPY_BENCH_EVENTS",
-    "CANOPY_BENCH_CHECKPOINT_MS",
-];
+/// `CANOPY_*` variables that are not configuration keys: the config file's path, the Scylla
+/// test suite's node, and the prefixes of test and benchmark switches.
+const NOT_CONFIG: &[&str] = &["CANOPY_CONFIG", "CANOPY_SCYLLA_URI"];
+const NOT_CONFIG_PREFIXES: &[&str] = &["CANOPY_TEST_", "CANOPY_BENCH_"];
+
+fn is_config_var(name: &str) -> bool {
+    name.starts_with("CANOPY_")
+        && !NOT_CONFIG.contains(&name)
+        && !NOT_CONFIG_PREFIXES.iter().any(|p| name.starts_with(p))
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -280,7 +283,7 @@ impl Config {
         let keys = leaf_keys(&defaults, "");
         let mut env: Vec<(String, String)> = env
             .into_iter()
-            .filter(|(k, _)| k.starts_with("CANOPY_") && !NOT_CONFIG.contains(&k.as_str()))
+            .filter(|(k, _)| is_config_var(k))
             .collect();
         env.sort();
         for (name, raw) in env {
@@ -443,6 +446,7 @@ mod tests {
                 ("CANOPY_ENGINE_BATCH_SIZE", "11"),
                 ("CANOPY_API_TOKENS", "root=*"),
                 ("HOME", "/root"),
+                ("CANOPY_TEST_ANYTHING", "1"),
             ]),
             &[("engine.checkpoint_interval_ms", Value::Integer(5))],
         )

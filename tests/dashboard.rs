@@ -2,7 +2,7 @@
 //! with numbers that match the API, and draws a chart. The screenshot is kept as a CI artifact
 //! in `target/ci-artifacts/dashboard.png`.
 //!
-//! Without chromium the test says so and passes, unless `CANOPY_REQUIRE_CHROMIUM=1` (set by
+//! Without chromium the test says so and passes, unless `CANOPY_TEST_REQUIRE_CHROMIUM=1` (set by
 //! `.ci/run`, which installs it), where a missing browser is a failure.
 
 mod support;
@@ -58,8 +58,8 @@ fn grouped(n: u64) -> String {
 fn dashboard_renders_tree_numbers_and_chart_in_chromium() {
     let Some(browser) = chromium() else {
         assert!(
-            std::env::var("CANOPY_REQUIRE_CHROMIUM").is_err(),
-            "CANOPY_REQUIRE_CHROMIUM is set but chromium is not installed"
+            std::env::var("CANOPY_TEST_REQUIRE_CHROMIUM").is_err(),
+            "CANOPY_TEST_REQUIRE_CHROMIUM is set but chromium is not installed"
         );
         eprintln!(
             "SKIPPED dashboard browser test: chromium is not installed (apt-get install chromium)"

@@ -106,7 +106,10 @@ pub struct KafkaSection {
     pub brokers: String,
     pub topic: String,
     pub group: String,
+    /// Dead letters go here (created, with the input's partition count, when missing).
     pub dlq_topic: String,
+    /// A member silent this long leaves the group and its partitions move.
+    pub session_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -202,6 +205,7 @@ impl Default for KafkaSection {
             topic: "canopy-input".into(),
             group: "canopy".into(),
             dlq_topic: "canopy-dead-letters".into(),
+            session_timeout_ms: 10_000,
         }
     }
 }

@@ -68,13 +68,17 @@ pub fn write_row(out: &mut impl Write, tenant: &str, n: &NodeRow) -> Result<(), 
     Ok(())
 }
 
-/// Writes the whole store's nodes to `out`.
-pub async fn dump(store: &dyn Store, out: &mut impl Write) -> Result<u64, DumpError> {
-    let mut tenants = store.tenants().await?;
+/// Writes every node of `stores` to `out`, sorted by tenant, hierarchy, node. (Several stores:
+/// the per-partition stores of `canopy run`; a tenant lives in one of them.)
+pub async fn dump(stores: &[&dyn Store], out: &mut impl Write) -> Result<u64, DumpError> {
+    let mut tenants = Vec::new();
+    for (i, s) in stores.iter().enumerate() {
+        tenants.extend(s.tenants().await?.into_iter().map(|t| (t, i)));
+    }
     tenants.sort();
     let mut n = 0;
-    for t in tenants {
-        let mut image = store.load_tenant(&t).await?;
+    for (t, i) in tenants {
+        let mut image = stores[i].load_tenant(&t).await?;
         image
             .nodes
             .sort_by(|a, b| (&a.hierarchy, &a.node).cmp(&(&b.hierarchy, &b.node)));

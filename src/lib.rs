@@ -11,6 +11,7 @@
 //! - [`audit`]: `canopy audit`, invariant checks of the stored state.
 //! - [`dump`]: `canopy dump`, the stored numbers as NDJSON (the conformance format).
 //! - [`ingest`]: wiring of source, engine, store and progress reporting for `canopy ingest`.
+//! - [`kafka`]: `canopy run`: the Kafka source, per-partition shards, the dead-letter topic.
 //! - [`loadgen`]: a synthetic multi-tenant workload (`canopy loadgen`).
 //! - [`telemetry`]: logging setup.
 
@@ -22,6 +23,7 @@ pub mod demo;
 pub mod dump;
 pub mod file_source;
 pub mod ingest;
+pub mod kafka;
 pub mod loadgen;
 pub mod store;
 pub mod telemetry;

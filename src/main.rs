@@ -81,6 +81,47 @@ enum Cmd {
         #[arg(long)]
         rate: Option<u64>,
     },
+    /// Consume the input topic (Kafka) through the engine; serve the API.
+    Run {
+        /// [kafka.brokers]
+        #[arg(long)]
+        brokers: Option<String>,
+        /// [kafka.topic]
+        #[arg(long)]
+        topic: Option<String>,
+        /// [kafka.group]
+        #[arg(long)]
+        group: Option<String>,
+        /// [kafka.dlq_topic]
+        #[arg(long)]
+        dlq_topic: Option<String>,
+        /// [data_dir]
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// [api.listen]
+        #[arg(long)]
+        listen: Option<String>,
+        /// [engine.chaos_kill_every]
+        #[arg(long)]
+        chaos_kill_every: Option<u64>,
+        /// [engine.checkpoint_interval_ms]
+        #[arg(long)]
+        checkpoint_interval_ms: Option<u64>,
+    },
+    /// Produce an NDJSON file to a topic, each record keyed by its tenant.
+    Produce {
+        #[arg(long)]
+        input: PathBuf,
+        /// [kafka.brokers]
+        #[arg(long)]
+        brokers: Option<String>,
+        /// [kafka.topic]
+        #[arg(long)]
+        topic: Option<String>,
+        /// Records per second (default: as fast as the broker takes them).
+        #[arg(long)]
+        rate: Option<f64>,
+    },
     /// Print the effective configuration (defaults, file, environment and flags merged) as TOML.
     Config,
     /// Print the query API's OpenAPI document.
@@ -93,8 +134,18 @@ enum Cmd {
     },
     /// Write a synthetic multi-tenant workload as NDJSON.
     Loadgen {
+        /// Write to this file...
+        #[arg(long, required_unless_present = "topic")]
+        out: Option<PathBuf>,
+        /// ... or produce to this topic (keyed by tenant) on `--brokers`.
         #[arg(long)]
-        out: PathBuf,
+        topic: Option<String>,
+        /// [kafka.brokers]
+        #[arg(long)]
+        brokers: Option<String>,
+        /// Records per second when producing (default: as fast as possible).
+        #[arg(long)]
+        rate: Option<f64>,
         #[arg(long, default_value_t = 1)]
         seed: u64,
         #[arg(long, default_value_t = 5)]
@@ -181,7 +232,31 @@ impl Cmd {
             Cmd::Audit { data_dir } | Cmd::Dump { data_dir } => {
                 f.path("data_dir", data_dir.clone())
             }
-            Cmd::Config | Cmd::Openapi | Cmd::Loadgen { .. } => {}
+            Cmd::Run {
+                brokers,
+                topic,
+                group,
+                dlq_topic,
+                data_dir,
+                listen,
+                chaos_kill_every,
+                checkpoint_interval_ms,
+            } => {
+                f.text("kafka.brokers", brokers.clone());
+                f.text("kafka.topic", topic.clone());
+                f.text("kafka.group", group.clone());
+                f.text("kafka.dlq_topic", dlq_topic.clone());
+                f.path("data_dir", data_dir.clone());
+                f.text("api.listen", listen.clone());
+                f.uint("engine.chaos_kill_every", *chaos_kill_every);
+                f.uint("engine.checkpoint_interval_ms", *checkpoint_interval_ms);
+            }
+            Cmd::Produce { brokers, topic, .. } => {
+                f.text("kafka.brokers", brokers.clone());
+                f.text("kafka.topic", topic.clone());
+            }
+            Cmd::Loadgen { brokers, .. } => f.text("kafka.brokers", brokers.clone()),
+            Cmd::Config | Cmd::Openapi => {}
         }
         f
     }
@@ -211,13 +286,24 @@ fn main() -> ExitCode {
 }
 
 fn open_store(cfg: &Config) -> anyhow::Result<EmbeddedStore> {
+    open_store_uri_check(cfg)?;
+    Ok(EmbeddedStore::open(&cfg.data_dir)?)
+}
+
+/// Every embedded store in the data directory (`run` keeps one per partition).
+fn open_stores(cfg: &Config) -> anyhow::Result<Vec<(String, EmbeddedStore)>> {
+    open_store_uri_check(cfg)?;
+    Ok(canopy::store::open_all(&cfg.data_dir)?)
+}
+
+fn open_store_uri_check(cfg: &Config) -> anyhow::Result<()> {
     if cfg.store.uri != "embedded" {
         anyhow::bail!(
             "store.uri = {:?}: only the embedded store is built so far (the Scylla store is not)",
             cfg.store.uri
         );
     }
-    Ok(EmbeddedStore::open(&cfg.data_dir)?)
+    Ok(())
 }
 
 async fn run(cmd: Cmd, cfg: Config) -> anyhow::Result<()> {
@@ -237,7 +323,11 @@ async fn run(cmd: Cmd, cfg: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Serve { .. } => {
-            let store = Arc::new(open_store(&cfg)?);
+            let multi = canopy::store::MultiRead::default();
+            for (name, s) in open_stores(&cfg)? {
+                multi.insert(name, Arc::new(s));
+            }
+            let store = Arc::new(multi);
             let tokens = Tokens::parse(&cfg.api.tokens)?;
             if tokens.is_empty() {
                 tracing::warn!("no API tokens configured (api.tokens / CANOPY_API_TOKENS): every /v1 request will get 401");
@@ -269,8 +359,28 @@ async fn run(cmd: Cmd, cfg: Config) -> anyhow::Result<()> {
             println!("{}", canopy::api::openapi_json());
             Ok(())
         }
+        Cmd::Run { .. } => {
+            open_store_uri_check(&cfg)?;
+            let metrics = canopy::telemetry::install_metrics()?;
+            canopy::kafka::run(cfg, Some(metrics)).await
+        }
+        Cmd::Produce { input, rate, .. } => {
+            let (brokers, topic) = (cfg.kafka.brokers.clone(), cfg.kafka.topic.clone());
+            let n = tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
+                let mut w = canopy::kafka::produce::TopicWriter::new(&brokers, &topic, rate)?;
+                let mut f = std::io::BufReader::new(std::fs::File::open(&input)?);
+                std::io::copy(&mut f, &mut w)?;
+                Ok(w.finish()?)
+            })
+            .await??;
+            eprintln!("canopy: produced {n} records to {}", cfg.kafka.topic);
+            Ok(())
+        }
         Cmd::Loadgen {
             out,
+            topic,
+            rate,
+            brokers: _,
             seed,
             tenants,
             hierarchies,
@@ -291,6 +401,18 @@ async fn run(cmd: Cmd, cfg: Config) -> anyhow::Result<()> {
                 bad,
                 ..Default::default()
             };
+            if let Some(topic) = topic {
+                let brokers = cfg.kafka.brokers.clone();
+                let n = tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
+                    let mut w = canopy::kafka::produce::TopicWriter::new(&brokers, &topic, rate)?;
+                    canopy::loadgen::generate(&lg, &mut w)?;
+                    Ok(w.finish()?)
+                })
+                .await??;
+                eprintln!("canopy: produced {n} records");
+                return Ok(());
+            }
+            let out = out.expect("clap requires --out without --topic");
             let mut w = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&out)?);
             let n = canopy::loadgen::generate(&lg, &mut w)?;
             std::io::Write::flush(&mut w)?;
@@ -298,26 +420,28 @@ async fn run(cmd: Cmd, cfg: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Audit { .. } => {
-            let store = open_store(&cfg)?;
-            let rep = canopy::audit::audit(&store).await?;
-            for v in &rep.violations {
-                println!("violation: {v}");
+            let (mut nodes, mut violations) = (0, 0);
+            for (_, store) in open_stores(&cfg)? {
+                let rep = canopy::audit::audit(&store).await?;
+                for v in &rep.violations {
+                    println!("violation: {v}");
+                }
+                nodes += rep.nodes;
+                violations += rep.violations.len();
             }
-            println!(
-                "audit: {} nodes checked, {} violations",
-                rep.nodes,
-                rep.violations.len()
-            );
-            if !rep.violations.is_empty() {
-                anyhow::bail!("{} invariant violations", rep.violations.len());
+            println!("audit: {nodes} nodes checked, {violations} violations");
+            if violations > 0 {
+                anyhow::bail!("{violations} invariant violations");
             }
             Ok(())
         }
         Cmd::Dump { .. } => {
-            let store = open_store(&cfg)?;
+            let stores = open_stores(&cfg)?;
+            let refs: Vec<&dyn canopy_actors::store::Store> =
+                stores.iter().map(|(_, s)| s as _).collect();
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::with_capacity(1 << 20, stdout.lock());
-            match canopy::dump::dump(&store, &mut out).await {
+            match canopy::dump::dump(&refs, &mut out).await {
                 // `canopy dump | head`: the reader closing the pipe is not a failure.
                 Err(canopy::dump::DumpError::Io(e))
                     if e.kind() == std::io::ErrorKind::BrokenPipe => {}

@@ -117,6 +117,11 @@ pub enum Refusal {
         current: &'static str,
         requested: &'static str,
     },
+    /// Kafka only, beyond SPEC.md's list: a tenant's records must all share its partition, so
+    /// a record keyed by anything but its tenant id is refused rather than split from its
+    /// tenant's state.
+    #[error("Kafka key {key:?} is not the record's tenant {tenant:?} (records must be keyed by tenant)")]
+    WrongKey { key: String, tenant: String },
 }
 
 impl Refusal {
@@ -134,6 +139,7 @@ impl Refusal {
             Refusal::UnknownTimezone(_) => "unknown_timezone",
             Refusal::TimezoneLocked { .. } => "timezone_locked",
             Refusal::HierarchyModeLocked { .. } => "hierarchy_mode_locked",
+            Refusal::WrongKey { .. } => "wrong_key",
         }
     }
 }

@@ -1,0 +1,166 @@
+//! Dead letters to a Kafka topic: the original key and value, with UTF-8 headers
+//! `canopy-reason`, `canopy-message`, `canopy-source-topic`, `canopy-source-partition`,
+//! `canopy-source-offset` (SPEC.md §4).
+//!
+//! Exactly once: the dead letters of source partition P go, in source order, to dead-letter
+//! partition P mod N. When a shard opens, it reads the end of that partition back to find the
+//! last source offset already dead-lettered for P, and skips refusals up to it: a record
+//! refused again after a crash (its checkpoint was lost) is not written twice. A write is
+//! retried with backoff until the broker acknowledges it; it is never dropped.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use canopy_actors::source::{DeadLetter, DeadLetters, SourceError};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use tracing::warn;
+
+pub struct KafkaDeadLetters {
+    pub producer: FutureProducer,
+    pub brokers: String,
+    pub topic: String,
+    pub source_topic: String,
+    pub source_partition: i32,
+    /// Partitions of the dead-letter topic.
+    pub partitions: i32,
+    /// The last source offset already in the dead-letter topic.
+    pub last_written: i64,
+}
+
+impl KafkaDeadLetters {
+    fn dlq_partition(&self) -> i32 {
+        self.source_partition.rem_euclid(self.partitions.max(1))
+    }
+}
+
+fn header<'a>(h: &'a rdkafka::message::BorrowedHeaders, name: &str) -> Option<&'a str> {
+    h.iter()
+        .find(|x| x.key == name)
+        .and_then(|x| x.value)
+        .and_then(|v| std::str::from_utf8(v).ok())
+}
+
+/// The highest `canopy-source-offset` of `source_partition` in dead-letter partition `p`,
+/// reading back from the end in growing windows.
+fn last_dead_letter(
+    brokers: &str,
+    topic: &str,
+    p: i32,
+    source_topic: &str,
+    source_partition: i32,
+) -> Result<i64, String> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "canopy-dead-letter-scan")
+        .set("enable.auto.commit", "false")
+        .create()
+        .map_err(|e| e.to_string())?;
+    let (low, high) = c
+        .fetch_watermarks(topic, p, Duration::from_secs(10))
+        .map_err(|e| format!("dead-letter topic {topic}[{p}] watermarks: {e}"))?;
+    let mut window = 1000i64;
+    let mut end = high;
+    while end > low {
+        let start = (end - window).max(low);
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, p, Offset::Offset(start))
+            .map_err(|e| e.to_string())?;
+        c.assign(&tpl).map_err(|e| e.to_string())?;
+        let mut best = -1i64;
+        let mut next = start;
+        let mut idle = 0;
+        while next < end && idle < 100 {
+            match c.poll(Duration::from_millis(100)) {
+                Some(Ok(m)) => {
+                    idle = 0;
+                    next = m.offset() + 1;
+                    if let Some(h) = m.headers() {
+                        let same = header(h, "canopy-source-topic") == Some(source_topic)
+                            && header(h, "canopy-source-partition")
+                                == Some(source_partition.to_string().as_str());
+                        if same {
+                            if let Some(o) = header(h, "canopy-source-offset").and_then(|v| v.parse().ok()) {
+                                best = best.max(o);
+                            }
+                        }
+                    }
+                }
+                Some(Err(e)) => return Err(format!("reading the dead-letter topic: {e}")),
+                None => idle += 1,
+            }
+        }
+        if next < end {
+            return Err(format!("reading dead-letter topic {topic}[{p}] timed out at offset {next}"));
+        }
+        if best >= 0 {
+            return Ok(best);
+        }
+        end = start;
+        window *= 4;
+    }
+    Ok(-1)
+}
+
+#[async_trait]
+impl DeadLetters for KafkaDeadLetters {
+    async fn resume(&mut self, _: Option<&[u8]>) -> Result<(), SourceError> {
+        let (b, t, p, st, sp) = (
+            self.brokers.clone(),
+            self.topic.clone(),
+            self.dlq_partition(),
+            self.source_topic.clone(),
+            self.source_partition,
+        );
+        self.last_written = tokio::task::spawn_blocking(move || last_dead_letter(&b, &t, p, &st, sp))
+            .await
+            .map_err(|e| SourceError::Io(e.to_string()))?
+            .map_err(SourceError::Unavailable)?;
+        Ok(())
+    }
+
+    async fn write(&mut self, dl: DeadLetter<'_>) -> Result<(), SourceError> {
+        let offset = dl.tag as i64;
+        if offset <= self.last_written {
+            return Ok(()); // written before a crash; the topic has it already
+        }
+        let (partition, offset_s) = (self.source_partition.to_string(), offset.to_string());
+        let message = dl.refusal.to_string();
+        let key = dl.origin.and_then(|o| o.key.as_deref());
+        let mut delay = Duration::from_millis(50);
+        loop {
+            let headers = OwnedHeaders::new()
+                .insert(Header { key: "canopy-reason", value: Some(dl.refusal.reason()) })
+                .insert(Header { key: "canopy-message", value: Some(message.as_str()) })
+                .insert(Header { key: "canopy-source-topic", value: Some(self.source_topic.as_str()) })
+                .insert(Header { key: "canopy-source-partition", value: Some(partition.as_str()) })
+                .insert(Header { key: "canopy-source-offset", value: Some(offset_s.as_str()) });
+            let mut rec = FutureRecord::to(&self.topic)
+                .payload(dl.raw)
+                .partition(self.dlq_partition())
+                .headers(headers);
+            if let Some(k) = key {
+                rec = rec.key(k);
+            }
+            match self.producer.send(rec, Duration::from_secs(30)).await {
+                Ok(_) => break,
+                Err((e, _)) => {
+                    metrics::counter!("canopy_dead_letter_retries_total").increment(1);
+                    warn!(error = %e, offset, retry_in_ms = delay.as_millis() as u64, "dead-letter produce failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        self.last_written = offset;
+        Ok(())
+    }
+
+    async fn sync(&mut self) -> Result<Vec<u8>, SourceError> {
+        // Every write above was acknowledged before it returned.
+        Ok(Vec::new())
+    }
+}

@@ -1,0 +1,376 @@
+//! `canopy run`: the input topic through the engine, one shard per assigned partition.
+//!
+//! - [`poller`]: the consumer thread (batches, pause/resume backpressure, rebalance hooks).
+//! - [`dead_letters`]: the dead-letter topic writer (exactly once per source offset).
+//! - [`produce`]: NDJSON lines to a topic, keyed by tenant.
+//!
+//! A **shard** is one partition's engine with its own embedded store in
+//! `DATA_DIR/partition-N/`. Records are keyed by tenant, so a tenant lives in one partition and
+//! one shard. The store, not Kafka, holds the truth about progress: each checkpoint stores the
+//! partition's next offset with the state it covers. Committed consumer offsets follow the
+//! checkpoints (never auto-commit) and can only lag them, so records the store already covers
+//! may be delivered again (after a crash or a rebalance); the shard skips every record below
+//! its stored offset. That is what makes redeliveries, restarts and rebalances exact.
+
+pub mod dead_letters;
+pub mod poller;
+pub mod produce;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use canopy_actors::engine::{Engine, EngineConfig};
+use canopy_actors::source::{Source, SourceBatch, SourceError};
+use canopy_actors::store::{Store, StoreRead};
+use metrics_exporter_prometheus::PrometheusHandle;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::FutureProducer;
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+use crate::api::Tokens;
+use crate::app::{shutdown_on_signals, spawn_api};
+use crate::config::Config;
+use crate::store::{partition_dir, EmbeddedStore, MultiRead};
+use dead_letters::KafkaDeadLetters;
+use poller::{Batch, Control, PollerConfig, PollerHandles, RunContext, Watermarks};
+
+/// Captures the position the engine restores (the engine calls `resume` while opening).
+#[derive(Default)]
+struct PositionProbe(Option<Vec<u8>>);
+
+#[async_trait::async_trait]
+impl Source for PositionProbe {
+    async fn resume(&mut self, position: Option<&[u8]>) -> Result<(), SourceError> {
+        self.0 = position.map(<[u8]>::to_vec);
+        Ok(())
+    }
+    async fn next_batch(&mut self) -> Result<Option<SourceBatch>, SourceError> {
+        Ok(None)
+    }
+}
+
+struct Shard {
+    engine: Engine,
+    /// The offset of the first record the store does not cover yet.
+    next_offset: i64,
+    /// The offset last made durable (and sent for commit).
+    durable: i64,
+}
+
+struct Runner {
+    cfg: Config,
+    engine_cfg: EngineConfig,
+    topic: String,
+    dlq_topic: String,
+    dlq_partitions: i32,
+    producer: FutureProducer,
+    shards: BTreeMap<i32, Shard>,
+    reads: Arc<MultiRead>,
+    commits: std_mpsc::Sender<Vec<(i32, i64)>>,
+    watermarks: Watermarks,
+    stop: watch::Receiver<bool>,
+}
+
+fn shard_name(p: i32) -> String {
+    format!("partition-{p}")
+}
+
+impl Runner {
+    /// Opens partition `p`'s store (waiting while its previous owner still holds the file)
+    /// and restores its engine.
+    async fn open(&mut self, p: i32) -> anyhow::Result<()> {
+        if self.shards.contains_key(&p) {
+            return Ok(());
+        }
+        let dir = partition_dir(&self.cfg.data_dir, p);
+        let mut delay = Duration::from_millis(100);
+        let store = loop {
+            match EmbeddedStore::open(&dir) {
+                Ok(s) => break Arc::new(s),
+                Err(e) if !*self.stop.borrow() => {
+                    warn!(partition = p, error = %e, retry_in_ms = delay.as_millis() as u64,
+                        "partition store not available yet (its previous owner may still hold it)");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let mut probe = PositionProbe::default();
+        let dead = Box::new(KafkaDeadLetters {
+            producer: self.producer.clone(),
+            brokers: self.cfg.kafka.brokers.clone(),
+            topic: self.dlq_topic.clone(),
+            source_topic: self.topic.clone(),
+            source_partition: p,
+            partitions: self.dlq_partitions,
+            last_written: -1,
+        });
+        let engine = Engine::open(
+            self.engine_cfg.clone(),
+            store.clone() as Arc<dyn Store>,
+            &mut probe,
+            dead,
+        )
+        .await
+        .with_context(|| format!("restoring partition {p}"))?;
+        let next_offset = match probe.0.as_deref() {
+            Some(b) if b.len() == 8 => i64::from_le_bytes(b.try_into().expect("8 bytes")),
+            Some(b) if b.is_empty() => 0,
+            None => 0,
+            Some(b) => anyhow::bail!("partition {p}: stored position of {} bytes", b.len()),
+        };
+        info!(partition = p, next_offset, "partition shard open");
+        metrics::gauge!("canopy_partition_owned", "partition" => p.to_string()).set(1.0);
+        self.reads.insert(shard_name(p), store as Arc<dyn StoreRead>);
+        self.shards.insert(
+            p,
+            Shard {
+                engine,
+                next_offset,
+                durable: next_offset,
+            },
+        );
+        Ok(())
+    }
+
+    async fn process(&mut self, mut b: Batch) -> anyhow::Result<()> {
+        self.open(b.partition).await?;
+        let shard = self.shards.get_mut(&b.partition).expect("opened");
+        // Redelivered records the store already covers.
+        b.inputs.retain(|i| i.tag as i64 >= shard.next_offset);
+        if b.inputs.is_empty() {
+            return Ok(());
+        }
+        shard.engine.process(b.inputs).await?;
+        shard.next_offset = b.next_offset;
+        shard
+            .engine
+            .set_position((b.next_offset as u64).to_le_bytes().to_vec());
+        if shard.engine.checkpoint_due() {
+            self.checkpoint(b.partition).await?;
+        }
+        Ok(())
+    }
+
+    /// A checkpoint of partition `p`, then its offset goes to the consumer for commit.
+    async fn checkpoint(&mut self, p: i32) -> anyhow::Result<()> {
+        let Some(shard) = self.shards.get_mut(&p) else {
+            return Ok(());
+        };
+        shard.engine.checkpoint().await?;
+        if shard.durable != shard.next_offset {
+            shard.durable = shard.next_offset;
+            let _ = self.commits.send(vec![(p, shard.durable)]);
+        }
+        Ok(())
+    }
+
+    async fn close(&mut self, p: i32) -> anyhow::Result<Option<(i32, i64)>> {
+        self.checkpoint(p).await?;
+        let Some(mut shard) = self.shards.remove(&p) else {
+            return Ok(None);
+        };
+        shard.engine.shutdown().await;
+        self.reads.remove(&shard_name(p));
+        metrics::gauge!("canopy_partition_owned", "partition" => p.to_string()).set(0.0);
+        Ok(Some((p, shard.durable)))
+    }
+
+    async fn control(&mut self, c: Control, data: &mut mpsc::Receiver<Batch>, draining: bool) -> anyhow::Result<()> {
+        match c {
+            Control::Assign { partitions } => {
+                for p in partitions {
+                    self.open(p).await?;
+                }
+            }
+            Control::Revoke { partitions, reply } => {
+                // The consumer thread is blocked in its rebalance callback: nothing new
+                // arrives, so what is queued is all there is. Process it, then make it durable.
+                if !draining {
+                    while let Ok(b) = data.try_recv() {
+                        self.process(b).await?;
+                    }
+                }
+                let mut offsets = Vec::new();
+                for p in partitions {
+                    offsets.extend(self.close(p).await?);
+                }
+                let _ = reply.send(offsets);
+            }
+        }
+        Ok(())
+    }
+
+    fn report_lag(&self) {
+        let marks = self.watermarks.lock().expect("lock").clone();
+        for (p, high) in marks {
+            if let Some(s) = self.shards.get(&p) {
+                metrics::gauge!("canopy_consumer_lag", "partition" => p.to_string())
+                    .set((high - s.next_offset).max(0) as f64);
+            }
+        }
+    }
+}
+
+fn client_config(cfg: &Config) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.kafka.brokers);
+    c
+}
+
+/// The partition count of `topic`, creating it with `create_with` partitions when asked and
+/// missing.
+async fn partitions(cfg: &Config, topic: &str, create_with: Option<i32>) -> anyhow::Result<i32> {
+    let probe: BaseConsumer = client_config(cfg).create()?;
+    let t = topic.to_string();
+    let count = tokio::task::spawn_blocking(move || -> anyhow::Result<usize> {
+        let md = probe.fetch_metadata(Some(&t), Duration::from_secs(10))?;
+        Ok(md.topics().first().map(|x| x.partitions().len()).unwrap_or(0))
+    })
+    .await??;
+    if count > 0 {
+        return Ok(count as i32);
+    }
+    let Some(n) = create_with else {
+        anyhow::bail!("topic {topic:?} does not exist on {}", cfg.kafka.brokers);
+    };
+    let admin: AdminClient<DefaultClientContext> = client_config(cfg).create()?;
+    let r = admin
+        .create_topics(&[NewTopic::new(topic, n, TopicReplication::Fixed(1))], &AdminOptions::new())
+        .await?;
+    for x in r {
+        if let Err((t, e)) = x {
+            if e != rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists {
+                anyhow::bail!("creating dead-letter topic {t}: {e}");
+            }
+        }
+    }
+    info!(topic, partitions = n, "created the dead-letter topic");
+    Ok(n)
+}
+
+pub async fn run(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Result<()> {
+    let stop = shutdown_on_signals();
+    let k = cfg.kafka.clone();
+    let input_partitions = partitions(&cfg, &k.topic, None).await?;
+    let dlq_partitions = partitions(&cfg, &k.dlq_topic, Some(input_partitions)).await?;
+    let reads = Arc::new(MultiRead::default());
+    let ready = Arc::new(AtomicBool::new(false));
+    let (addr, api) = spawn_api(
+        &cfg.api.listen,
+        reads.clone() as Arc<dyn StoreRead>,
+        Tokens::parse(&cfg.api.tokens)?,
+        metrics,
+        ready.clone(),
+        stop.clone(),
+    )
+    .await?;
+    println!("canopy run: query API and dashboard at http://{addr}/  (topic {}, group {})", k.topic, k.group);
+
+    let (control_tx, mut control) = mpsc::unbounded_channel();
+    let consumer: BaseConsumer<RunContext> = client_config(&cfg)
+        .set("group.id", &k.group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", k.session_timeout_ms.to_string())
+        .set("partition.assignment.strategy", "range")
+        .create_with_context(RunContext {
+            topic: k.topic.clone(),
+            control: control_tx,
+            epoch: AtomicU64::new(0),
+            revoke_timeout: Duration::from_secs(60),
+        })?;
+    consumer.subscribe(&[&k.topic])?;
+    let (data_tx, mut data) = mpsc::channel(4);
+    let (commits_tx, commits_rx) = std_mpsc::channel();
+    let poll_stop = Arc::new(AtomicBool::new(false));
+    let watermarks = Watermarks::default();
+    let handles = PollerHandles {
+        data: data_tx,
+        commits: commits_rx,
+        stop: poll_stop.clone(),
+        watermarks: watermarks.clone(),
+    };
+    let pcfg = PollerConfig {
+        topic: k.topic.clone(),
+        batch_size: cfg.engine.batch_size,
+        linger: Duration::from_millis(20),
+    };
+    let poller = std::thread::Builder::new()
+        .name("canopy-kafka-poller".into())
+        .spawn(move || poller::poll_loop(consumer, pcfg, handles))?;
+    ready.store(true, Ordering::Release);
+
+    let producer: FutureProducer = client_config(&cfg)
+        .set("acks", "all")
+        .set("max.in.flight.requests.per.connection", "1")
+        .set("message.timeout.ms", "30000")
+        .create()?;
+    let mut r = Runner {
+        engine_cfg: cfg.engine(),
+        topic: k.topic.clone(),
+        dlq_topic: k.dlq_topic.clone(),
+        dlq_partitions,
+        producer,
+        shards: BTreeMap::new(),
+        reads,
+        commits: commits_tx,
+        watermarks,
+        stop: stop.clone(),
+        cfg,
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut stop_rx = stop.clone();
+    let result: anyhow::Result<()> = async {
+        loop {
+            tokio::select! {
+                biased;
+                _ = stop_rx.wait_for(|s| *s) => return Ok(()),
+                Some(c) = control.recv() => r.control(c, &mut data, false).await?,
+                Some(b) = data.recv() => r.process(b).await?,
+                _ = tick.tick() => {
+                    let due: Vec<i32> = r.shards.iter().filter(|(_, s)| s.engine.checkpoint_due()).map(|(p, _)| *p).collect();
+                    for p in due {
+                        r.checkpoint(p).await?;
+                    }
+                    r.report_lag();
+                }
+            }
+        }
+    }
+    .await;
+    // Shutdown (or an error): make every shard durable, hand the offsets to the consumer
+    // thread, and let it leave the group; a revoke during that is answered from the stores.
+    let mut finals = Vec::new();
+    for p in r.shards.keys().copied().collect::<Vec<_>>() {
+        match r.close(p).await {
+            Ok(Some(o)) => finals.push(o),
+            Ok(None) => {}
+            Err(e) => warn!(partition = p, error = %e, "final checkpoint failed"),
+        }
+    }
+    let _ = r.commits.send(finals);
+    poll_stop.store(true, Ordering::SeqCst);
+    let mut join = tokio::task::spawn_blocking(move || poller.join());
+    loop {
+        tokio::select! {
+            j = &mut join => { let _ = j; break; }
+            Some(c) = control.recv() => { let _ = r.control(c, &mut data, true).await; }
+        }
+    }
+    result?;
+    api.await??;
+    info!("stopped after a final checkpoint; offsets committed");
+    println!("canopy run: stopped after a final checkpoint");
+    Ok(())
+}

@@ -1,0 +1,271 @@
+//! The consumer thread. It owns the rdkafka `BaseConsumer`, polls in batches, and hands each
+//! partition's records to the runner over a bounded channel. When that channel is full it
+//! pauses the assigned partitions (and keeps polling, so the group session stays alive)
+//! instead of buffering without limit.
+//!
+//! Rebalances run inside `poll` on this thread (eager protocol): on revoke, the context asks
+//! the runner to checkpoint and close the revoked partitions and waits for it, then commits
+//! the offsets those checkpoints made durable before the partitions are released.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use canopy_actors::record::{decode, Refusal};
+use canopy_actors::source::{Input, Origin};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+/// Records of one partition, in offset order.
+pub struct Batch {
+    pub partition: i32,
+    pub inputs: Vec<Input>,
+    /// The offset after the batch's last record.
+    pub next_offset: i64,
+}
+
+/// What the consumer thread asks of the runner during a rebalance.
+pub enum Control {
+    /// Checkpoint and close these partitions, then reply with the offsets to commit.
+    Revoke {
+        partitions: Vec<i32>,
+        reply: std_mpsc::SyncSender<Vec<(i32, i64)>>,
+    },
+    Assign {
+        partitions: Vec<i32>,
+    },
+}
+
+pub struct RunContext {
+    pub topic: String,
+    pub control: mpsc::UnboundedSender<Control>,
+    /// Bumped on every revoke: batches buffered under an older epoch are dropped.
+    pub epoch: AtomicU64,
+    pub revoke_timeout: Duration,
+}
+
+impl ClientContext for RunContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        // librdkafka reconnects by itself; say so, loudly enough to be seen.
+        metrics::counter!("canopy_kafka_errors_total").increment(1);
+        warn!(%error, reason, "kafka client error (librdkafka retries with backoff)");
+    }
+}
+
+fn partitions_of(tpl: &TopicPartitionList, topic: &str) -> Vec<i32> {
+    tpl.elements_for_topic(topic)
+        .iter()
+        .map(|e| e.partition())
+        .collect()
+}
+
+impl ConsumerContext for RunContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(tpl) = rebalance else {
+            return;
+        };
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        metrics::counter!("canopy_rebalances_total", "kind" => "revoke").increment(1);
+        let partitions = partitions_of(tpl, &self.topic);
+        info!(?partitions, "partitions revoked: checkpointing them before release");
+        let (reply, rx) = std_mpsc::sync_channel(1);
+        if self
+            .control
+            .send(Control::Revoke { partitions, reply })
+            .is_err()
+        {
+            return;
+        }
+        match rx.recv_timeout(self.revoke_timeout) {
+            Ok(offsets) => {
+                if let Err(e) = commit(consumer, &self.topic, &offsets, CommitMode::Sync) {
+                    warn!(error = %e, "committing revoked partitions' offsets failed (the stores hold them)");
+                }
+            }
+            Err(_) => warn!(
+                "revoked partitions were not checkpointed in time; the next owner resumes from their stores"
+            ),
+        }
+    }
+
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            metrics::counter!("canopy_rebalances_total", "kind" => "assign").increment(1);
+            let partitions = partitions_of(tpl, &self.topic);
+            info!(?partitions, "partitions assigned");
+            let _ = self.control.send(Control::Assign { partitions });
+        }
+    }
+}
+
+pub fn commit(
+    consumer: &BaseConsumer<RunContext>,
+    topic: &str,
+    offsets: &[(i32, i64)],
+    mode: CommitMode,
+) -> Result<(), KafkaError> {
+    if offsets.is_empty() {
+        return Ok(());
+    }
+    let mut tpl = TopicPartitionList::new();
+    for (p, o) in offsets {
+        tpl.add_partition_offset(topic, *p, Offset::Offset(*o))?;
+    }
+    consumer.commit(&tpl, mode)
+}
+
+pub struct PollerConfig {
+    pub topic: String,
+    pub batch_size: usize,
+    pub linger: Duration,
+}
+
+/// Shared with the runner: the newest high watermark seen per partition (for lag).
+pub type Watermarks = Arc<Mutex<BTreeMap<i32, i64>>>;
+
+pub struct PollerHandles {
+    pub data: mpsc::Sender<Batch>,
+    /// Offsets made durable by checkpoints, to commit.
+    pub commits: std_mpsc::Receiver<Vec<(i32, i64)>>,
+    pub stop: Arc<AtomicBool>,
+    pub watermarks: Watermarks,
+}
+
+fn input(m: &rdkafka::message::BorrowedMessage<'_>, origin: &mut Option<(i32, Arc<Origin>)>) -> Input {
+    let raw = m.payload().unwrap_or_default().to_vec();
+    let key = m.key().map(<[u8]>::to_vec);
+    let mut decoded = decode(&raw);
+    if let Ok(rec) = &decoded {
+        if key.as_deref() != Some(rec.tenant().as_bytes()) {
+            decoded = Err(Refusal::WrongKey {
+                key: String::from_utf8_lossy(key.as_deref().unwrap_or_default()).into_owned(),
+                tenant: rec.tenant().to_string(),
+            });
+        }
+    }
+    // Records of one partition share their topic and partition; only the key differs.
+    let o = Arc::new(Origin {
+        topic: m.topic().to_string(),
+        partition: m.partition(),
+        key,
+    });
+    *origin = Some((m.partition(), o.clone()));
+    Input {
+        tag: m.offset() as u64,
+        origin: Some(o),
+        raw,
+        decoded,
+    }
+}
+
+/// Runs until `stop` is set, then commits what the runner last sent and leaves the group.
+pub fn poll_loop(consumer: BaseConsumer<RunContext>, cfg: PollerConfig, h: PollerHandles) {
+    let mut pending: BTreeMap<i32, (Vec<Input>, i64, Instant)> = BTreeMap::new();
+    let mut held: Option<Batch> = None;
+    let mut paused = false;
+    let mut epoch = consumer.context().epoch.load(Ordering::SeqCst);
+    let mut last_marks = Instant::now() - Duration::from_secs(10);
+    let mut last_error_log = Instant::now() - Duration::from_secs(10);
+    let mut origin = None;
+    while !h.stop.load(Ordering::SeqCst) {
+        while let Ok(offsets) = h.commits.try_recv() {
+            if let Err(e) = commit(&consumer, &cfg.topic, &offsets, CommitMode::Async) {
+                warn!(error = %e, "offset commit failed (the next one covers it)");
+            }
+        }
+        if let Some(b) = held.take() {
+            match h.data.try_send(b) {
+                Ok(()) => {
+                    if paused {
+                        if let Ok(a) = consumer.assignment() {
+                            let _ = consumer.resume(&a);
+                        }
+                        paused = false;
+                    }
+                }
+                Err(mpsc::error::TrySendError::Full(b)) => {
+                    held = Some(b);
+                    if !paused {
+                        if let Ok(a) = consumer.assignment() {
+                            let _ = consumer.pause(&a);
+                        }
+                        paused = true;
+                        metrics::counter!("canopy_kafka_pauses_total").increment(1);
+                    }
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => break,
+            }
+        }
+        let polled = consumer.poll(Duration::from_millis(if held.is_some() { 5 } else { 20 }));
+        let now_epoch = consumer.context().epoch.load(Ordering::SeqCst);
+        if now_epoch != epoch {
+            // A revoke happened inside that poll: whatever was buffered belongs to partitions
+            // that were checkpointed without it; it is fetched again by their next owner.
+            epoch = now_epoch;
+            pending.clear();
+            held = None;
+            paused = false;
+        }
+        match polled {
+            Some(Ok(m)) => {
+                let p = m.partition();
+                let inp = input(&m, &mut origin);
+                let e = pending
+                    .entry(p)
+                    .or_insert_with(|| (Vec::with_capacity(cfg.batch_size), 0, Instant::now()));
+                e.1 = m.offset() + 1;
+                e.0.push(inp);
+            }
+            Some(Err(e)) => {
+                metrics::counter!("canopy_kafka_errors_total").increment(1);
+                if last_error_log.elapsed() > Duration::from_secs(5) {
+                    last_error_log = Instant::now();
+                    warn!(error = %e, "kafka poll error (retrying)");
+                }
+            }
+            None => {}
+        }
+        if held.is_none() {
+            let ready = pending
+                .iter()
+                .find(|(_, (v, _, t))| v.len() >= cfg.batch_size || t.elapsed() >= cfg.linger)
+                .map(|(p, _)| *p);
+            if let Some(p) = ready {
+                let (inputs, next_offset, _) = pending.remove(&p).expect("present");
+                held = Some(Batch {
+                    partition: p,
+                    inputs,
+                    next_offset,
+                });
+            }
+        }
+        if last_marks.elapsed() >= Duration::from_secs(1) {
+            last_marks = Instant::now();
+            if let Ok(a) = consumer.assignment() {
+                let mut marks = BTreeMap::new();
+                for e in a.elements_for_topic(&cfg.topic) {
+                    if let Ok((_, high)) =
+                        consumer.fetch_watermarks(&cfg.topic, e.partition(), Duration::from_millis(500))
+                    {
+                        marks.insert(e.partition(), high);
+                    }
+                }
+                *h.watermarks.lock().expect("lock") = marks;
+            }
+        }
+    }
+    // Final commits (the runner sends them before setting `stop`), then leave the group.
+    while let Ok(offsets) = h.commits.try_recv() {
+        if let Err(e) = commit(&consumer, &cfg.topic, &offsets, CommitMode::Sync) {
+            warn!(error = %e, "final offset commit failed (the stores hold the offsets)");
+        }
+    }
+    consumer.unsubscribe();
+    let _ = consumer.poll(Duration::from_millis(100));
+}

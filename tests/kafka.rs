@@ -1,0 +1,299 @@
+//! `canopy run` against a real Kafka-protocol broker (tansu, installed and found by `.ci/run`):
+//! the public conformance case produced to a topic, consumed with restarts, a second member
+//! of the group killed, and the broker restarted; the dump and the dead-letter topic must equal
+//! the expected ones every time.
+//!
+//! Without a `tansu` binary the tests say so and pass, unless `CANOPY_TEST_REQUIRE_KAFKA=1`
+//! (set by `.ci/run`), where a missing broker is a failure.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use support::http::Served;
+use support::*;
+
+const PARTITIONS: i32 = 3;
+
+fn tansu_binary() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("CANOPY_TEST_TANSU") {
+        return Some(PathBuf::from(p));
+    }
+    let home = std::env::var("HOME").unwrap_or_default();
+    let candidates = [PathBuf::from(format!("{home}/.cargo/bin/tansu")), PathBuf::from("/usr/local/bin/tansu")];
+    candidates.into_iter().find(|p| p.exists())
+}
+
+/// A tansu broker with SQLite storage in its own directory; killed when dropped.
+struct Broker {
+    bin: PathBuf,
+    dir: PathBuf,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Broker {
+    fn start(dir: &Path) -> Option<Broker> {
+        let Some(bin) = tansu_binary() else {
+            assert!(
+                std::env::var("CANOPY_TEST_REQUIRE_KAFKA").is_err(),
+                "CANOPY_TEST_REQUIRE_KAFKA is set but no tansu binary was found"
+            );
+            eprintln!("SKIPPED Kafka test: no tansu broker installed (cargo install tansu --locked --features libsql)");
+            return None;
+        };
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut b = Broker { bin, dir: dir.to_path_buf(), port, child: None };
+        b.up();
+        Some(b)
+    }
+
+    fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn up(&mut self) {
+        let url = format!("tcp://{}", self.addr());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("tansu.log"))
+            .unwrap();
+        let child = Command::new(&self.bin)
+            .arg("broker")
+            .args(["--listener-url", &url, "--advertised-listener-url", &url])
+            .arg("--storage-engine")
+            .arg(format!("sqlite://{}", self.dir.join("tansu.db").display()))
+            .env("RUST_LOG", "warn")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("tansu starts");
+        self.child = Some(child);
+        let t = Instant::now();
+        while std::net::TcpStream::connect(self.addr()).is_err() {
+            assert!(t.elapsed() < Duration::from_secs(30), "tansu did not listen on {}", self.addr());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn create_topics(&self, topics: &[&str]) {
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", self.addr())
+            .create()
+            .unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let new: Vec<NewTopic> = topics
+            .iter()
+            .map(|t| NewTopic::new(t, PARTITIONS, TopicReplication::Fixed(1)))
+            .collect();
+        for r in rt.block_on(admin.create_topics(&new, &AdminOptions::new())).unwrap() {
+            r.unwrap();
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn produce(broker: &Broker, input: &Path, rate: Option<u32>) -> Child {
+    let mut c = canopy();
+    c.args(["produce", "--brokers", &broker.addr(), "--topic", "in", "--input"])
+        .arg(input)
+        .stdout(Stdio::null());
+    if let Some(r) = rate {
+        c.args(["--rate", &r.to_string()]);
+    }
+    c.spawn().unwrap()
+}
+
+fn run_cmd(broker: &Broker, data: &Path) -> Command {
+    let mut c = canopy();
+    c.args(["run", "--brokers", &broker.addr(), "--topic", "in", "--group", "g", "--dlq-topic", "dlq"])
+        .args(["--listen", "127.0.0.1:0", "--checkpoint-interval-ms", "200", "--data-dir"])
+        .arg(data)
+        .env("CANOPY_KAFKA_SESSION_TIMEOUT_MS", "6000")
+        .env("CANOPY_API_TOKENS", "t=*");
+    c
+}
+
+/// Waits until this process owns every partition and has processed everything in them.
+fn wait_caught_up(s: &Served, within: Duration) {
+    let t = Instant::now();
+    loop {
+        let m = s.get("/metrics", None).body;
+        let mut lag: BTreeMap<String, f64> = BTreeMap::new();
+        for l in m.lines() {
+            if let Some(rest) = l.strip_prefix("canopy_consumer_lag{partition=\"") {
+                let (p, v) = rest.split_once("\"} ").unwrap();
+                lag.insert(p.to_string(), v.parse().unwrap());
+            }
+        }
+        let owned = m
+            .lines()
+            .filter(|l| l.starts_with("canopy_partition_owned{") && l.ends_with(" 1"))
+            .count();
+        if owned == PARTITIONS as usize
+            && lag.len() == PARTITIONS as usize
+            && lag.values().all(|v| *v == 0.0)
+        {
+            return;
+        }
+        assert!(t.elapsed() < within, "not caught up after {within:?}: owned {owned}, lag {lag:?}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Every (record, reason) in the dead-letter topic, sorted.
+fn dead_letters(broker: &Broker) -> Vec<(String, String)> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", broker.addr())
+        .set("group.id", "test-dlq-reader")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut out = Vec::new();
+    for p in 0..PARTITIONS {
+        let (_, high) = c.fetch_watermarks("dlq", p, Duration::from_secs(10)).unwrap();
+        if high == 0 {
+            continue;
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset("dlq", p, Offset::Beginning).unwrap();
+        c.assign(&tpl).unwrap();
+        let t = Instant::now();
+        let mut next = 0;
+        while next < high {
+            assert!(t.elapsed() < Duration::from_secs(60), "reading dlq[{p}] stalled at {next}");
+            if let Some(m) = c.poll(Duration::from_millis(200)) {
+                let m = m.unwrap();
+                next = m.offset() + 1;
+                let reason = m
+                    .headers()
+                    .and_then(|h| h.iter().find(|x| x.key == "canopy-reason").and_then(|x| x.value))
+                    .map(|v| String::from_utf8_lossy(v).to_string())
+                    .expect("canopy-reason header");
+                out.push((String::from_utf8_lossy(m.payload().unwrap_or_default()).to_string(), reason));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn expected_dead_letters() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(conformance_dir().join("expected-dlq.ndjson")).unwrap();
+    let mut out: Vec<(String, String)> = text
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["record"].as_str().unwrap().to_string(), v["reason"].as_str().unwrap().to_string())
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// SIGTERM (final checkpoint, exit 0), then the dump and the dead-letter topic must match.
+fn finish_and_compare(mut s: Served, broker: &Broker, data: &Path, dir: &Path) {
+    let st = s.terminate();
+    assert!(st.success(), "canopy run after SIGTERM: {st}");
+    let c = conformance_dir();
+    let dlq = c.join("expected-dlq.ndjson");
+    compare(&c.join("expected-dump.ndjson"), &dump(data), &dlq, &dlq);
+    let got = dead_letters(broker);
+    let want = expected_dead_letters();
+    if got != want {
+        let extra: Vec<_> = got.iter().filter(|x| !want.contains(x)).take(5).collect();
+        let missing: Vec<_> = want.iter().filter(|x| !got.contains(x)).take(5).collect();
+        panic!(
+            "dead-letter topic: {} records, expected {}; extra {extra:?}; missing {missing:?}",
+            got.len(),
+            want.len()
+        );
+    }
+    let _ = dir;
+}
+
+fn setup() -> Option<(tempfile::TempDir, Broker, PathBuf, PathBuf)> {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path())?;
+    broker.create_topics(&["in", "dlq"]);
+    let input = conformance_dir().join("input.ndjson");
+    let data = dir.path().join("data");
+    Some((dir, broker, input, data))
+}
+
+#[test]
+fn conformance_through_kafka() {
+    let Some((dir, broker, input, data)) = setup() else { return };
+    assert!(produce(&broker, &input, None).wait().unwrap().success());
+    let s = Served::start(run_cmd(&broker, &data));
+    wait_caught_up(&s, Duration::from_secs(120));
+    finish_and_compare(s, &broker, &data, dir.path());
+}
+
+#[test]
+fn sigkill_and_restart_mid_stream() {
+    let Some((dir, broker, input, data)) = setup() else { return };
+    let mut producer = produce(&broker, &input, Some(2500));
+    let mut rng = rand::rng();
+    for _ in 0..4 {
+        let mut s = Served::start(run_cmd(&broker, &data));
+        std::thread::sleep(Duration::from_millis(rand::Rng::random_range(&mut rng, 800..2000)));
+        s.child.kill().unwrap(); // SIGKILL
+        s.child.wait().unwrap();
+    }
+    assert!(producer.wait().unwrap().success());
+    let s = Served::start(run_cmd(&broker, &data));
+    wait_caught_up(&s, Duration::from_secs(120));
+    finish_and_compare(s, &broker, &data, dir.path());
+}
+
+#[test]
+fn two_members_one_killed() {
+    let Some((dir, broker, input, data)) = setup() else { return };
+    let mut producer = produce(&broker, &input, Some(2500));
+    let mut a = Served::start(run_cmd(&broker, &data));
+    let b = Served::start(run_cmd(&broker, &data));
+    std::thread::sleep(Duration::from_secs(4));
+    a.child.kill().unwrap(); // SIGKILL: its partitions move to b after the session timeout
+    a.child.wait().unwrap();
+    assert!(producer.wait().unwrap().success());
+    wait_caught_up(&b, Duration::from_secs(120));
+    finish_and_compare(b, &broker, &data, dir.path());
+}
+
+#[test]
+fn broker_restarted_mid_stream() {
+    let Some((dir, mut broker, input, data)) = setup() else { return };
+    let mut producer = produce(&broker, &input, Some(2500));
+    let s = Served::start(run_cmd(&broker, &data));
+    std::thread::sleep(Duration::from_secs(3));
+    broker.kill();
+    std::thread::sleep(Duration::from_secs(2));
+    broker.up();
+    assert!(producer.wait().unwrap().success(), "the producer rides out the broker restart");
+    wait_caught_up(&s, Duration::from_secs(120));
+    finish_and_compare(s, &broker, &data, dir.path());
+}

@@ -72,8 +72,9 @@ impl Broker {
         let child = Command::new(&self.bin)
             .arg("broker")
             .args(["--listener-url", &url, "--advertised-listener-url", &url])
-            .arg("--storage-engine")
-            .arg(format!("sqlite://{}", self.dir.join("tansu.db").display()))
+            // tansu resolves the SQLite path against its working directory.
+            .args(["--storage-engine", "sqlite://tansu.db"])
+            .current_dir(&self.dir)
             .env("RUST_LOG", "warn")
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -202,12 +203,16 @@ fn dead_letters(broker: &Broker) -> Vec<(String, String)> {
 }
 
 fn expected_dead_letters() -> Vec<(String, String)> {
-    let text = std::fs::read_to_string(conformance_dir().join("expected-dlq.ndjson")).unwrap();
+    let c = conformance_dir();
+    let input = std::fs::read_to_string(c.join("input.ndjson")).unwrap();
+    let lines: Vec<&str> = input.lines().collect();
+    let text = std::fs::read_to_string(c.join("expected-dlq.ndjson")).unwrap();
     let mut out: Vec<(String, String)> = text
         .lines()
         .map(|l| {
             let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            (v["record"].as_str().unwrap().to_string(), v["reason"].as_str().unwrap().to_string())
+            let line = v["line"].as_u64().unwrap() as usize;
+            (lines[line - 1].to_string(), v["reason"].as_str().unwrap().to_string())
         })
         .collect();
     out.sort();

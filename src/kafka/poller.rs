@@ -164,6 +164,26 @@ fn input(m: &rdkafka::message::BorrowedMessage<'_>, origin: &mut Option<(i32, Ar
     }
 }
 
+/// The high watermark the last fetch response reported. A `ListOffsets` request instead
+/// (`fetch_watermarks`) queues behind the broker's long-polling fetches and times out.
+fn cached_high_watermark(consumer: &BaseConsumer<RunContext>, topic: &str, p: i32) -> Option<i64> {
+    let topic = std::ffi::CString::new(topic).ok()?;
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: the client pointer is valid while `consumer` lives; the call only reads
+    // librdkafka's cached partition state into the two out-parameters.
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            topic.as_ptr(),
+            p,
+            &mut low,
+            &mut high,
+        )
+    };
+    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
+        .then_some(high)
+}
+
 /// Runs until `stop` is set, then commits what the runner last sent and leaves the group.
 pub fn poll_loop(consumer: BaseConsumer<RunContext>, cfg: PollerConfig, h: PollerHandles) {
     let mut pending: BTreeMap<i32, (Vec<Input>, i64, Instant)> = BTreeMap::new();
@@ -250,9 +270,7 @@ pub fn poll_loop(consumer: BaseConsumer<RunContext>, cfg: PollerConfig, h: Polle
             if let Ok(a) = consumer.assignment() {
                 let mut marks = BTreeMap::new();
                 for e in a.elements_for_topic(&cfg.topic) {
-                    if let Ok((_, high)) =
-                        consumer.fetch_watermarks(&cfg.topic, e.partition(), Duration::from_millis(500))
-                    {
+                    if let Some(high) = cached_high_watermark(&consumer, &cfg.topic, e.partition()) {
                         marks.insert(e.partition(), high);
                     }
                 }

@@ -61,8 +61,10 @@ fn dashboard_renders_tree_numbers_and_chart_in_chromium() {
             std::env::var("CANOPY_TEST_REQUIRE_CHROMIUM").is_err(),
             "CANOPY_TEST_REQUIRE_CHROMIUM is set but chromium is not installed"
         );
-        eprintln!(
-            "SKIPPED dashboard browser test: chromium is not installed (apt-get install chromium)"
+        // Past libtest's capture, so that the skip shows.
+        let _ = std::io::Write::write_all(
+            &mut std::io::stderr(),
+            b"SKIPPED dashboard browser test: chromium is not installed (apt-get install chromium)\n",
         );
         return;
     };

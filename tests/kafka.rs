@@ -49,7 +49,7 @@ impl Broker {
                 std::env::var("CANOPY_TEST_REQUIRE_KAFKA").is_err(),
                 "CANOPY_TEST_REQUIRE_KAFKA is set but no tansu binary was found"
             );
-            eprintln!("SKIPPED Kafka test: no tansu broker installed (cargo install tansu --locked --features libsql)");
+            let _ = std::io::Write::write_fmt(&mut std::io::stderr(), format_args!("SKIPPED Kafka test: no tansu broker installed (cargo install tansu --locked --features libsql)\n"));
             return None;
         };
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();

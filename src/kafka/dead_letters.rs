@@ -15,9 +15,19 @@ use canopy_actors::source::{DeadLetter, DeadLetters, SourceError};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use std::collections::VecDeque;
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::warn;
+
+/// A dead letter kept until the broker acknowledged it, so that it can be sent again.
+pub struct Letter {
+    offset: i64,
+    reason: &'static str,
+    message: String,
+    key: Option<Vec<u8>>,
+    value: Vec<u8>,
+}
 
 pub struct KafkaDeadLetters {
     pub producer: FutureProducer,
@@ -27,13 +37,56 @@ pub struct KafkaDeadLetters {
     pub source_partition: i32,
     /// Partitions of the dead-letter topic.
     pub partitions: i32,
-    /// The last source offset already in the dead-letter topic.
+    /// The last source offset already in the dead-letter topic (or enqueued for it).
     pub last_written: i64,
+    pub pending: VecDeque<(Letter, DeliveryFuture)>,
 }
 
 impl KafkaDeadLetters {
     fn dlq_partition(&self) -> i32 {
         self.source_partition.rem_euclid(self.partitions.max(1))
+    }
+
+    /// Hands a letter to the producer's queue (waiting for room, and retrying errors).
+    async fn send(&mut self, l: &Letter) -> DeliveryFuture {
+        let (partition, offset) = (self.source_partition.to_string(), l.offset.to_string());
+        let mut delay = Duration::from_millis(50);
+        loop {
+            let headers = OwnedHeaders::new()
+                .insert(Header { key: "canopy-reason", value: Some(l.reason) })
+                .insert(Header { key: "canopy-message", value: Some(l.message.as_str()) })
+                .insert(Header { key: "canopy-source-topic", value: Some(self.source_topic.as_str()) })
+                .insert(Header { key: "canopy-source-partition", value: Some(partition.as_str()) })
+                .insert(Header { key: "canopy-source-offset", value: Some(offset.as_str()) });
+            let mut rec = FutureRecord::to(&self.topic)
+                .payload(&l.value)
+                .partition(self.dlq_partition())
+                .headers(headers);
+            if let Some(k) = &l.key {
+                rec = rec.key(k);
+            }
+            match self.producer.send_result(rec) {
+                Ok(f) => return f,
+                Err((e, _)) => {
+                    // Queue full: let the oldest in flight finish first.
+                    if let Some((letter, fut)) = self.pending.pop_front() {
+                        if !matches!(fut.await, Ok(Ok(_))) {
+                            let again = Box::pin(self.send(&letter)).await;
+                            self.pending.push_front((letter, again));
+                        }
+                        continue;
+                    }
+                    warn!(error = %e, "dead-letter enqueue failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    async fn enqueue(&mut self, l: Letter) {
+        let f = self.send(&l).await;
+        self.pending.push_back((l, f));
     }
 }
 
@@ -127,40 +180,39 @@ impl DeadLetters for KafkaDeadLetters {
         if offset <= self.last_written {
             return Ok(()); // written before a crash; the topic has it already
         }
-        let (partition, offset_s) = (self.source_partition.to_string(), offset.to_string());
-        let message = dl.refusal.to_string();
-        let key = dl.origin.and_then(|o| o.key.as_deref());
-        let mut delay = Duration::from_millis(50);
-        loop {
-            let headers = OwnedHeaders::new()
-                .insert(Header { key: "canopy-reason", value: Some(dl.refusal.reason()) })
-                .insert(Header { key: "canopy-message", value: Some(message.as_str()) })
-                .insert(Header { key: "canopy-source-topic", value: Some(self.source_topic.as_str()) })
-                .insert(Header { key: "canopy-source-partition", value: Some(partition.as_str()) })
-                .insert(Header { key: "canopy-source-offset", value: Some(offset_s.as_str()) });
-            let mut rec = FutureRecord::to(&self.topic)
-                .payload(dl.raw)
-                .partition(self.dlq_partition())
-                .headers(headers);
-            if let Some(k) = key {
-                rec = rec.key(k);
-            }
-            match self.producer.send(rec, Duration::from_secs(30)).await {
-                Ok(_) => break,
-                Err((e, _)) => {
-                    metrics::counter!("canopy_dead_letter_retries_total").increment(1);
-                    warn!(error = %e, offset, retry_in_ms = delay.as_millis() as u64, "dead-letter produce failed; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                }
-            }
-        }
+        let letter = Letter {
+            offset,
+            reason: dl.refusal.reason(),
+            message: dl.refusal.to_string(),
+            key: dl.origin.and_then(|o| o.key.clone()),
+            value: dl.raw.to_vec(),
+        };
+        // Enqueued, not awaited: a broker round trip per dead letter would throttle the whole
+        // partition. `sync` (at every checkpoint) waits for all of them, in order.
+        self.enqueue(letter).await;
         self.last_written = offset;
         Ok(())
     }
 
     async fn sync(&mut self) -> Result<Vec<u8>, SourceError> {
-        // Every write above was acknowledged before it returned.
+        while let Some((letter, fut)) = self.pending.pop_front() {
+            let mut result = fut.await;
+            let mut delay = Duration::from_millis(50);
+            loop {
+                match result {
+                    Ok(Ok(_)) => break,
+                    Ok(Err((e, _))) => {
+                        metrics::counter!("canopy_dead_letter_retries_total").increment(1);
+                        warn!(error = %e, offset = letter.offset, retry_in_ms = delay.as_millis() as u64,
+                            "dead-letter produce failed; retrying");
+                    }
+                    Err(_) => warn!(offset = letter.offset, "dead-letter delivery lost its producer; retrying"),
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+                result = self.send(&letter).await.await;
+            }
+        }
         Ok(Vec::new())
     }
 }

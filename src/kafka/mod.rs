@@ -113,6 +113,7 @@ impl Runner {
             source_partition: p,
             partitions: self.dlq_partitions,
             last_written: -1,
+            pending: Default::default(),
         });
         let engine = Engine::open(
             self.engine_cfg.clone(),
@@ -284,6 +285,8 @@ pub async fn run(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Resu
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", k.session_timeout_ms.to_string())
         .set("partition.assignment.strategy", "range")
+        // librdkafka's prefetch per partition is the other half of the memory bound.
+        .set("queued.max.messages.kbytes", "16384")
         .create_with_context(RunContext {
             topic: k.topic.clone(),
             control: control_tx,
@@ -337,7 +340,8 @@ pub async fn run(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Resu
                 biased;
                 _ = stop_rx.wait_for(|s| *s) => return Ok(()),
                 Some(c) = control.recv() => r.control(c, &mut data, false).await?,
-                Some(b) = data.recv() => r.process(b).await?,
+                // Before the data branch: a busy stream must not starve time-based
+                // checkpoints and the lag gauge.
                 _ = tick.tick() => {
                     let due: Vec<i32> = r.shards.iter().filter(|(_, s)| s.engine.checkpoint_due()).map(|(p, _)| *p).collect();
                     for p in due {
@@ -345,6 +349,7 @@ pub async fn run(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Resu
                     }
                     r.report_lag();
                 }
+                Some(b) = data.recv() => r.process(b).await?,
             }
         }
     }

@@ -120,6 +120,9 @@ pub fn commit(
     consumer.commit(&tpl, mode)
 }
 
+/// How long the consumer thread waits for the runner before pausing the partitions.
+const PAUSE_AFTER: Duration = Duration::from_secs(2);
+
 pub struct PollerConfig {
     pub topic: String,
     pub batch_size: usize,
@@ -199,8 +202,21 @@ pub fn poll_loop(consumer: BaseConsumer<RunContext>, cfg: PollerConfig, h: Polle
                 warn!(error = %e, "offset commit failed (the next one covers it)");
             }
         }
-        if let Some(b) = held.take() {
-            match h.data.try_send(b) {
+        if let Some(mut b) = held.take() {
+            // Wait a little for room before pausing: a pause makes librdkafka drop what it
+            // prefetched for the partition and fetch it again on resume, which costs the broker
+            // far more than a short wait (heartbeats run on librdkafka's own threads).
+            let waited = Instant::now();
+            let sent = loop {
+                match h.data.try_send(b) {
+                    Err(mpsc::error::TrySendError::Full(back)) if waited.elapsed() < PAUSE_AFTER => {
+                        b = back;
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    other => break other,
+                }
+            };
+            match sent {
                 Ok(()) => {
                     if paused {
                         if let Ok(a) = consumer.assignment() {

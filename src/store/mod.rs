@@ -3,6 +3,7 @@
 
 pub mod embedded;
 pub mod multi;
+pub mod scylla;
 
 pub use embedded::EmbeddedStore;
 pub use multi::{open_all, partition_dir, MultiRead};

@@ -60,8 +60,15 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreSection {
-    /// `embedded` (redb in `data_dir`) or `scylla://host:port/keyspace`.
+    /// `embedded` (redb in `data_dir`) or `scylla://host:port[,host:port]/keyspace`.
     pub uri: String,
+    /// Scylla auth (empty: none).
+    pub scylla_user: String,
+    pub scylla_password: String,
+    /// Consistency of every Scylla read and write (`local_quorum`, `quorum`, `one`...).
+    pub scylla_consistency: String,
+    /// Replication factor `canopy migrate` gives a new keyspace.
+    pub scylla_replication_factor: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -156,6 +163,10 @@ impl Default for StoreSection {
     fn default() -> Self {
         StoreSection {
             uri: "embedded".into(),
+            scylla_user: String::new(),
+            scylla_password: String::new(),
+            scylla_consistency: "local_quorum".into(),
+            scylla_replication_factor: 1,
         }
     }
 }

@@ -17,7 +17,6 @@ use crate::api::Tokens;
 use crate::app::{shutdown_on_signals, spawn_api, UntilShutdown};
 use crate::config::Config;
 use crate::loadgen::{generate, LoadgenConfig};
-use crate::store::EmbeddedStore;
 
 /// The generated stream, cut into batches of about a tenth of a second of records. Its position
 /// is the number of records handed out; resuming regenerates and skips that many (the stream
@@ -157,7 +156,7 @@ pub fn workload(cfg: &Config) -> LoadgenConfig {
 
 pub async fn run(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Result<()> {
     let stop = shutdown_on_signals();
-    let store = Arc::new(EmbeddedStore::open(&cfg.data_dir)?);
+    let store = crate::store::open_single(&cfg).await?;
     let token_spec = if cfg.api.tokens.trim().is_empty() {
         "demo=*".to_string()
     } else {

@@ -10,7 +10,6 @@ use canopy::api::Tokens;
 use canopy::app::{shutdown_on_signals, spawn_api};
 use canopy::config::Config;
 use canopy::ingest::{ingest, IngestOptions};
-use canopy::store::EmbeddedStore;
 use canopy_actors::store::StoreRead;
 use clap::{Parser, Subcommand};
 use toml::Value;
@@ -122,6 +121,8 @@ enum Cmd {
         #[arg(long)]
         rate: Option<f64>,
     },
+    /// Apply the Scylla schema (schemas/cql, idempotent) for store.uri.
+    Migrate,
     /// Print the effective configuration (defaults, file, environment and flags merged) as TOML.
     Config,
     /// Print the query API's OpenAPI document.
@@ -256,7 +257,7 @@ impl Cmd {
                 f.text("kafka.topic", topic.clone());
             }
             Cmd::Loadgen { brokers, .. } => f.text("kafka.brokers", brokers.clone()),
-            Cmd::Config | Cmd::Openapi => {}
+            Cmd::Config | Cmd::Openapi | Cmd::Migrate => {}
         }
         f
     }
@@ -285,21 +286,11 @@ fn main() -> ExitCode {
     }
 }
 
-fn open_store(cfg: &Config) -> anyhow::Result<EmbeddedStore> {
-    open_store_uri_check(cfg)?;
-    Ok(EmbeddedStore::open(&cfg.data_dir)?)
-}
-
-/// Every embedded store in the data directory (`run` keeps one per partition).
-fn open_stores(cfg: &Config) -> anyhow::Result<Vec<(String, EmbeddedStore)>> {
-    open_store_uri_check(cfg)?;
-    Ok(canopy::store::open_all(&cfg.data_dir)?)
-}
-
-fn open_store_uri_check(cfg: &Config) -> anyhow::Result<()> {
+/// `canopy run` keeps one embedded store per partition; its Scylla mode is not built.
+fn require_embedded(cfg: &Config, what: &str) -> anyhow::Result<()> {
     if cfg.store.uri != "embedded" {
         anyhow::bail!(
-            "store.uri = {:?}: only the embedded store is built so far (the Scylla store is not)",
+            "{what} with store.uri = {:?} is not built yet: it needs one Scylla keyspace (or table namespace) per partition; use the embedded store",
             cfg.store.uri
         );
     }
@@ -311,7 +302,7 @@ async fn run(cmd: Cmd, cfg: Config) -> anyhow::Result<()> {
         Cmd::Ingest {
             input, dlq, quiet, ..
         } => {
-            let store = Arc::new(open_store(&cfg)?);
+            let store = canopy::store::open_single(&cfg).await?;
             let opts = IngestOptions {
                 input,
                 dlq,
@@ -319,13 +310,13 @@ async fn run(cmd: Cmd, cfg: Config) -> anyhow::Result<()> {
                 engine: cfg.engine(),
                 progress: !quiet,
             };
-            ingest(opts, store, shutdown_on_signals()).await?;
+            ingest(opts, store as Arc<dyn canopy_actors::store::Store>, shutdown_on_signals()).await?;
             Ok(())
         }
         Cmd::Serve { .. } => {
             let multi = canopy::store::MultiRead::default();
-            for (name, s) in open_stores(&cfg)? {
-                multi.insert(name, Arc::new(s));
+            for (name, s) in canopy::store::open_configured(&cfg).await? {
+                multi.insert(name, s as Arc<dyn StoreRead>);
             }
             let store = Arc::new(multi);
             let tokens = Tokens::parse(&cfg.api.tokens)?;
@@ -351,6 +342,18 @@ async fn run(cmd: Cmd, cfg: Config) -> anyhow::Result<()> {
             let metrics = canopy::telemetry::install_metrics()?;
             canopy::demo::run(cfg, Some(metrics)).await
         }
+        Cmd::Migrate => {
+            if cfg.store.uri == "embedded" {
+                println!("canopy migrate: the embedded store creates its tables itself; nothing to do");
+                return Ok(());
+            }
+            let mut s =
+                canopy::store::scylla::ScyllaStore::connect(&cfg.store.uri, &canopy::store::scylla_options(&cfg))
+                    .await?;
+            s.migrate().await?;
+            println!("canopy migrate: schema applied to {}", cfg.store.uri);
+            Ok(())
+        }
         Cmd::Config => {
             print!("{}", cfg.to_toml());
             Ok(())
@@ -360,7 +363,7 @@ async fn run(cmd: Cmd, cfg: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Run { .. } => {
-            open_store_uri_check(&cfg)?;
+            require_embedded(&cfg, "canopy run")?;
             let metrics = canopy::telemetry::install_metrics()?;
             canopy::kafka::run(cfg, Some(metrics)).await
         }
@@ -421,8 +424,8 @@ async fn run(cmd: Cmd, cfg: Config) -> anyhow::Result<()> {
         }
         Cmd::Audit { .. } => {
             let (mut nodes, mut violations) = (0, 0);
-            for (_, store) in open_stores(&cfg)? {
-                let rep = canopy::audit::audit(&store).await?;
+            for (_, store) in canopy::store::open_configured(&cfg).await? {
+                let rep = canopy::audit::audit(store.as_ref()).await?;
                 for v in &rep.violations {
                     println!("violation: {v}");
                 }
@@ -436,9 +439,9 @@ async fn run(cmd: Cmd, cfg: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Dump { .. } => {
-            let stores = open_stores(&cfg)?;
+            let stores = canopy::store::open_configured(&cfg).await?;
             let refs: Vec<&dyn canopy_actors::store::Store> =
-                stores.iter().map(|(_, s)| s as _).collect();
+                stores.iter().map(|(_, s)| s.as_ref() as _).collect();
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::with_capacity(1 << 20, stdout.lock());
             match canopy::dump::dump(&refs, &mut out).await {

@@ -95,6 +95,23 @@ impl Broker {
         }
     }
 
+    /// A restart as an operator does it: SIGTERM, wait for exit, start again on the same port
+    /// and storage.
+    fn restart(&mut self, down_for: Duration) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+            let t = Instant::now();
+            while c.try_wait().unwrap().is_none() {
+                if t.elapsed() > Duration::from_secs(20) {
+                    let _ = c.kill();
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        std::thread::sleep(down_for);
+        self.up();
+    }
+
     fn create_topics(&self, topics: &[&str]) {
         let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
             .set("bootstrap.servers", self.addr())
@@ -292,13 +309,29 @@ fn two_members_one_killed() {
 #[test]
 fn broker_restarted_mid_stream() {
     let Some((dir, mut broker, input, data)) = setup() else { return };
-    let mut producer = produce(&broker, &input, Some(2500));
+    assert!(produce(&broker, &input, None).wait().unwrap().success());
     let s = Served::start(run_cmd(&broker, &data));
-    std::thread::sleep(Duration::from_secs(3));
-    broker.kill();
-    std::thread::sleep(Duration::from_secs(2));
-    broker.up();
-    assert!(producer.wait().unwrap().success(), "the producer rides out the broker restart");
+    // Restart the broker as soon as consumption is under way and not finished.
+    let t = Instant::now();
+    loop {
+        let m = s.get("/metrics", None).body;
+        let records: f64 = m
+            .lines()
+            .filter(|l| l.starts_with("canopy_records_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        let lag: f64 = m
+            .lines()
+            .filter(|l| l.starts_with("canopy_consumer_lag{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        if records > 0.0 && lag > 0.0 {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "consumption never got under way");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    broker.restart(Duration::from_secs(2));
     wait_caught_up(&s, Duration::from_secs(120));
     finish_and_compare(s, &broker, &data, dir.path());
 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use canopy_actors::record::decode;
-use canopy_actors::source::{DeadLetter, DeadLetters, Input, Source, SourceBatch, SourceError};
+use canopy_actors::source::{DeadLetter, DeadLetters, Input, Source, SourceBatch, SourceError, Flush};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -214,13 +214,15 @@ impl DeadLetters for FileDeadLetters {
         Ok(())
     }
 
-    async fn sync(&mut self) -> Result<Vec<u8>, SourceError> {
+    async fn sync(&mut self) -> Result<Flush, SourceError> {
         if let Some(out) = self.out.as_mut() {
             out.flush().map_err(|e| SourceError::Io(e.to_string()))?;
             out.get_ref()
                 .sync_data()
                 .map_err(|e| SourceError::Io(e.to_string()))?;
         }
-        Ok(rmp_serde::to_vec(&self.len).expect("length encodes"))
+        Ok(Flush::ready(
+            rmp_serde::to_vec(&self.len).expect("length encodes"),
+        ))
     }
 }

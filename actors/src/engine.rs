@@ -442,10 +442,11 @@ impl Engine {
             }
         }
         let snapshot_ms = started.elapsed().as_millis() as u64;
-        let dead_letters = self.dead.sync().await?;
+        let flush = self.dead.sync().await?;
+        let dead_letters_durable = flush.durable;
         let source = rmp_serde::to_vec(&Position {
             source: self.position.clone(),
-            dead_letters,
+            dead_letters: flush.position,
         })
         .expect("position encodes");
         let cp = Arc::new(Checkpoint {
@@ -458,6 +459,10 @@ impl Engine {
         let task = tokio::spawn(
             async move {
                 let t = Instant::now();
+                // The dead letters this checkpoint covers must be durable before it is.
+                dead_letters_durable
+                    .await
+                    .map_err(|e| StoreError::Unavailable(format!("dead letters: {e}")))?;
                 retry_counted(&cfg, "commit checkpoint", &stats, || async {
                     let t = Instant::now();
                     let r = store.commit(cp.clone()).await;

@@ -48,6 +48,22 @@ pub trait Source: Send {
     async fn next_batch(&mut self) -> Result<Option<SourceBatch>, SourceError>;
 }
 
+/// See [`DeadLetters::sync`].
+pub struct Flush {
+    pub position: Vec<u8>,
+    pub durable: std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), SourceError>> + Send>>,
+}
+
+impl Flush {
+    /// Already durable (the writer synced before returning).
+    pub fn ready(position: Vec<u8>) -> Self {
+        Flush {
+            position,
+            durable: Box::pin(std::future::ready(Ok(()))),
+        }
+    }
+}
+
 /// A refused record on its way to the dead-letter output.
 #[derive(Debug)]
 pub struct DeadLetter<'a> {
@@ -63,8 +79,10 @@ pub trait DeadLetters: Send {
     /// checkpoint writes each dead letter once.
     async fn resume(&mut self, position: Option<&[u8]>) -> Result<(), SourceError>;
     async fn write(&mut self, dl: DeadLetter<'_>) -> Result<(), SourceError>;
-    /// Makes everything written so far durable and returns the position to checkpoint.
-    async fn sync(&mut self) -> Result<Vec<u8>, SourceError>;
+    /// The position to checkpoint, with a future that resolves once everything written so far
+    /// is durable. The engine awaits it in the checkpoint's commit task, before the store
+    /// commit, so that a slow dead-letter sink does not stop processing.
+    async fn sync(&mut self) -> Result<Flush, SourceError>;
 }
 
 /// Dead letters that go nowhere (for callers that only want the numbers).
@@ -78,7 +96,7 @@ impl DeadLetters for DiscardDeadLetters {
     async fn write(&mut self, _: DeadLetter<'_>) -> Result<(), SourceError> {
         Ok(())
     }
-    async fn sync(&mut self) -> Result<Vec<u8>, SourceError> {
-        Ok(Vec::new())
+    async fn sync(&mut self) -> Result<Flush, SourceError> {
+        Ok(Flush::ready(Vec::new()))
     }
 }

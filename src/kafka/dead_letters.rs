@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use canopy_actors::source::{DeadLetter, DeadLetters, SourceError};
+use canopy_actors::source::{DeadLetter, DeadLetters, Flush, SourceError};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
@@ -42,52 +42,82 @@ pub struct KafkaDeadLetters {
     pub pending: VecDeque<(Letter, DeliveryFuture)>,
 }
 
-impl KafkaDeadLetters {
-    fn dlq_partition(&self) -> i32 {
-        self.source_partition.rem_euclid(self.partitions.max(1))
-    }
+/// Where one source partition's dead letters go.
+#[derive(Clone)]
+struct Route {
+    producer: FutureProducer,
+    topic: String,
+    source_topic: String,
+    source_partition: i32,
+    partition: i32,
+}
 
-    /// Hands a letter to the producer's queue (waiting for room, and retrying errors).
-    async fn send(&mut self, l: &Letter) -> DeliveryFuture {
-        let (partition, offset) = (self.source_partition.to_string(), l.offset.to_string());
-        let mut delay = Duration::from_millis(50);
-        loop {
-            let headers = OwnedHeaders::new()
-                .insert(Header { key: "canopy-reason", value: Some(l.reason) })
-                .insert(Header { key: "canopy-message", value: Some(l.message.as_str()) })
-                .insert(Header { key: "canopy-source-topic", value: Some(self.source_topic.as_str()) })
-                .insert(Header { key: "canopy-source-partition", value: Some(partition.as_str()) })
-                .insert(Header { key: "canopy-source-offset", value: Some(offset.as_str()) });
-            let mut rec = FutureRecord::to(&self.topic)
-                .payload(&l.value)
-                .partition(self.dlq_partition())
-                .headers(headers);
-            if let Some(k) = &l.key {
-                rec = rec.key(k);
-            }
-            match self.producer.send_result(rec) {
-                Ok(f) => return f,
-                Err((e, _)) => {
-                    // Queue full: let the oldest in flight finish first.
-                    if let Some((letter, fut)) = self.pending.pop_front() {
-                        if !matches!(fut.await, Ok(Ok(_))) {
-                            let again = Box::pin(self.send(&letter)).await;
-                            self.pending.push_front((letter, again));
-                        }
-                        continue;
-                    }
-                    warn!(error = %e, "dead-letter enqueue failed; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                }
-            }
+impl KafkaDeadLetters {
+    fn route(&self) -> Route {
+        Route {
+            producer: self.producer.clone(),
+            topic: self.topic.clone(),
+            source_topic: self.source_topic.clone(),
+            source_partition: self.source_partition,
+            partition: self.source_partition.rem_euclid(self.partitions.max(1)),
         }
     }
 
-    async fn enqueue(&mut self, l: Letter) {
-        let f = self.send(&l).await;
-        self.pending.push_back((l, f));
+    fn dlq_partition(&self) -> i32 {
+        self.route().partition
     }
+}
+
+/// Hands a letter to the producer's queue, waiting for room and retrying errors.
+async fn send(r: &Route, l: &Letter) -> DeliveryFuture {
+    let (partition, offset) = (r.source_partition.to_string(), l.offset.to_string());
+    let mut delay = Duration::from_millis(5);
+    loop {
+        let headers = OwnedHeaders::new()
+            .insert(Header { key: "canopy-reason", value: Some(l.reason) })
+            .insert(Header { key: "canopy-message", value: Some(l.message.as_str()) })
+            .insert(Header { key: "canopy-source-topic", value: Some(r.source_topic.as_str()) })
+            .insert(Header { key: "canopy-source-partition", value: Some(partition.as_str()) })
+            .insert(Header { key: "canopy-source-offset", value: Some(offset.as_str()) });
+        let mut rec = FutureRecord::to(&r.topic)
+            .payload(&l.value)
+            .partition(r.partition)
+            .headers(headers);
+        if let Some(k) = &l.key {
+            rec = rec.key(k);
+        }
+        match r.producer.send_result(rec) {
+            Ok(f) => return f,
+            Err((e, _)) => {
+                warn!(error = %e, "dead-letter enqueue failed (queue full?); retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// Waits for every letter in order, sending again any the broker did not take.
+async fn deliver(r: Route, pending: VecDeque<(Letter, DeliveryFuture)>) -> Result<(), SourceError> {
+    for (letter, fut) in pending {
+        let mut result = fut.await;
+        let mut delay = Duration::from_millis(50);
+        loop {
+            match result {
+                Ok(Ok(_)) => break,
+                Ok(Err((e, _))) => {
+                    metrics::counter!("canopy_dead_letter_retries_total").increment(1);
+                    warn!(error = %e, offset = letter.offset, retry_in_ms = delay.as_millis() as u64,
+                        "dead-letter produce failed; retrying");
+                }
+                Err(_) => warn!(offset = letter.offset, "dead-letter delivery lost its producer; retrying"),
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(5));
+            result = send(&r, &letter).await.await;
+        }
+    }
+    Ok(())
 }
 
 fn header<'a>(h: &'a rdkafka::message::BorrowedHeaders, name: &str) -> Option<&'a str> {
@@ -188,31 +218,18 @@ impl DeadLetters for KafkaDeadLetters {
             value: dl.raw.to_vec(),
         };
         // Enqueued, not awaited: a broker round trip per dead letter would throttle the whole
-        // partition. `sync` (at every checkpoint) waits for all of them, in order.
-        self.enqueue(letter).await;
+        // partition. The checkpoint covering it waits for delivery (`sync`).
+        let f = send(&self.route(), &letter).await;
+        self.pending.push_back((letter, f));
         self.last_written = offset;
         Ok(())
     }
 
-    async fn sync(&mut self) -> Result<Vec<u8>, SourceError> {
-        while let Some((letter, fut)) = self.pending.pop_front() {
-            let mut result = fut.await;
-            let mut delay = Duration::from_millis(50);
-            loop {
-                match result {
-                    Ok(Ok(_)) => break,
-                    Ok(Err((e, _))) => {
-                        metrics::counter!("canopy_dead_letter_retries_total").increment(1);
-                        warn!(error = %e, offset = letter.offset, retry_in_ms = delay.as_millis() as u64,
-                            "dead-letter produce failed; retrying");
-                    }
-                    Err(_) => warn!(offset = letter.offset, "dead-letter delivery lost its producer; retrying"),
-                }
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-                result = self.send(&letter).await.await;
-            }
-        }
-        Ok(Vec::new())
+    async fn sync(&mut self) -> Result<Flush, SourceError> {
+        let pending = std::mem::take(&mut self.pending);
+        Ok(Flush {
+            position: Vec::new(),
+            durable: Box::pin(deliver(self.route(), pending)),
+        })
     }
 }

@@ -151,7 +151,9 @@ impl Runner {
         if b.inputs.is_empty() {
             return Ok(());
         }
+        let (n, started) = (b.inputs.len(), std::time::Instant::now());
         shard.engine.process(b.inputs).await?;
+        tracing::debug!(partition = b.partition, records = n, process_ms = started.elapsed().as_millis() as u64, "batch processed");
         shard.next_offset = b.next_offset;
         shard
             .engine
@@ -167,7 +169,9 @@ impl Runner {
         let Some(shard) = self.shards.get_mut(&p) else {
             return Ok(());
         };
+        let started = std::time::Instant::now();
         shard.engine.checkpoint().await?;
+        tracing::debug!(partition = p, checkpoint_ms = started.elapsed().as_millis() as u64, "checkpoint");
         if shard.durable != shard.next_offset {
             shard.durable = shard.next_offset;
             let _ = self.commits.send(vec![(p, shard.durable)]);

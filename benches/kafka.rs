@@ -18,8 +18,13 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
 fn metrics(addr: SocketAddr) -> String {
-    let Ok(mut s) = TcpStream::connect(addr) else { return String::new() };
-    let _ = write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let Ok(mut s) = TcpStream::connect(addr) else {
+        return String::new();
+    };
+    let _ = write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    );
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
     out
@@ -30,20 +35,37 @@ fn main() {
         return;
     }
     let home = std::env::var("HOME").unwrap_or_default();
-    let Some(tansu) = [format!("{home}/.cargo/bin/tansu"), "/usr/local/bin/tansu".into()]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())
-    else {
-        println!("kafka bench SKIPPED: no tansu binary (cargo install tansu --locked --features libsql)");
+    let Some(tansu) = [
+        format!("{home}/.cargo/bin/tansu"),
+        "/usr/local/bin/tansu".into(),
+    ]
+    .into_iter()
+    .find(|p| std::path::Path::new(p).exists()) else {
+        println!(
+            "kafka bench SKIPPED: no tansu binary (cargo install tansu --locked --features libsql)"
+        );
         return;
     };
-    let events: usize = std::env::var("CANOPY_BENCH_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(300_000);
+    let events: usize = std::env::var("CANOPY_BENCH_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300_000);
     let dir = tempfile::tempdir().unwrap();
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let brokers = format!("127.0.0.1:{port}");
     let url = format!("tcp://{brokers}");
     let mut broker = Command::new(&tansu)
-        .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+        .args([
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+        ])
         .args(["--storage-engine", "sqlite://tansu.db"])
         .current_dir(dir.path())
         .stdout(Stdio::null())
@@ -54,20 +76,34 @@ fn main() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", &brokers).create().unwrap();
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
     for r in rt
-        .block_on(admin.create_topics(&[NewTopic::new("in", 3, TopicReplication::Fixed(1))], &AdminOptions::new()))
+        .block_on(admin.create_topics(
+            &[NewTopic::new("in", 3, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        ))
         .unwrap()
     {
         r.unwrap();
     }
-    let cfg = LoadgenConfig { tenants: 3, depth: 5, fanout: 5, events, ..Default::default() };
+    let cfg = LoadgenConfig {
+        tenants: 3,
+        depth: 5,
+        fanout: 5,
+        events,
+        ..Default::default()
+    };
     let t = Instant::now();
     let mut w = TopicWriter::new(&brokers, "in", None).unwrap();
     generate(&cfg, &mut w).unwrap();
     let total = w.finish().unwrap();
-    println!("produced {total} records in {:.1} s", t.elapsed().as_secs_f64());
+    println!(
+        "produced {total} records in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
 
     // The bare consumer: poll and drop, counting.
     let c: BaseConsumer = ClientConfig::new()
@@ -84,7 +120,10 @@ fn main() {
         if let Some(Ok(_)) = c.poll(Duration::from_millis(100)) {
             n += 1;
         }
-        assert!(t.elapsed() < Duration::from_secs(600), "bare consumer stalled at {n}");
+        assert!(
+            t.elapsed() < Duration::from_secs(600),
+            "bare consumer stalled at {n}"
+        );
     }
     let bare = total as f64 / t.elapsed().as_secs_f64();
     drop(c);
@@ -92,7 +131,18 @@ fn main() {
     // canopy run, from process start until every partition's lag is 0.
     let t = Instant::now();
     let mut run = Command::new(env!("CARGO_BIN_EXE_canopy"))
-        .args(["run", "--brokers", &brokers, "--topic", "in", "--group", "canopy", "--listen", "127.0.0.1:0", "--data-dir"])
+        .args([
+            "run",
+            "--brokers",
+            &brokers,
+            "--topic",
+            "in",
+            "--group",
+            "canopy",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
         .arg(dir.path().join("data"))
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
@@ -106,7 +156,15 @@ fn main() {
         out.read_exact(&mut b).unwrap();
         first.push(b[0] as char);
     }
-    let addr: SocketAddr = first.split("http://").nth(1).unwrap().split('/').next().unwrap().parse().unwrap();
+    let addr: SocketAddr = first
+        .split("http://")
+        .nth(1)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
     loop {
         let m = metrics(addr);
         let lags: Vec<f64> = m
@@ -119,15 +177,28 @@ fn main() {
         }
         if t.elapsed() > Duration::from_secs(600) {
             let log = std::fs::read_to_string(dir.path().join("run.log")).unwrap_or_default();
-            let tail: String = log.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+            let tail: String = log
+                .lines()
+                .rev()
+                .take(40)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n");
             panic!("canopy run did not catch up; lags {lags:?}; log tail:\n{tail}");
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     let canopy = total as f64 / t.elapsed().as_secs_f64();
-    let _ = Command::new("kill").args(["-TERM", &run.id().to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-TERM", &run.id().to_string()])
+        .status();
     let _ = run.wait();
     let _ = broker.kill();
     println!("bare rdkafka consumer: {bare:.0} records/s");
-    println!("canopy run end to end: {canopy:.0} records/s ({:.0}% of bare)", 100.0 * canopy / bare);
+    println!(
+        "canopy run end to end: {canopy:.0} records/s ({:.0}% of bare)",
+        100.0 * canopy / bare
+    );
 }

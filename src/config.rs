@@ -296,10 +296,8 @@ impl Config {
             overlay(&defaults, &mut merged, &t, "")?;
         }
         let keys = leaf_keys(&defaults, "");
-        let mut env: Vec<(String, String)> = env
-            .into_iter()
-            .filter(|(k, _)| is_config_var(k))
-            .collect();
+        let mut env: Vec<(String, String)> =
+            env.into_iter().filter(|(k, _)| is_config_var(k)).collect();
         env.sort();
         for (name, raw) in env {
             let key = keys

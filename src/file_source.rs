@@ -13,7 +13,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use canopy_actors::record::decode;
-use canopy_actors::source::{DeadLetter, DeadLetters, Input, Source, SourceBatch, SourceError, Flush};
+use canopy_actors::source::{
+    DeadLetter, DeadLetters, Flush, Input, Source, SourceBatch, SourceError,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 

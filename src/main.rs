@@ -310,7 +310,12 @@ async fn run(cmd: Cmd, cfg: Config) -> anyhow::Result<()> {
                 engine: cfg.engine(),
                 progress: !quiet,
             };
-            ingest(opts, store as Arc<dyn canopy_actors::store::Store>, shutdown_on_signals()).await?;
+            ingest(
+                opts,
+                store as Arc<dyn canopy_actors::store::Store>,
+                shutdown_on_signals(),
+            )
+            .await?;
             Ok(())
         }
         Cmd::Serve { .. } => {
@@ -344,12 +349,16 @@ async fn run(cmd: Cmd, cfg: Config) -> anyhow::Result<()> {
         }
         Cmd::Migrate => {
             if cfg.store.uri == "embedded" {
-                println!("canopy migrate: the embedded store creates its tables itself; nothing to do");
+                println!(
+                    "canopy migrate: the embedded store creates its tables itself; nothing to do"
+                );
                 return Ok(());
             }
-            let mut s =
-                canopy::store::scylla::ScyllaStore::connect(&cfg.store.uri, &canopy::store::scylla_options(&cfg))
-                    .await?;
+            let mut s = canopy::store::scylla::ScyllaStore::connect(
+                &cfg.store.uri,
+                &canopy::store::scylla_options(&cfg),
+            )
+            .await?;
             s.migrate().await?;
             println!("canopy migrate: schema applied to {}", cfg.store.uri);
             Ok(())

@@ -91,11 +91,26 @@ fn describe() {
         "canopy_consumer_lag",
         "Records of a partition not yet processed (high watermark - next offset)."
     );
-    describe_gauge!("canopy_partition_owned", "1 while this process owns the partition's shard.");
-    describe_counter!("canopy_rebalances_total", "Consumer group rebalances, by kind (assign, revoke).");
-    describe_counter!("canopy_kafka_errors_total", "Kafka client and poll errors (librdkafka retries).");
-    describe_counter!("canopy_kafka_pauses_total", "Times consumption paused because work in flight hit its bound.");
-    describe_counter!("canopy_dead_letter_retries_total", "Dead-letter produce attempts retried.");
+    describe_gauge!(
+        "canopy_partition_owned",
+        "1 while this process owns the partition's shard."
+    );
+    describe_counter!(
+        "canopy_rebalances_total",
+        "Consumer group rebalances, by kind (assign, revoke)."
+    );
+    describe_counter!(
+        "canopy_kafka_errors_total",
+        "Kafka client and poll errors (librdkafka retries)."
+    );
+    describe_counter!(
+        "canopy_kafka_pauses_total",
+        "Times consumption paused because work in flight hit its bound."
+    );
+    describe_counter!(
+        "canopy_dead_letter_retries_total",
+        "Dead-letter produce attempts retried."
+    );
     describe_histogram!(
         "canopy_api_request_seconds",
         Unit::Seconds,

@@ -30,7 +30,10 @@ fn tansu_binary() -> Option<PathBuf> {
         return Some(PathBuf::from(p));
     }
     let home = std::env::var("HOME").unwrap_or_default();
-    let candidates = [PathBuf::from(format!("{home}/.cargo/bin/tansu")), PathBuf::from("/usr/local/bin/tansu")];
+    let candidates = [
+        PathBuf::from(format!("{home}/.cargo/bin/tansu")),
+        PathBuf::from("/usr/local/bin/tansu"),
+    ];
     candidates.into_iter().find(|p| p.exists())
 }
 
@@ -52,8 +55,17 @@ impl Broker {
             let _ = std::io::Write::write_fmt(&mut std::io::stderr(), format_args!("SKIPPED Kafka test: no tansu broker installed (cargo install tansu --locked --features libsql)\n"));
             return None;
         };
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut b = Broker { bin, dir: dir.to_path_buf(), port, child: None };
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut b = Broker {
+            bin,
+            dir: dir.to_path_buf(),
+            port,
+            child: None,
+        };
         b.up();
         Some(b)
     }
@@ -83,7 +95,11 @@ impl Broker {
         self.child = Some(child);
         let t = Instant::now();
         while std::net::TcpStream::connect(self.addr()).is_err() {
-            assert!(t.elapsed() < Duration::from_secs(30), "tansu did not listen on {}", self.addr());
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "tansu did not listen on {}",
+                self.addr()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -99,7 +115,9 @@ impl Broker {
     /// and storage.
     fn restart(&mut self, down_for: Duration) {
         if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
             let t = Instant::now();
             while c.try_wait().unwrap().is_none() {
                 if t.elapsed() > Duration::from_secs(20) {
@@ -122,7 +140,10 @@ impl Broker {
             .iter()
             .map(|t| NewTopic::new(t, PARTITIONS, TopicReplication::Fixed(1)))
             .collect();
-        for r in rt.block_on(admin.create_topics(&new, &AdminOptions::new())).unwrap() {
+        for r in rt
+            .block_on(admin.create_topics(&new, &AdminOptions::new()))
+            .unwrap()
+        {
             r.unwrap();
         }
     }
@@ -136,9 +157,16 @@ impl Drop for Broker {
 
 fn produce(broker: &Broker, input: &Path, rate: Option<u32>) -> Child {
     let mut c = canopy();
-    c.args(["produce", "--brokers", &broker.addr(), "--topic", "in", "--input"])
-        .arg(input)
-        .stdout(Stdio::null());
+    c.args([
+        "produce",
+        "--brokers",
+        &broker.addr(),
+        "--topic",
+        "in",
+        "--input",
+    ])
+    .arg(input)
+    .stdout(Stdio::null());
     if let Some(r) = rate {
         c.args(["--rate", &r.to_string()]);
     }
@@ -147,11 +175,27 @@ fn produce(broker: &Broker, input: &Path, rate: Option<u32>) -> Child {
 
 fn run_cmd(broker: &Broker, data: &Path) -> Command {
     let mut c = canopy();
-    c.args(["run", "--brokers", &broker.addr(), "--topic", "in", "--group", "g", "--dlq-topic", "dlq"])
-        .args(["--listen", "127.0.0.1:0", "--checkpoint-interval-ms", "200", "--data-dir"])
-        .arg(data)
-        .env("CANOPY_KAFKA_SESSION_TIMEOUT_MS", "6000")
-        .env("CANOPY_API_TOKENS", "t=*");
+    c.args([
+        "run",
+        "--brokers",
+        &broker.addr(),
+        "--topic",
+        "in",
+        "--group",
+        "g",
+        "--dlq-topic",
+        "dlq",
+    ])
+    .args([
+        "--listen",
+        "127.0.0.1:0",
+        "--checkpoint-interval-ms",
+        "200",
+        "--data-dir",
+    ])
+    .arg(data)
+    .env("CANOPY_KAFKA_SESSION_TIMEOUT_MS", "6000")
+    .env("CANOPY_API_TOKENS", "t=*");
     c
 }
 
@@ -177,7 +221,10 @@ fn wait_caught_up(s: &Served, within: Duration) {
         {
             return;
         }
-        assert!(t.elapsed() < within, "not caught up after {within:?}: owned {owned}, lag {lag:?}");
+        assert!(
+            t.elapsed() < within,
+            "not caught up after {within:?}: owned {owned}, lag {lag:?}"
+        );
         std::thread::sleep(Duration::from_millis(250));
     }
 }
@@ -192,26 +239,39 @@ fn dead_letters(broker: &Broker) -> Vec<(String, String)> {
         .unwrap();
     let mut out = Vec::new();
     for p in 0..PARTITIONS {
-        let (_, high) = c.fetch_watermarks("dlq", p, Duration::from_secs(10)).unwrap();
+        let (_, high) = c
+            .fetch_watermarks("dlq", p, Duration::from_secs(10))
+            .unwrap();
         if high == 0 {
             continue;
         }
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset("dlq", p, Offset::Beginning).unwrap();
+        tpl.add_partition_offset("dlq", p, Offset::Beginning)
+            .unwrap();
         c.assign(&tpl).unwrap();
         let t = Instant::now();
         let mut next = 0;
         while next < high {
-            assert!(t.elapsed() < Duration::from_secs(60), "reading dlq[{p}] stalled at {next}");
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "reading dlq[{p}] stalled at {next}"
+            );
             if let Some(m) = c.poll(Duration::from_millis(200)) {
                 let m = m.unwrap();
                 next = m.offset() + 1;
                 let reason = m
                     .headers()
-                    .and_then(|h| h.iter().find(|x| x.key == "canopy-reason").and_then(|x| x.value))
+                    .and_then(|h| {
+                        h.iter()
+                            .find(|x| x.key == "canopy-reason")
+                            .and_then(|x| x.value)
+                    })
                     .map(|v| String::from_utf8_lossy(v).to_string())
                     .expect("canopy-reason header");
-                out.push((String::from_utf8_lossy(m.payload().unwrap_or_default()).to_string(), reason));
+                out.push((
+                    String::from_utf8_lossy(m.payload().unwrap_or_default()).to_string(),
+                    reason,
+                ));
             }
         }
     }
@@ -229,7 +289,10 @@ fn expected_dead_letters() -> Vec<(String, String)> {
         .map(|l| {
             let v: serde_json::Value = serde_json::from_str(l).unwrap();
             let line = v["line"].as_u64().unwrap() as usize;
-            (lines[line - 1].to_string(), v["reason"].as_str().unwrap().to_string())
+            (
+                lines[line - 1].to_string(),
+                v["reason"].as_str().unwrap().to_string(),
+            )
         })
         .collect();
     out.sort();
@@ -268,7 +331,9 @@ fn setup() -> Option<(tempfile::TempDir, Broker, PathBuf, PathBuf)> {
 
 #[test]
 fn conformance_through_kafka() {
-    let Some((dir, broker, input, data)) = setup() else { return };
+    let Some((dir, broker, input, data)) = setup() else {
+        return;
+    };
     assert!(produce(&broker, &input, None).wait().unwrap().success());
     let s = Served::start(run_cmd(&broker, &data));
     wait_caught_up(&s, Duration::from_secs(120));
@@ -277,12 +342,17 @@ fn conformance_through_kafka() {
 
 #[test]
 fn sigkill_and_restart_mid_stream() {
-    let Some((dir, broker, input, data)) = setup() else { return };
+    let Some((dir, broker, input, data)) = setup() else {
+        return;
+    };
     let mut producer = produce(&broker, &input, Some(2500));
     let mut rng = rand::rng();
     for _ in 0..4 {
         let mut s = Served::start(run_cmd(&broker, &data));
-        std::thread::sleep(Duration::from_millis(rand::Rng::random_range(&mut rng, 800..2000)));
+        std::thread::sleep(Duration::from_millis(rand::Rng::random_range(
+            &mut rng,
+            800..2000,
+        )));
         s.child.kill().unwrap(); // SIGKILL
         s.child.wait().unwrap();
     }
@@ -294,7 +364,9 @@ fn sigkill_and_restart_mid_stream() {
 
 #[test]
 fn two_members_one_killed() {
-    let Some((dir, broker, input, data)) = setup() else { return };
+    let Some((dir, broker, input, data)) = setup() else {
+        return;
+    };
     let mut producer = produce(&broker, &input, Some(2500));
     let mut a = Served::start(run_cmd(&broker, &data));
     let b = Served::start(run_cmd(&broker, &data));
@@ -308,7 +380,9 @@ fn two_members_one_killed() {
 
 #[test]
 fn broker_restarted_mid_stream() {
-    let Some((dir, mut broker, input, data)) = setup() else { return };
+    let Some((dir, mut broker, input, data)) = setup() else {
+        return;
+    };
     assert!(produce(&broker, &input, None).wait().unwrap().success());
     let s = Served::start(run_cmd(&broker, &data));
     // Restart the broker as soon as consumption is under way and not finished.
@@ -328,7 +402,10 @@ fn broker_restarted_mid_stream() {
         if records > 0.0 && lag > 0.0 {
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(60), "consumption never got under way");
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "consumption never got under way"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     broker.restart(Duration::from_secs(2));

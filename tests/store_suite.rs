@@ -14,7 +14,11 @@ use canopy_actors::store::{
 };
 use canopy_actors::tenant::TenantRow;
 
-type Pair = (Arc<dyn Store>, Arc<dyn StoreRead>, Option<tempfile::TempDir>);
+type Pair = (
+    Arc<dyn Store>,
+    Arc<dyn StoreRead>,
+    Option<tempfile::TempDir>,
+);
 
 async fn embedded() -> Option<Pair> {
     let dir = tempfile::tempdir().unwrap();
@@ -35,9 +39,10 @@ async fn scylla_if_uri_set() -> Option<Pair> {
     // A fresh keyspace per test, so the tests stay independent.
     let ks = format!("canopy_suite_{}", rand::random::<u32>());
     let base = uri.rsplit_once('/').map(|(b, _)| b).unwrap_or(&uri);
-    let mut s = canopy::store::scylla::ScyllaStore::connect(&format!("{base}/{ks}"), &Default::default())
-        .await
-        .expect("connect to Scylla");
+    let mut s =
+        canopy::store::scylla::ScyllaStore::connect(&format!("{base}/{ks}"), &Default::default())
+            .await
+            .expect("connect to Scylla");
     s.migrate().await.expect("migrate");
     let s = Arc::new(s);
     Some((s.clone(), s, None))
@@ -58,7 +63,13 @@ fn agg(events: u64, amount: i64) -> Agg {
     }
 }
 
-fn node(h: &str, n: &str, parent: Option<&str>, events: u64, buckets: &[(u64, Option<u64>)]) -> NodeRow {
+fn node(
+    h: &str,
+    n: &str,
+    parent: Option<&str>,
+    events: u64,
+    buckets: &[(u64, Option<u64>)],
+) -> NodeRow {
     NodeRow {
         hierarchy: h.into(),
         node: n.into(),
@@ -85,7 +96,10 @@ fn row(hierarchies: &[&str], suspended: &[&str]) -> TenantRow {
         timezone: "UTC".into(),
         had_event: true,
         watermark: Some(1_000_000),
-        hierarchies: hierarchies.iter().map(|h| (h.to_string(), Mode::Current)).collect(),
+        hierarchies: hierarchies
+            .iter()
+            .map(|h| (h.to_string(), Mode::Current))
+            .collect(),
         suspended: suspended.iter().map(|s| s.to_string()).collect(),
     }
 }
@@ -131,10 +145,22 @@ async fn commit_then_load_and_read(b: Pair) {
     assert_eq!(w.tenants().await.unwrap(), vec!["t".to_string()]);
     let img = w.load_tenant("t").await.unwrap();
     assert_eq!(img.row, Some(row(&["h", "g"], &["b"])));
-    let mut names: Vec<_> = img.nodes.iter().map(|n| (n.hierarchy.clone(), n.node.clone())).collect();
+    let mut names: Vec<_> = img
+        .nodes
+        .iter()
+        .map(|n| (n.hierarchy.clone(), n.node.clone()))
+        .collect();
     names.sort();
-    assert_eq!(names, [("g", "b"), ("h", "a"), ("h", "b"), ("h", "c")].map(|(a, b)| (a.to_string(), b.to_string())));
-    let a = img.nodes.iter().find(|n| n.hierarchy == "h" && n.node == "a").unwrap();
+    assert_eq!(
+        names,
+        [("g", "b"), ("h", "a"), ("h", "b"), ("h", "c")]
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+    );
+    let a = img
+        .nodes
+        .iter()
+        .find(|n| n.hierarchy == "h" && n.node == "a")
+        .unwrap();
     assert_eq!(a.header.subtree, agg(3, 1));
     assert_eq!(a.buckets.len(), 2);
     assert_eq!(img.dedup.len(), 1);
@@ -148,80 +174,150 @@ async fn commit_then_load_and_read(b: Pair) {
     kids.sort();
     assert_eq!(kids, ["b", "c"]);
     let roots = r.children("t", "h", None).await.unwrap().value.unwrap();
-    assert_eq!(roots.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["a"]);
+    assert_eq!(
+        roots.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+        ["a"]
+    );
     let hs = r.hierarchies("t").await.unwrap().value.unwrap();
-    assert_eq!(hs.iter().map(|h| (h.hierarchy.as_str(), h.nodes)).collect::<Vec<_>>(), [("g", 1), ("h", 3)]);
-    let s = r.series("t", "h", "a", Granularity::Minute).await.unwrap().value.unwrap();
-    assert_eq!(s.iter().map(|(k, a)| (*k, a.events)).collect::<Vec<_>>(), [(100, 2), (200, 1)]);
-    assert!(r.series("t", "h", "a", Granularity::Hour).await.unwrap().value.unwrap().is_empty());
+    assert_eq!(
+        hs.iter()
+            .map(|h| (h.hierarchy.as_str(), h.nodes))
+            .collect::<Vec<_>>(),
+        [("g", 1), ("h", 3)]
+    );
+    let s = r
+        .series("t", "h", "a", Granularity::Minute)
+        .await
+        .unwrap()
+        .value
+        .unwrap();
+    assert_eq!(
+        s.iter().map(|(k, a)| (*k, a.events)).collect::<Vec<_>>(),
+        [(100, 2), (200, 1)]
+    );
+    assert!(r
+        .series("t", "h", "a", Granularity::Hour)
+        .await
+        .unwrap()
+        .value
+        .unwrap()
+        .is_empty());
     let e = r.entity("t", "b").await.unwrap().value.unwrap();
     assert!(e.suspended);
-    assert_eq!(e.hierarchies, vec![("g".to_string(), None), ("h".to_string(), Some("a".to_string()))]);
+    assert_eq!(
+        e.hierarchies,
+        vec![
+            ("g".to_string(), None),
+            ("h".to_string(), Some("a".to_string()))
+        ]
+    );
     assert!(r.entity("t", "zz").await.unwrap().value.is_none());
 }
 
 async fn moves_deletes_and_recreation(b: Pair) {
     let (w, r, _d) = b;
-    w.commit(cp(1, TenantChanges {
-        tenant: "t".into(),
-        row: Some(row(&["h"], &[])),
-        put_nodes: vec![
-            node("h", "a", None, 1, &[(1, Some(1))]),
-            node("h", "x", None, 1, &[]),
-            node("h", "b", Some("a"), 1, &[(1, Some(1)), (2, Some(1))]),
-        ],
-        ..Default::default()
-    }))
+    w.commit(cp(
+        1,
+        TenantChanges {
+            tenant: "t".into(),
+            row: Some(row(&["h"], &[])),
+            put_nodes: vec![
+                node("h", "a", None, 1, &[(1, Some(1))]),
+                node("h", "x", None, 1, &[]),
+                node("h", "b", Some("a"), 1, &[(1, Some(1)), (2, Some(1))]),
+            ],
+            ..Default::default()
+        },
+    ))
     .await
     .unwrap();
     // b moves under x and loses bucket 2.
-    w.commit(cp(2, TenantChanges {
-        tenant: "t".into(),
-        put_nodes: vec![node("h", "b", Some("x"), 1, &[(2, None)])],
-        ..Default::default()
-    }))
+    w.commit(cp(
+        2,
+        TenantChanges {
+            tenant: "t".into(),
+            put_nodes: vec![node("h", "b", Some("x"), 1, &[(2, None)])],
+            ..Default::default()
+        },
+    ))
     .await
     .unwrap();
-    assert!(r.node("t", "h", "a").await.unwrap().value.unwrap().children.is_empty());
-    assert_eq!(r.node("t", "h", "x").await.unwrap().value.unwrap().children, ["b"]);
+    assert!(r
+        .node("t", "h", "a")
+        .await
+        .unwrap()
+        .value
+        .unwrap()
+        .children
+        .is_empty());
+    assert_eq!(
+        r.node("t", "h", "x").await.unwrap().value.unwrap().children,
+        ["b"]
+    );
     let s = r.series("t", "h", "b", Granularity::Minute).await.unwrap();
     assert_eq!(s.as_of, 2);
-    assert_eq!(s.value.unwrap().iter().map(|(k, _)| *k).collect::<Vec<_>>(), [1]);
+    assert_eq!(
+        s.value.unwrap().iter().map(|(k, _)| *k).collect::<Vec<_>>(),
+        [1]
+    );
     // b is deleted; then re-created in one checkpoint with new buckets only.
-    w.commit(cp(3, TenantChanges {
-        tenant: "t".into(),
-        delete_nodes: vec![("h".into(), "b".into())],
-        ..Default::default()
-    }))
+    w.commit(cp(
+        3,
+        TenantChanges {
+            tenant: "t".into(),
+            delete_nodes: vec![("h".into(), "b".into())],
+            ..Default::default()
+        },
+    ))
     .await
     .unwrap();
     assert!(r.node("t", "h", "b").await.unwrap().value.is_none());
-    assert!(r.node("t", "h", "x").await.unwrap().value.unwrap().children.is_empty());
+    assert!(r
+        .node("t", "h", "x")
+        .await
+        .unwrap()
+        .value
+        .unwrap()
+        .children
+        .is_empty());
     assert_eq!(r.hierarchies("t").await.unwrap().value.unwrap()[0].nodes, 2);
-    w.commit(cp(4, TenantChanges {
-        tenant: "t".into(),
-        delete_nodes: vec![("h".into(), "a".into())],
-        put_nodes: vec![node("h", "a", None, 0, &[(9, Some(1))])],
-        ..Default::default()
-    }))
+    w.commit(cp(
+        4,
+        TenantChanges {
+            tenant: "t".into(),
+            delete_nodes: vec![("h".into(), "a".into())],
+            put_nodes: vec![node("h", "a", None, 0, &[(9, Some(1))])],
+            ..Default::default()
+        },
+    ))
     .await
     .unwrap();
     let img = w.load_tenant("t").await.unwrap();
     let a = img.nodes.iter().find(|n| n.node == "a").unwrap();
-    assert_eq!(a.buckets.iter().map(|b| b.key).collect::<Vec<_>>(), [9], "a re-created node starts empty");
+    assert_eq!(
+        a.buckets.iter().map(|b| b.key).collect::<Vec<_>>(),
+        [9],
+        "a re-created node starts empty"
+    );
     assert_eq!(img.nodes.len(), 2);
 }
 
 async fn dedup_batches_expire(b: Pair) {
     let (w, _r, _d) = b;
     for seq in 1..=3u64 {
-        w.commit(cp(seq, TenantChanges {
-            tenant: "t".into(),
-            row: Some(row(&["h"], &[])),
-            dedup: Some(DedupBatch { seq, ids: vec![(format!("e{seq}").into(), seq as i64)] }),
-            expire_dedup: if seq == 3 { vec![1] } else { vec![] },
-            ..Default::default()
-        }))
+        w.commit(cp(
+            seq,
+            TenantChanges {
+                tenant: "t".into(),
+                row: Some(row(&["h"], &[])),
+                dedup: Some(DedupBatch {
+                    seq,
+                    ids: vec![(format!("e{seq}").into(), seq as i64)],
+                }),
+                expire_dedup: if seq == 3 { vec![1] } else { vec![] },
+                ..Default::default()
+            },
+        ))
         .await
         .unwrap();
     }
@@ -231,12 +327,18 @@ async fn dedup_batches_expire(b: Pair) {
 
 async fn a_retried_commit_changes_nothing(b: Pair) {
     let (w, _r, _d) = b;
-    let c = cp(1, TenantChanges {
-        tenant: "t".into(),
-        row: Some(row(&["h"], &[])),
-        put_nodes: vec![node("h", "a", None, 2, &[(1, Some(2))]), node("h", "b", Some("a"), 2, &[])],
-        ..Default::default()
-    });
+    let c = cp(
+        1,
+        TenantChanges {
+            tenant: "t".into(),
+            row: Some(row(&["h"], &[])),
+            put_nodes: vec![
+                node("h", "a", None, 2, &[(1, Some(2))]),
+                node("h", "b", Some("a"), 2, &[]),
+            ],
+            ..Default::default()
+        },
+    );
     w.commit(c.clone()).await.unwrap();
     let first = w.load_tenant("t").await.unwrap();
     w.commit(c).await.unwrap();
@@ -259,12 +361,15 @@ async fn readers_never_see_half_a_checkpoint(b: Pair) {
         root.header.subtree = agg(total, 1);
         let mut put = vec![root];
         put.extend(kids);
-        cp(seq, TenantChanges {
-            tenant: "t".into(),
-            row: Some(row(&["h"], &[])),
-            put_nodes: put,
-            ..Default::default()
-        })
+        cp(
+            seq,
+            TenantChanges {
+                tenant: "t".into(),
+                row: Some(row(&["h"], &[])),
+                put_nodes: put,
+                ..Default::default()
+            },
+        )
     };
     w.commit(step(1)).await.unwrap();
     let writer = {
@@ -283,7 +388,12 @@ async fn readers_never_see_half_a_checkpoint(b: Pair) {
             continue;
         }
         let sum: u64 = kids.value.unwrap().iter().map(|(_, a)| a.events).sum();
-        assert_eq!(n.value.unwrap().header.subtree.events, sum, "checkpoint {}", n.as_of);
+        assert_eq!(
+            n.value.unwrap().header.subtree.events,
+            sum,
+            "checkpoint {}",
+            n.as_of
+        );
         agreed += 1;
     }
     writer.await.unwrap();

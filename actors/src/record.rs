@@ -120,7 +120,9 @@ pub enum Refusal {
     /// Kafka only, beyond SPEC.md's list: a tenant's records must all share its partition, so
     /// a record keyed by anything but its tenant id is refused rather than split from its
     /// tenant's state.
-    #[error("Kafka key {key:?} is not the record's tenant {tenant:?} (records must be keyed by tenant)")]
+    #[error(
+        "Kafka key {key:?} is not the record's tenant {tenant:?} (records must be keyed by tenant)"
+    )]
     WrongKey { key: String, tenant: String },
 }
 

@@ -51,7 +51,8 @@ pub trait Source: Send {
 /// See [`DeadLetters::sync`].
 pub struct Flush {
     pub position: Vec<u8>,
-    pub durable: std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), SourceError>> + Send>>,
+    pub durable:
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), SourceError>> + Send>>,
 }
 
 impl Flush {

@@ -16,8 +16,8 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
-use std::collections::VecDeque;
 use rdkafka::{Offset, TopicPartitionList};
+use std::collections::VecDeque;
 use tracing::warn;
 
 /// A dead letter kept until the broker acknowledged it, so that it can be sent again.
@@ -40,6 +40,28 @@ pub struct KafkaDeadLetters {
     /// The last source offset already in the dead-letter topic (or enqueued for it).
     pub last_written: i64,
     pub pending: VecDeque<(Letter, DeliveryFuture)>,
+    /// A scan of the dead-letter topic started ahead (at assignment, for all partitions at
+    /// once): opening several shards then costs one broker round trip, not one each.
+    pub prefetched: Option<Scan>,
+}
+
+pub type Scan = tokio::task::JoinHandle<Result<i64, String>>;
+
+/// Starts [`last_dead_letter`] for one source partition on a blocking thread.
+pub fn scan(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    source_topic: &str,
+    source_partition: i32,
+) -> Scan {
+    let (b, t, st) = (
+        brokers.to_string(),
+        topic.to_string(),
+        source_topic.to_string(),
+    );
+    let p = source_partition.rem_euclid(partitions.max(1));
+    tokio::task::spawn_blocking(move || last_dead_letter(&b, &t, p, &st, source_partition))
 }
 
 /// Where one source partition's dead letters go.
@@ -62,10 +84,6 @@ impl KafkaDeadLetters {
             partition: self.source_partition.rem_euclid(self.partitions.max(1)),
         }
     }
-
-    fn dlq_partition(&self) -> i32 {
-        self.route().partition
-    }
 }
 
 /// Hands a letter to the producer's queue, waiting for room and retrying errors.
@@ -74,11 +92,26 @@ async fn send(r: &Route, l: &Letter) -> DeliveryFuture {
     let mut delay = Duration::from_millis(5);
     loop {
         let headers = OwnedHeaders::new()
-            .insert(Header { key: "canopy-reason", value: Some(l.reason) })
-            .insert(Header { key: "canopy-message", value: Some(l.message.as_str()) })
-            .insert(Header { key: "canopy-source-topic", value: Some(r.source_topic.as_str()) })
-            .insert(Header { key: "canopy-source-partition", value: Some(partition.as_str()) })
-            .insert(Header { key: "canopy-source-offset", value: Some(offset.as_str()) });
+            .insert(Header {
+                key: "canopy-reason",
+                value: Some(l.reason),
+            })
+            .insert(Header {
+                key: "canopy-message",
+                value: Some(l.message.as_str()),
+            })
+            .insert(Header {
+                key: "canopy-source-topic",
+                value: Some(r.source_topic.as_str()),
+            })
+            .insert(Header {
+                key: "canopy-source-partition",
+                value: Some(partition.as_str()),
+            })
+            .insert(Header {
+                key: "canopy-source-offset",
+                value: Some(offset.as_str()),
+            });
         let mut rec = FutureRecord::to(&r.topic)
             .payload(&l.value)
             .partition(r.partition)
@@ -110,7 +143,10 @@ async fn deliver(r: Route, pending: VecDeque<(Letter, DeliveryFuture)>) -> Resul
                     warn!(error = %e, offset = letter.offset, retry_in_ms = delay.as_millis() as u64,
                         "dead-letter produce failed; retrying");
                 }
-                Err(_) => warn!(offset = letter.offset, "dead-letter delivery lost its producer; retrying"),
+                Err(_) => warn!(
+                    offset = letter.offset,
+                    "dead-letter delivery lost its producer; retrying"
+                ),
             }
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(5));
@@ -166,7 +202,9 @@ fn last_dead_letter(
                             && header(h, "canopy-source-partition")
                                 == Some(source_partition.to_string().as_str());
                         if same {
-                            if let Some(o) = header(h, "canopy-source-offset").and_then(|v| v.parse().ok()) {
+                            if let Some(o) =
+                                header(h, "canopy-source-offset").and_then(|v| v.parse().ok())
+                            {
                                 best = best.max(o);
                             }
                         }
@@ -177,7 +215,9 @@ fn last_dead_letter(
             }
         }
         if next < end {
-            return Err(format!("reading dead-letter topic {topic}[{p}] timed out at offset {next}"));
+            return Err(format!(
+                "reading dead-letter topic {topic}[{p}] timed out at offset {next}"
+            ));
         }
         if best >= 0 {
             return Ok(best);
@@ -191,14 +231,17 @@ fn last_dead_letter(
 #[async_trait]
 impl DeadLetters for KafkaDeadLetters {
     async fn resume(&mut self, _: Option<&[u8]>) -> Result<(), SourceError> {
-        let (b, t, p, st, sp) = (
-            self.brokers.clone(),
-            self.topic.clone(),
-            self.dlq_partition(),
-            self.source_topic.clone(),
-            self.source_partition,
-        );
-        self.last_written = tokio::task::spawn_blocking(move || last_dead_letter(&b, &t, p, &st, sp))
+        let scan = match self.prefetched.take() {
+            Some(s) => s,
+            None => scan(
+                &self.brokers,
+                &self.topic,
+                self.partitions,
+                &self.source_topic,
+                self.source_partition,
+            ),
+        };
+        self.last_written = scan
             .await
             .map_err(|e| SourceError::Io(e.to_string()))?
             .map_err(SourceError::Unavailable)?;

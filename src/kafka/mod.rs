@@ -77,6 +77,8 @@ struct Runner {
     commits: std_mpsc::Sender<Vec<(i32, i64)>>,
     watermarks: Watermarks,
     stop: watch::Receiver<bool>,
+    /// Dead-letter scans started at assignment, consumed when the shard opens.
+    scans: BTreeMap<i32, dead_letters::Scan>,
 }
 
 fn shard_name(p: i32) -> String {
@@ -114,6 +116,7 @@ impl Runner {
             partitions: self.dlq_partitions,
             last_written: -1,
             pending: Default::default(),
+            prefetched: self.scans.remove(&p),
         });
         let engine = Engine::open(
             self.engine_cfg.clone(),
@@ -131,7 +134,8 @@ impl Runner {
         };
         info!(partition = p, next_offset, "partition shard open");
         metrics::gauge!("canopy_partition_owned", "partition" => p.to_string()).set(1.0);
-        self.reads.insert(shard_name(p), store as Arc<dyn StoreRead>);
+        self.reads
+            .insert(shard_name(p), store as Arc<dyn StoreRead>);
         self.shards.insert(
             p,
             Shard {
@@ -153,7 +157,12 @@ impl Runner {
         }
         let (n, started) = (b.inputs.len(), std::time::Instant::now());
         shard.engine.process(b.inputs).await?;
-        tracing::debug!(partition = b.partition, records = n, process_ms = started.elapsed().as_millis() as u64, "batch processed");
+        tracing::debug!(
+            partition = b.partition,
+            records = n,
+            process_ms = started.elapsed().as_millis() as u64,
+            "batch processed"
+        );
         shard.next_offset = b.next_offset;
         shard
             .engine
@@ -171,7 +180,11 @@ impl Runner {
         };
         let started = std::time::Instant::now();
         shard.engine.checkpoint().await?;
-        tracing::debug!(partition = p, checkpoint_ms = started.elapsed().as_millis() as u64, "checkpoint");
+        tracing::debug!(
+            partition = p,
+            checkpoint_ms = started.elapsed().as_millis() as u64,
+            "checkpoint"
+        );
         if shard.durable != shard.next_offset {
             shard.durable = shard.next_offset;
             let _ = self.commits.send(vec![(p, shard.durable)]);
@@ -190,9 +203,24 @@ impl Runner {
         Ok(Some((p, shard.durable)))
     }
 
-    async fn control(&mut self, c: Control, data: &mut mpsc::Receiver<Batch>, draining: bool) -> anyhow::Result<()> {
+    async fn control(
+        &mut self,
+        c: Control,
+        data: &mut mpsc::Receiver<Batch>,
+        draining: bool,
+    ) -> anyhow::Result<()> {
         match c {
             Control::Assign { partitions } => {
+                for &p in &partitions {
+                    let s = dead_letters::scan(
+                        &self.cfg.kafka.brokers,
+                        &self.dlq_topic,
+                        self.dlq_partitions,
+                        &self.topic,
+                        p,
+                    );
+                    self.scans.insert(p, s);
+                }
                 for p in partitions {
                     self.open(p).await?;
                 }
@@ -239,7 +267,11 @@ async fn partitions(cfg: &Config, topic: &str, create_with: Option<i32>) -> anyh
     let t = topic.to_string();
     let count = tokio::task::spawn_blocking(move || -> anyhow::Result<usize> {
         let md = probe.fetch_metadata(Some(&t), Duration::from_secs(10))?;
-        Ok(md.topics().first().map(|x| x.partitions().len()).unwrap_or(0))
+        Ok(md
+            .topics()
+            .first()
+            .map(|x| x.partitions().len())
+            .unwrap_or(0))
     })
     .await??;
     if count > 0 {
@@ -250,7 +282,10 @@ async fn partitions(cfg: &Config, topic: &str, create_with: Option<i32>) -> anyh
     };
     let admin: AdminClient<DefaultClientContext> = client_config(cfg).create()?;
     let r = admin
-        .create_topics(&[NewTopic::new(topic, n, TopicReplication::Fixed(1))], &AdminOptions::new())
+        .create_topics(
+            &[NewTopic::new(topic, n, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
         .await?;
     for x in r {
         if let Err((t, e)) = x {
@@ -279,7 +314,10 @@ pub async fn run(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Resu
         stop.clone(),
     )
     .await?;
-    println!("canopy run: query API and dashboard at http://{addr}/  (topic {}, group {})", k.topic, k.group);
+    println!(
+        "canopy run: query API and dashboard at http://{addr}/  (topic {}, group {})",
+        k.topic, k.group
+    );
 
     let (control_tx, mut control) = mpsc::unbounded_channel();
     let consumer: BaseConsumer<RunContext> = client_config(&cfg)
@@ -334,6 +372,7 @@ pub async fn run(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Resu
         commits: commits_tx,
         watermarks,
         stop: stop.clone(),
+        scans: BTreeMap::new(),
         cfg,
     };
     let mut tick = tokio::time::interval(Duration::from_millis(100));

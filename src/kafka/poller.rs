@@ -73,7 +73,10 @@ impl ConsumerContext for RunContext {
         self.epoch.fetch_add(1, Ordering::SeqCst);
         metrics::counter!("canopy_rebalances_total", "kind" => "revoke").increment(1);
         let partitions = partitions_of(tpl, &self.topic);
-        info!(?partitions, "partitions revoked: checkpointing them before release");
+        info!(
+            ?partitions,
+            "partitions revoked: checkpointing them before release"
+        );
         let (reply, rx) = std_mpsc::sync_channel(1);
         if self
             .control
@@ -140,7 +143,10 @@ pub struct PollerHandles {
     pub watermarks: Watermarks,
 }
 
-fn input(m: &rdkafka::message::BorrowedMessage<'_>, origin: &mut Option<(i32, Arc<Origin>)>) -> Input {
+fn input(
+    m: &rdkafka::message::BorrowedMessage<'_>,
+    origin: &mut Option<(i32, Arc<Origin>)>,
+) -> Input {
     let raw = m.payload().unwrap_or_default().to_vec();
     let key = m.key().map(<[u8]>::to_vec);
     let mut decoded = decode(&raw);
@@ -209,7 +215,9 @@ pub fn poll_loop(consumer: BaseConsumer<RunContext>, cfg: PollerConfig, h: Polle
             let waited = Instant::now();
             let sent = loop {
                 match h.data.try_send(b) {
-                    Err(mpsc::error::TrySendError::Full(back)) if waited.elapsed() < PAUSE_AFTER => {
+                    Err(mpsc::error::TrySendError::Full(back))
+                        if waited.elapsed() < PAUSE_AFTER =>
+                    {
                         b = back;
                         std::thread::sleep(Duration::from_millis(1));
                     }
@@ -286,7 +294,8 @@ pub fn poll_loop(consumer: BaseConsumer<RunContext>, cfg: PollerConfig, h: Polle
             if let Ok(a) = consumer.assignment() {
                 let mut marks = BTreeMap::new();
                 for e in a.elements_for_topic(&cfg.topic) {
-                    if let Some(high) = cached_high_watermark(&consumer, &cfg.topic, e.partition()) {
+                    if let Some(high) = cached_high_watermark(&consumer, &cfg.topic, e.partition())
+                    {
                         marks.insert(e.partition(), high);
                     }
                 }

@@ -115,7 +115,9 @@ impl TopicWriter {
             .map_err(std::io::Error::other)?;
         let failed = self.delivery.failed.load(Ordering::Relaxed);
         if failed > 0 {
-            return Err(std::io::Error::other(format!("{failed} records were not delivered")));
+            return Err(std::io::Error::other(format!(
+                "{failed} records were not delivered"
+            )));
         }
         Ok(self.sent)
     }

@@ -39,7 +39,10 @@ pub async fn open_configured(cfg: &Config) -> Result<Vec<(String, Arc<dyn Backen
     }
     if cfg.store.uri.starts_with("scylla://") {
         let s = scylla::ScyllaStore::open(&cfg.store.uri, &scylla_options(cfg)).await?;
-        return Ok(vec![("scylla".to_string(), Arc::new(s) as Arc<dyn Backend>)]);
+        return Ok(vec![(
+            "scylla".to_string(),
+            Arc::new(s) as Arc<dyn Backend>,
+        )]);
     }
     Err(StoreError::Unavailable(format!(
         "store.uri = {:?}: expected `embedded` or `scylla://HOST:PORT/KEYSPACE`",

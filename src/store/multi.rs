@@ -31,7 +31,10 @@ pub fn open_all(dir: &Path) -> Result<Vec<(String, EmbeddedStore)>, StoreError> 
             .filter_map(|e| {
                 let name = e.file_name().to_string_lossy().to_string();
                 let n = name.strip_prefix("partition-")?.parse().ok()?;
-                e.path().join(super::embedded::FILE_NAME).exists().then(|| (n, e.path()))
+                e.path()
+                    .join(super::embedded::FILE_NAME)
+                    .exists()
+                    .then(|| (n, e.path()))
             })
             .collect(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
@@ -63,7 +66,12 @@ impl MultiRead {
     }
 
     fn all(&self) -> Vec<Arc<dyn StoreRead>> {
-        self.stores.read().expect("lock").values().cloned().collect()
+        self.stores
+            .read()
+            .expect("lock")
+            .values()
+            .cloned()
+            .collect()
     }
 }
 

@@ -29,8 +29,8 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use canopy_actors::agg::{Agg, Granularity};
 use canopy_actors::store::{
-    AsOf, BucketKind, BucketRow, Checkpoint, CheckpointMeta, DedupBatch, EntityView,
-    HierarchyInfo, NodeHeader, NodeRow, NodeView, Store, StoreError, StoreRead, TenantImage,
+    AsOf, BucketKind, BucketRow, Checkpoint, CheckpointMeta, DedupBatch, EntityView, HierarchyInfo,
+    NodeHeader, NodeRow, NodeView, Store, StoreError, StoreRead, TenantImage,
 };
 use canopy_actors::tenant::TenantRow;
 use futures::stream::{self, StreamExt, TryStreamExt};
@@ -75,7 +75,11 @@ fn consistency(s: &str) -> Result<Consistency, StoreError> {
         "local_quorum" => Consistency::LocalQuorum,
         "each_quorum" => Consistency::EachQuorum,
         "local_one" => Consistency::LocalOne,
-        other => return Err(StoreError::Unavailable(format!("unknown consistency {other:?}"))),
+        other => {
+            return Err(StoreError::Unavailable(format!(
+                "unknown consistency {other:?}"
+            )))
+        }
     })
 }
 
@@ -97,9 +101,14 @@ pub fn parse_uri(uri: &str) -> Result<(Vec<String>, String), StoreError> {
         .ok_or_else(|| unavailable(format!("{uri:?} names no keyspace")))?;
     let valid = !ks.is_empty() && ks.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
     if !valid {
-        return Err(unavailable(format!("keyspace {ks:?} must be [A-Za-z0-9_]+")));
+        return Err(unavailable(format!(
+            "keyspace {ks:?} must be [A-Za-z0-9_]+"
+        )));
     }
-    Ok((hosts.split(',').map(str::to_string).collect(), ks.to_string()))
+    Ok((
+        hosts.split(',').map(str::to_string).collect(),
+        ks.to_string(),
+    ))
 }
 
 fn ts(seq: u64, phase: i64) -> i64 {
@@ -182,7 +191,10 @@ impl ScyllaStore {
 
     /// Applies `schemas/cql/*.cql` (idempotent) and prepares the statements.
     pub async fn migrate(&mut self) -> Result<(), StoreError> {
-        for (id, name, text) in [(1, "001_keyspace", KEYSPACE_CQL), (2, "002_tables", TABLES_CQL)] {
+        for (id, name, text) in [
+            (1, "001_keyspace", KEYSPACE_CQL),
+            (2, "002_tables", TABLES_CQL),
+        ] {
             let text = text
                 .replace("{keyspace}", &self.keyspace)
                 .replace("{replication}", &self.replication.to_string());
@@ -200,8 +212,14 @@ impl ScyllaStore {
                     .await
                     .map_err(|e| unavailable(format!("migration {name}: {e}")))?;
             }
-            self.session.await_schema_agreement().await.map_err(unavailable)?;
-            let q = format!("INSERT INTO {}.migrations (id, name) VALUES (?, ?)", self.keyspace);
+            self.session
+                .await_schema_agreement()
+                .await
+                .map_err(unavailable)?;
+            let q = format!(
+                "INSERT INTO {}.migrations (id, name) VALUES (?, ?)",
+                self.keyspace
+            );
             self.session
                 .query_unpaged(q, (id as i32, name))
                 .await
@@ -260,7 +278,9 @@ impl ScyllaStore {
             .map_err(unavailable)?
             .into_rows_result()
             .map_err(corrupt)?;
-        let mut rows = r.rows::<(Option<i64>, Option<Vec<u8>>)>().map_err(corrupt)?;
+        let mut rows = r
+            .rows::<(Option<i64>, Option<Vec<u8>>)>()
+            .map_err(corrupt)?;
         match rows.next().transpose().map_err(corrupt)? {
             Some((Some(seq), src)) => Ok(Some((seq as u64, src.unwrap_or_default()))),
             _ => Ok(None),
@@ -346,7 +366,13 @@ impl ScyllaStore {
     }
 
     /// Bucket rows of a node as of `at`, newest version per key, emptied keys left out.
-    async fn node_buckets(&self, t: &str, h: &str, n: &str, at: u64) -> Result<Vec<BucketRow>, StoreError> {
+    async fn node_buckets(
+        &self,
+        t: &str,
+        h: &str,
+        n: &str,
+        at: u64,
+    ) -> Result<Vec<BucketRow>, StoreError> {
         type Row = (i8, i8, i64, i64, Option<Vec<u8>>);
         let mut stream = self
             .session
@@ -357,14 +383,20 @@ impl ScyllaStore {
             .map_err(corrupt)?;
         let mut out = Vec::new();
         let mut last = None;
-        while let Some((kind, g, key, version, agg)) = stream.try_next().await.map_err(unavailable)? {
+        while let Some((kind, g, key, version, agg)) =
+            stream.try_next().await.map_err(unavailable)?
+        {
             if version as u64 > at || last == Some((kind, g, key)) {
                 continue;
             }
             last = Some((kind, g, key));
             let Some(agg) = agg else { continue };
             out.push(BucketRow {
-                kind: if kind == 0 { BucketKind::Subtree } else { BucketKind::Own },
+                kind: if kind == 0 {
+                    BucketKind::Subtree
+                } else {
+                    BucketKind::Own
+                },
                 granularity: *Granularity::ALL
                     .get(g as usize)
                     .ok_or_else(|| corrupt(format!("granularity {g}")))?,
@@ -387,7 +419,12 @@ impl ScyllaStore {
 type Write = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send>>;
 
 /// One prepared write as a boxed future.
-fn write<V>(session: &Arc<Session>, st: &Arc<Statements>, pick: fn(&Statements) -> &PreparedStatement, values: V) -> Write
+fn write<V>(
+    session: &Arc<Session>,
+    st: &Arc<Statements>,
+    pick: fn(&Statements) -> &PreparedStatement,
+    values: V,
+) -> Write
 where
     V: scylla::serialize::row::SerializeRow + Send + Sync + 'static,
 {
@@ -481,45 +518,126 @@ impl Store for ScyllaStore {
         }
         // 2. The new versions.
         let v = seq as i64;
-        let mut garbage = Garbage { seq, ..Default::default() };
+        let mut garbage = Garbage {
+            seq,
+            ..Default::default()
+        };
         let mut dropped = Vec::new();
         for tc in &cp.tenants {
             let tn = tc.tenant.clone();
             if let Some(row) = &tc.row {
                 let b = rmp_serde::to_vec(row).map_err(corrupt)?;
                 w.push(write(s, &st, |x| &x.tenant_index_put, (tn.clone(),)));
-                w.push(write(s, &st, |x| &x.tenant_put, (tn.clone(), v, b, ts(seq, 3))));
+                w.push(write(
+                    s,
+                    &st,
+                    |x| &x.tenant_put,
+                    (tn.clone(), v, b, ts(seq, 3)),
+                ));
                 garbage.tenants.push(tn.clone());
             }
             for (h, n) in &tc.delete_nodes {
                 let none: Option<String> = None;
                 let no_header: Option<Vec<u8>> = None;
-                w.push(write(s, &st, |x| &x.node_put, (tn.clone(), h.clone(), n.clone(), v, false, none, no_header, ts(seq, 2))));
+                w.push(write(
+                    s,
+                    &st,
+                    |x| &x.node_put,
+                    (
+                        tn.clone(),
+                        h.clone(),
+                        n.clone(),
+                        v,
+                        false,
+                        none,
+                        no_header,
+                        ts(seq, 2),
+                    ),
+                ));
                 garbage.nodes.push((tn.clone(), h.clone(), n.clone()));
                 dropped.push((tn.clone(), h.clone(), n.clone()));
             }
             for n in &tc.put_nodes {
                 let header = rmp_serde::to_vec(&n.header).map_err(corrupt)?;
-                w.push(write(s, &st, |x| &x.node_put, (tn.clone(), n.hierarchy.clone(), n.node.clone(), v, true, n.parent.clone(), Some(header), ts(seq, 3))));
-                garbage.nodes.push((tn.clone(), n.hierarchy.clone(), n.node.clone()));
+                w.push(write(
+                    s,
+                    &st,
+                    |x| &x.node_put,
+                    (
+                        tn.clone(),
+                        n.hierarchy.clone(),
+                        n.node.clone(),
+                        v,
+                        true,
+                        n.parent.clone(),
+                        Some(header),
+                        ts(seq, 3),
+                    ),
+                ));
+                garbage
+                    .nodes
+                    .push((tn.clone(), n.hierarchy.clone(), n.node.clone()));
                 for b in &n.buckets {
-                    let agg = b.agg.as_ref().map(rmp_serde::to_vec).transpose().map_err(corrupt)?;
+                    let agg = b
+                        .agg
+                        .as_ref()
+                        .map(rmp_serde::to_vec)
+                        .transpose()
+                        .map_err(corrupt)?;
                     let (k, g, key) = (b.kind as i8, b.granularity as i8, b.key as i64);
-                    w.push(write(s, &st, |x| &x.bucket_put, (tn.clone(), n.hierarchy.clone(), n.node.clone(), k, g, key, v, agg, ts(seq, 3))));
-                    garbage.buckets.push((tn.clone(), n.hierarchy.clone(), n.node.clone(), k, g, key));
+                    w.push(write(
+                        s,
+                        &st,
+                        |x| &x.bucket_put,
+                        (
+                            tn.clone(),
+                            n.hierarchy.clone(),
+                            n.node.clone(),
+                            k,
+                            g,
+                            key,
+                            v,
+                            agg,
+                            ts(seq, 3),
+                        ),
+                    ));
+                    garbage.buckets.push((
+                        tn.clone(),
+                        n.hierarchy.clone(),
+                        n.node.clone(),
+                        k,
+                        g,
+                        key,
+                    ));
                 }
             }
             if let Some(d) = &tc.dedup {
                 let ids = rmp_serde::to_vec(&d.ids).map_err(corrupt)?;
-                w.push(write(s, &st, |x| &x.dedup_put, (tn.clone(), d.seq as i64, ids, ts(seq, 3))));
+                w.push(write(
+                    s,
+                    &st,
+                    |x| &x.dedup_put,
+                    (tn.clone(), d.seq as i64, ids, ts(seq, 3)),
+                ));
             }
             for old_seq in &tc.expire_dedup {
-                w.push(write(s, &st, |x| &x.dedup_del, (tn.clone(), *old_seq as i64)));
+                w.push(write(
+                    s,
+                    &st,
+                    |x| &x.dedup_del,
+                    (tn.clone(), *old_seq as i64),
+                ));
             }
         }
         self.run_all(w).await?;
         // 3. The pointer: from here on readers see this checkpoint.
-        write(s, &st, |x| &x.pointer_set, (ts(seq, 4), v, cp.source.clone())).await?;
+        write(
+            s,
+            &st,
+            |x| &x.pointer_set,
+            (ts(seq, 4), v, cp.source.clone()),
+        )
+        .await?;
         // 4. Buckets of deleted nodes (rows of a node re-created in this checkpoint are newer).
         let drops = dropped
             .into_iter()
@@ -549,27 +667,43 @@ impl StoreRead for ScyllaStore {
                 out.push(t);
             }
         }
-        Ok(AsOf { as_of: at, value: out })
+        Ok(AsOf {
+            as_of: at,
+            value: out,
+        })
     }
 
     async fn hierarchies(&self, t: &str) -> Result<AsOf<Option<Vec<HierarchyInfo>>>, StoreError> {
         let at = self.as_of().await?;
         let Some(row) = self.tenant_row(t, at).await? else {
-            return Ok(AsOf { as_of: at, value: None });
+            return Ok(AsOf {
+                as_of: at,
+                value: None,
+            });
         };
         let mut out = Vec::new();
         for (h, mode) in row.hierarchies {
             let nodes = self.hierarchy_nodes(t, &h, at).await?.len() as u64;
-            out.push(HierarchyInfo { hierarchy: h, mode, nodes });
+            out.push(HierarchyInfo {
+                hierarchy: h,
+                mode,
+                nodes,
+            });
         }
         out.sort_by(|a, b| a.hierarchy.cmp(&b.hierarchy));
-        Ok(AsOf { as_of: at, value: Some(out) })
+        Ok(AsOf {
+            as_of: at,
+            value: Some(out),
+        })
     }
 
     async fn node(&self, t: &str, h: &str, n: &str) -> Result<AsOf<Option<NodeView>>, StoreError> {
         let at = self.as_of().await?;
         let Some((parent, header)) = self.node_at(t, h, n, at).await? else {
-            return Ok(AsOf { as_of: at, value: None });
+            return Ok(AsOf {
+                as_of: at,
+                value: None,
+            });
         };
         let children = self
             .hierarchy_nodes(t, h, at)
@@ -578,7 +712,14 @@ impl StoreRead for ScyllaStore {
             .filter(|(_, p, _)| p.as_deref() == Some(n))
             .map(|(c, _, _)| c)
             .collect();
-        Ok(AsOf { as_of: at, value: Some(NodeView { parent, header, children }) })
+        Ok(AsOf {
+            as_of: at,
+            value: Some(NodeView {
+                parent,
+                header,
+                children,
+            }),
+        })
     }
 
     async fn children(
@@ -596,7 +737,10 @@ impl StoreRead for ScyllaStore {
                 .is_some_and(|r| r.hierarchies.iter().any(|(x, _)| x == h)),
         };
         if !known {
-            return Ok(AsOf { as_of: at, value: None });
+            return Ok(AsOf {
+                as_of: at,
+                value: None,
+            });
         }
         let kids = self
             .hierarchy_nodes(t, h, at)
@@ -605,7 +749,10 @@ impl StoreRead for ScyllaStore {
             .filter(|(_, p, _)| p.as_deref() == parent)
             .map(|(c, _, header)| (c, header.subtree))
             .collect();
-        Ok(AsOf { as_of: at, value: Some(kids) })
+        Ok(AsOf {
+            as_of: at,
+            value: Some(kids),
+        })
     }
 
     async fn series(
@@ -617,7 +764,10 @@ impl StoreRead for ScyllaStore {
     ) -> Result<AsOf<Option<Vec<(u64, Agg)>>>, StoreError> {
         let at = self.as_of().await?;
         if self.node_at(t, h, n, at).await?.is_none() {
-            return Ok(AsOf { as_of: at, value: None });
+            return Ok(AsOf {
+                as_of: at,
+                value: None,
+            });
         }
         let mut stream = self
             .session
@@ -640,13 +790,19 @@ impl StoreRead for ScyllaStore {
                 out.insert(key as u64, rmp_serde::from_slice(&a).map_err(corrupt)?);
             }
         }
-        Ok(AsOf { as_of: at, value: Some(out.into_iter().collect()) })
+        Ok(AsOf {
+            as_of: at,
+            value: Some(out.into_iter().collect()),
+        })
     }
 
     async fn entity(&self, t: &str, e: &str) -> Result<AsOf<Option<EntityView>>, StoreError> {
         let at = self.as_of().await?;
         let Some(row) = self.tenant_row(t, at).await? else {
-            return Ok(AsOf { as_of: at, value: None });
+            return Ok(AsOf {
+                as_of: at,
+                value: None,
+            });
         };
         let mut hierarchies = Vec::new();
         for (h, _) in &row.hierarchies {
@@ -657,8 +813,17 @@ impl StoreRead for ScyllaStore {
         hierarchies.sort();
         let suspended = row.suspended.iter().any(|s| s == e);
         if hierarchies.is_empty() && !suspended {
-            return Ok(AsOf { as_of: at, value: None });
+            return Ok(AsOf {
+                as_of: at,
+                value: None,
+            });
         }
-        Ok(AsOf { as_of: at, value: Some(EntityView { suspended, hierarchies }) })
+        Ok(AsOf {
+            as_of: at,
+            value: Some(EntityView {
+                suspended,
+                hierarchies,
+            }),
+        })
     }
 }

@@ -1,0 +1,53 @@
+//! Store rows written per checkpoint and per accepted event for the public conformance
+//! workload (`../shared/conformance/input.ndjson`), at several checkpoint cadences. The row
+//! count is the same for every backend (the embedded store and Scylla write one row per dirty
+//! node, changed bucket, changed tenant row and dedup batch, plus the pointer; Scylla adds the
+//! next commit's range deletes of superseded versions, as many as the rows it wrote).
+//!
+//! `cargo bench --bench store_rows`
+
+use std::sync::Arc;
+
+use canopy::ingest::{ingest, IngestOptions};
+use canopy::store::EmbeddedStore;
+use canopy_actors::engine::EngineConfig;
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let input =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/conformance/input.ndjson");
+    if !input.exists() {
+        println!("store_rows bench SKIPPED: {} is missing", input.display());
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for every in [100u64, 1_000, 5_000, 1_000_000] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+        let opts = IngestOptions {
+            input: input.clone(),
+            dlq: None,
+            batch_size: 100,
+            engine: EngineConfig {
+                checkpoint_every_records: every,
+                checkpoint_interval_ms: 3_600_000,
+                ..Default::default()
+            },
+            progress: false,
+        };
+        let (_keep, never) = tokio::sync::watch::channel(false);
+        let r = rt.block_on(ingest(opts, store, never)).unwrap();
+        println!(
+            "checkpoint every {every:>7} records: {:>3} checkpoints, {:>7.1} rows per checkpoint, {:.3} rows per accepted event ({} accepted)",
+            r.checkpoints,
+            r.store_rows as f64 / r.checkpoints.max(1) as f64,
+            r.store_rows as f64 / r.accepted.max(1) as f64,
+            r.accepted
+        );
+    }
+}

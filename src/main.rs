@@ -24,6 +24,10 @@ struct Cli {
     /// A TOML configuration file (see `canopy config` for every key and its default).
     #[arg(long, global = true, env = "CANOPY_CONFIG")]
     config: Option<PathBuf>,
+    /// The state store: `embedded` (redb in the data directory) or
+    /// `scylla://HOST:PORT/KEYSPACE`. [store.uri]
+    #[arg(long, global = true)]
+    store: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -265,7 +269,9 @@ impl Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let cfg = match Config::load(cli.config.as_deref(), std::env::vars(), &cli.cmd.flags().0) {
+    let mut flags = cli.cmd.flags();
+    flags.text("store.uri", cli.store.clone());
+    let cfg = match Config::load(cli.config.as_deref(), std::env::vars(), &flags.0) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("canopy: configuration error: {e}");

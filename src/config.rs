@@ -69,6 +69,12 @@ pub struct StoreSection {
     pub scylla_consistency: String,
     /// Replication factor `canopy migrate` gives a new keyspace.
     pub scylla_replication_factor: u32,
+    /// PEM file of the CA that signed the Scylla nodes' certificates; set, it turns TLS on
+    /// (rustls; a node certificate must name the address canopy connects to).
+    pub scylla_tls_ca_file: String,
+    /// Client certificate and key (PEM) for nodes that require client authentication.
+    pub scylla_tls_cert_file: String,
+    pub scylla_tls_key_file: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -167,6 +173,9 @@ impl Default for StoreSection {
             scylla_password: String::new(),
             scylla_consistency: "local_quorum".into(),
             scylla_replication_factor: 1,
+            scylla_tls_ca_file: String::new(),
+            scylla_tls_cert_file: String::new(),
+            scylla_tls_key_file: String::new(),
         }
     }
 }

@@ -292,17 +292,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// `canopy run` keeps one embedded store per partition; its Scylla mode is not built.
-fn require_embedded(cfg: &Config, what: &str) -> anyhow::Result<()> {
-    if cfg.store.uri != "embedded" {
-        anyhow::bail!(
-            "{what} with store.uri = {:?} is not built yet: it needs one Scylla keyspace (or table namespace) per partition; use the embedded store",
-            cfg.store.uri
-        );
-    }
-    Ok(())
-}
-
 async fn run(cmd: Cmd, cfg: Config) -> anyhow::Result<()> {
     match cmd {
         Cmd::Ingest {
@@ -360,13 +349,24 @@ async fn run(cmd: Cmd, cfg: Config) -> anyhow::Result<()> {
                 );
                 return Ok(());
             }
-            let mut s = canopy::store::scylla::ScyllaStore::connect(
-                &cfg.store.uri,
-                &canopy::store::scylla_options(&cfg),
-            )
-            .await?;
-            s.migrate().await?;
-            println!("canopy migrate: schema applied to {}", cfg.store.uri);
+            use canopy::store::scylla::{parse_uri, session, shard_keyspaces, ScyllaStore};
+            let opts = canopy::store::scylla_options(&cfg);
+            let (hosts, base) = parse_uri(&cfg.store.uri)?;
+            let session = session(&hosts, &opts).await?;
+            // The keyspace of `store.uri`, and the per-partition keyspaces `canopy run` made
+            // (it creates new ones itself on first use).
+            let mut keyspaces = vec![base.clone()];
+            keyspaces.extend(
+                shard_keyspaces(&session, &base)
+                    .await?
+                    .into_iter()
+                    .map(|(_, k)| k),
+            );
+            for ks in keyspaces {
+                let mut s = ScyllaStore::on_session(session.clone(), ks.clone(), &opts).await?;
+                s.migrate().await?;
+                println!("canopy migrate: schema applied to keyspace {ks}");
+            }
             Ok(())
         }
         Cmd::Config => {
@@ -378,7 +378,6 @@ async fn run(cmd: Cmd, cfg: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Run { .. } => {
-            require_embedded(&cfg, "canopy run")?;
             let metrics = canopy::telemetry::install_metrics()?;
             canopy::kafka::run(cfg, Some(metrics)).await
         }

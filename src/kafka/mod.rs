@@ -4,8 +4,8 @@
 //! - [`dead_letters`]: the dead-letter topic writer (exactly once per source offset).
 //! - [`produce`]: NDJSON lines to a topic, keyed by tenant.
 //!
-//! A **shard** is one partition's engine with its own embedded store in
-//! `DATA_DIR/partition-N/`. Records are keyed by tenant, so a tenant lives in one partition and
+//! A **shard** is one partition's engine with its own store: the embedded store in
+//! `DATA_DIR/partition-N/`, or the Scylla keyspace `{keyspace}_pN`. Records are keyed by tenant, so a tenant lives in one partition and
 //! one shard. The store, not Kafka, holds the truth about progress: each checkpoint stores the
 //! partition's next offset with the state it covers. Committed consumer offsets follow the
 //! checkpoints (never auto-commit) and can only lag them, so records the store already covers
@@ -38,7 +38,7 @@ use tracing::{info, warn};
 use crate::api::Tokens;
 use crate::app::{shutdown_on_signals, spawn_api};
 use crate::config::Config;
-use crate::store::{partition_dir, EmbeddedStore, MultiRead};
+use crate::store::{MultiRead, Shards};
 use dead_letters::KafkaDeadLetters;
 use poller::{Batch, Control, PollerConfig, PollerHandles, RunContext, Watermarks};
 
@@ -73,6 +73,8 @@ struct Runner {
     dlq_partitions: i32,
     producer: FutureProducer,
     shards: BTreeMap<i32, Shard>,
+    /// Opens a partition's store (embedded directory or Scylla keyspace).
+    stores: Shards,
     reads: Arc<MultiRead>,
     commits: std_mpsc::Sender<Vec<(i32, i64)>>,
     watermarks: Watermarks,
@@ -92,14 +94,13 @@ impl Runner {
         if self.shards.contains_key(&p) {
             return Ok(());
         }
-        let dir = partition_dir(&self.cfg.data_dir, p);
         let mut delay = Duration::from_millis(100);
         let store = loop {
-            match EmbeddedStore::open(&dir) {
-                Ok(s) => break Arc::new(s),
+            match self.stores.open(p).await {
+                Ok(s) => break s,
                 Err(e) if !*self.stop.borrow() => {
                     warn!(partition = p, error = %e, retry_in_ms = delay.as_millis() as u64,
-                        "partition store not available yet (its previous owner may still hold it)");
+                        "partition store not available yet (its previous owner may still hold it, or the store is down)");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(2));
                 }
@@ -301,6 +302,7 @@ async fn partitions(cfg: &Config, topic: &str, create_with: Option<i32>) -> anyh
 pub async fn run(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Result<()> {
     let stop = shutdown_on_signals();
     let k = cfg.kafka.clone();
+    let stores = Shards::new(&cfg).await?;
     let input_partitions = partitions(&cfg, &k.topic, None).await?;
     let dlq_partitions = partitions(&cfg, &k.dlq_topic, Some(input_partitions)).await?;
     let reads = Arc::new(MultiRead::default());
@@ -368,6 +370,7 @@ pub async fn run(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Resu
         dlq_partitions,
         producer,
         shards: BTreeMap::new(),
+        stores,
         reads,
         commits: commits_tx,
         watermarks,

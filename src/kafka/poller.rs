@@ -20,7 +20,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// Records of one partition, in offset order.
 pub struct Batch {
@@ -97,11 +97,18 @@ impl ConsumerContext for RunContext {
         }
     }
 
-    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
             metrics::counter!("canopy_rebalances_total", "kind" => "assign").increment(1);
             let partitions = partitions_of(tpl, &self.topic);
             info!(?partitions, "partitions assigned");
+            // librdkafka keeps an application pause on a partition across a revoke and a new
+            // assignment (only its own rebalance pause is reset). A partition paused for
+            // backpressure before a rebalance would otherwise never be fetched again: the
+            // poll loop forgets its pauses at every revoke, so every assignment starts resumed.
+            if let Err(error) = consumer.resume(tpl) {
+                warn!(%error, ?partitions, "resuming newly assigned partitions failed");
+            }
             let _ = self.control.send(Control::Assign { partitions });
         }
     }
@@ -241,6 +248,10 @@ pub fn poll_loop(consumer: BaseConsumer<RunContext>, cfg: PollerConfig, h: Polle
                         }
                         paused = true;
                         metrics::counter!("canopy_kafka_pauses_total").increment(1);
+                        debug!(
+                            waited_ms = PAUSE_AFTER.as_millis() as u64,
+                            "engine busy: partitions paused"
+                        );
                     }
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => break,

@@ -25,6 +25,13 @@ pub fn scylla_options(cfg: &Config) -> scylla::ScyllaOptions {
         password: (!s.scylla_password.is_empty()).then(|| s.scylla_password.clone()),
         consistency: s.scylla_consistency.clone(),
         replication_factor: s.scylla_replication_factor,
+        tls: (!s.scylla_tls_ca_file.is_empty()).then(|| scylla::TlsOptions {
+            ca_file: s.scylla_tls_ca_file.clone().into(),
+            cert_file: (!s.scylla_tls_cert_file.is_empty())
+                .then(|| s.scylla_tls_cert_file.clone().into()),
+            key_file: (!s.scylla_tls_key_file.is_empty())
+                .then(|| s.scylla_tls_key_file.clone().into()),
+        }),
     }
 }
 
@@ -38,11 +45,28 @@ pub async fn open_configured(cfg: &Config) -> Result<Vec<(String, Arc<dyn Backen
             .collect());
     }
     if cfg.store.uri.starts_with("scylla://") {
-        let s = scylla::ScyllaStore::open(&cfg.store.uri, &scylla_options(cfg)).await?;
-        return Ok(vec![(
-            "scylla".to_string(),
-            Arc::new(s) as Arc<dyn Backend>,
-        )]);
+        // The keyspace of `store.uri` (`ingest`, `demo`) and the per-partition keyspaces
+        // `run` made beside it, whichever exist.
+        let opts = scylla_options(cfg);
+        let (hosts, base) = scylla::parse_uri(&cfg.store.uri)?;
+        let session = scylla::session(&hosts, &opts).await?;
+        let mut out = Vec::new();
+        let main = scylla::ScyllaStore::on_session(session.clone(), base.clone(), &opts).await?;
+        if main.is_migrated() {
+            out.push((base.clone(), Arc::new(main) as Arc<dyn Backend>));
+        }
+        for (p, ks) in scylla::shard_keyspaces(&session, &base).await? {
+            let s = scylla::ScyllaStore::on_session(session.clone(), ks, &opts).await?;
+            if s.is_migrated() {
+                out.push((format!("partition-{p}"), Arc::new(s) as Arc<dyn Backend>));
+            }
+        }
+        if out.is_empty() {
+            return Err(StoreError::Unavailable(format!(
+                "keyspace {base} (and {base}_pN) has no canopy tables: run `canopy migrate` first"
+            )));
+        }
+        return Ok(out);
     }
     Err(StoreError::Unavailable(format!(
         "store.uri = {:?}: expected `embedded` or `scylla://HOST:PORT/KEYSPACE`",
@@ -57,4 +81,52 @@ pub async fn open_single(cfg: &Config) -> Result<Arc<dyn Backend>, StoreError> {
     }
     let mut all = open_configured(cfg).await?;
     Ok(all.remove(0).1)
+}
+
+/// Opens the store of one Kafka partition's shard for `canopy run`: `DATA_DIR/partition-N/`
+/// with the embedded store, keyspace `{keyspace}_pN` (created on first use) with Scylla.
+pub enum Shards {
+    Embedded(std::path::PathBuf),
+    Scylla {
+        session: Arc<::scylla::client::session::Session>,
+        base: String,
+        opts: scylla::ScyllaOptions,
+    },
+}
+
+impl Shards {
+    pub async fn new(cfg: &Config) -> Result<Shards, StoreError> {
+        if cfg.store.uri == "embedded" {
+            return Ok(Shards::Embedded(cfg.data_dir.clone()));
+        }
+        let (hosts, base) = scylla::parse_uri(&cfg.store.uri)?;
+        let opts = scylla_options(cfg);
+        let session = scylla::session(&hosts, &opts).await?;
+        Ok(Shards::Scylla {
+            session,
+            base,
+            opts,
+        })
+    }
+
+    pub async fn open(&self, partition: i32) -> Result<Arc<dyn Backend>, StoreError> {
+        match self {
+            Shards::Embedded(dir) => Ok(Arc::new(EmbeddedStore::open(&partition_dir(
+                dir, partition,
+            ))?)),
+            Shards::Scylla {
+                session,
+                base,
+                opts,
+            } => {
+                let ks = scylla::shard_keyspace(base, partition);
+                let mut s = scylla::ScyllaStore::on_session(session.clone(), ks, opts).await?;
+                if !s.is_migrated() {
+                    // Idempotent (`IF NOT EXISTS`): two owners racing here both succeed.
+                    s.migrate().await?;
+                }
+                Ok(Arc::new(s))
+            }
+        }
+    }
 }

@@ -18,12 +18,14 @@
 //!
 //! Known limits, not hidden: the children and roots reads scan the hierarchy's `nodes`
 //! partition (a children index needs the previous parent carried in the checkpoint); between
-//! steps 3 and 4 a reader may still see a deleted-and-re-created node's old buckets; TLS is not
-//! wired (the driver's TLS needs an OpenSSL or rustls feature). This module has been compiled
+//! steps 3 and 4 a reader may still see a deleted-and-re-created node's old buckets. TLS uses
+//! rustls (`store.scylla_tls_*`); the driver names the server by the node's IP address, so
+//! node certificates need IP subject-alternative names. This module has been compiled
 //! here but never run against a Scylla node: none can run on the development machines. The
 //! store suite (`tests/store_suite.rs`) runs it when `CANOPY_SCYLLA_URI` is set.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -51,6 +53,101 @@ pub struct ScyllaOptions {
     /// `one`, `local_one`, `quorum`, `local_quorum`, `all`...
     pub consistency: String,
     pub replication_factor: u32,
+    /// TLS to the nodes (rustls); `None` is plain TCP.
+    pub tls: Option<TlsOptions>,
+}
+
+/// PEM files for TLS: the CA that signed the nodes' certificates, and optionally a client
+/// certificate and key for nodes that require client authentication.
+#[derive(Debug, Clone)]
+pub struct TlsOptions {
+    pub ca_file: PathBuf,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+/// The rustls client configuration the driver uses for every connection.
+pub fn tls_config(t: &TlsOptions) -> Result<Arc<rustls::ClientConfig>, StoreError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let tls_err = |what: &str, path: &Path, e: &dyn std::fmt::Display| {
+        StoreError::Unavailable(format!("scylla TLS: {what} {}: {e}", path.display()))
+    };
+    let certs = |path: &Path| -> Result<Vec<CertificateDer<'static>>, StoreError> {
+        let certs = CertificateDer::pem_file_iter(path)
+            .map_err(|e| tls_err("reading certificates from", path, &e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| tls_err("parsing certificates in", path, &e))?;
+        if certs.is_empty() {
+            return Err(tls_err("no certificate in", path, &"empty PEM"));
+        }
+        Ok(certs)
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs(&t.ca_file)? {
+        roots
+            .add(c)
+            .map_err(|e| tls_err("a CA certificate in", &t.ca_file, &e))?;
+    }
+    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+    let config = match (&t.cert_file, &t.key_file) {
+        (None, None) => builder.with_no_client_auth(),
+        (Some(cert), Some(key)) => {
+            let k = PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| tls_err("reading the private key", key, &e))?;
+            builder
+                .with_client_auth_cert(certs(cert)?, k)
+                .map_err(|e| tls_err("the client certificate", cert, &e))?
+        }
+        _ => {
+            return Err(StoreError::Unavailable(
+                "scylla TLS: a client certificate needs both scylla_tls_cert_file and scylla_tls_key_file"
+                    .into(),
+            ))
+        }
+    };
+    Ok(Arc::new(config))
+}
+
+/// One driver session for a cluster, shared by the stores of every keyspace on it.
+pub async fn session(hosts: &[String], opts: &ScyllaOptions) -> Result<Arc<Session>, StoreError> {
+    let mut b = SessionBuilder::new().known_nodes(hosts);
+    if let (Some(u), Some(p)) = (&opts.user, &opts.password) {
+        b = b.user(u, p);
+    }
+    if let Some(t) = &opts.tls {
+        b = b.tls_context(Some(tls_config(t)?));
+    }
+    Ok(Arc::new(b.build().await.map_err(unavailable)?))
+}
+
+/// The keyspace of Kafka partition `p`'s shard (`canopy run`): `{base}_p{p}`. Each shard has
+/// its own commit pointer and checkpoint sequence, as each embedded shard has its own file.
+pub fn shard_keyspace(base: &str, p: i32) -> String {
+    format!("{base}_p{p}")
+}
+
+/// The shard keyspaces of `base` that exist on the cluster, by partition.
+pub async fn shard_keyspaces(
+    session: &Session,
+    base: &str,
+) -> Result<Vec<(i32, String)>, StoreError> {
+    let r = session
+        .query_unpaged("SELECT keyspace_name FROM system_schema.keyspaces", ())
+        .await
+        .map_err(unavailable)?
+        .into_rows_result()
+        .map_err(corrupt)?;
+    let prefix = format!("{base}_p");
+    let mut out = Vec::new();
+    for row in r.rows::<(String,)>().map_err(corrupt)? {
+        let (name,) = row.map_err(corrupt)?;
+        if let Some(Ok(p)) = name.strip_prefix(&prefix).map(str::parse::<i32>) {
+            out.push((p, name));
+        }
+    }
+    out.sort();
+    Ok(out)
 }
 
 impl Default for ScyllaOptions {
@@ -60,6 +157,7 @@ impl Default for ScyllaOptions {
             password: None,
             consistency: "local_quorum".into(),
             replication_factor: 1,
+            tls: None,
         }
     }
 }
@@ -150,6 +248,7 @@ pub struct ScyllaStore {
     session: Arc<Session>,
     keyspace: String,
     replication: u32,
+    consistency: Consistency,
     st: Option<Arc<Statements>>,
     garbage: Mutex<Garbage>,
 }
@@ -159,22 +258,33 @@ impl ScyllaStore {
     /// cluster), which `open` does.
     pub async fn connect(uri: &str, opts: &ScyllaOptions) -> Result<Self, StoreError> {
         let (hosts, keyspace) = parse_uri(uri)?;
-        let mut b = SessionBuilder::new().known_nodes(&hosts);
-        if let (Some(u), Some(p)) = (&opts.user, &opts.password) {
-            b = b.user(u, p);
-        }
-        let session = b.build().await.map_err(unavailable)?;
+        let session = session(&hosts, opts).await?;
+        Self::on_session(session, keyspace, opts).await
+    }
+
+    /// A store on keyspace `keyspace` over an existing session.
+    pub async fn on_session(
+        session: Arc<Session>,
+        keyspace: String,
+        opts: &ScyllaOptions,
+    ) -> Result<Self, StoreError> {
         let mut s = ScyllaStore {
-            session: Arc::new(session),
+            session,
             keyspace,
             replication: opts.replication_factor,
+            consistency: consistency(&opts.consistency)?,
             st: None,
             garbage: Mutex::new(Garbage::default()),
         };
-        if s.prepare(consistency(&opts.consistency)?).await.is_err() {
+        if s.prepare(s.consistency).await.is_err() {
             // Tables missing: `migrate` comes first; `st` stays None until then.
         }
         Ok(s)
+    }
+
+    /// Whether the keyspace has canopy's tables (the statements could be prepared).
+    pub fn is_migrated(&self) -> bool {
+        self.st.is_some()
     }
 
     /// Connects and prepares, failing when the schema is missing.
@@ -225,7 +335,7 @@ impl ScyllaStore {
                 .await
                 .map_err(unavailable)?;
         }
-        self.prepare(Consistency::LocalQuorum).await
+        self.prepare(self.consistency).await
     }
 
     async fn prepare(&mut self, c: Consistency) -> Result<(), StoreError> {
@@ -825,5 +935,62 @@ impl StoreRead for ScyllaStore {
                 hierarchies,
             }),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/tls")
+            .join(name)
+    }
+
+    fn opts(ca: &str, cert: Option<&str>, key: Option<&str>) -> TlsOptions {
+        TlsOptions {
+            ca_file: fixture(ca),
+            cert_file: cert.map(fixture),
+            key_file: key.map(fixture),
+        }
+    }
+
+    #[test]
+    fn tls_config_loads_a_ca_and_an_optional_client_certificate() {
+        tls_config(&opts("ca.pem", None, None)).expect("CA only");
+        let c = tls_config(&opts("ca.pem", Some("client.pem"), Some("client.key")))
+            .expect("CA and client certificate");
+        assert!(c.client_auth_cert_resolver.has_certs());
+    }
+
+    #[test]
+    fn tls_config_errors_name_the_file_and_the_problem() {
+        let e = tls_config(&opts("missing.pem", None, None))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing.pem"), "{e}");
+        // A key file holds no certificate.
+        let e = tls_config(&opts("client.key", None, None))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("no certificate in") && e.contains("client.key"),
+            "{e}"
+        );
+        let e = tls_config(&opts("ca.pem", Some("client.pem"), None))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("scylla_tls_key_file"), "{e}");
+        // The key does not match the certificate's public key (the CA's certificate).
+        let e = tls_config(&opts("ca.pem", Some("ca.pem"), Some("client.key")));
+        assert!(e.is_err(), "a mismatched key is refused");
+    }
+
+    #[test]
+    fn shard_keyspaces_are_named_per_partition() {
+        assert_eq!(shard_keyspace("canopy", 7), "canopy_p7");
+        let (_, ks) = parse_uri("scylla://127.0.0.1:9042/canopy").unwrap();
+        assert_eq!(shard_keyspace(&ks, 0), "canopy_p0");
     }
 }

@@ -50,7 +50,14 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(300_000);
-    let dir = tempfile::tempdir().unwrap();
+    let keep = std::env::var("CANOPY_BENCH_LOG").is_ok();
+    let dir = tempfile::Builder::new()
+        .disable_cleanup(keep)
+        .tempdir()
+        .unwrap();
+    if keep {
+        println!("canopy log: {}", dir.path().join("run.log").display());
+    }
     let port = TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -144,7 +151,11 @@ fn main() {
             "--data-dir",
         ])
         .arg(dir.path().join("data"))
-        .env("RUST_LOG", "info")
+        // CANOPY_BENCH_LOG=debug keeps per-batch and per-checkpoint timings in the log.
+        .env(
+            "RUST_LOG",
+            std::env::var("CANOPY_BENCH_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(dir.path().join("run.log")).unwrap())
         .spawn()

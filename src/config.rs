@@ -225,7 +225,7 @@ impl Default for KafkaSection {
             topic: "canopy-input".into(),
             group: "canopy".into(),
             dlq_topic: "canopy-dead-letters".into(),
-            session_timeout_ms: 10_000,
+            session_timeout_ms: 45_000,
         }
     }
 }

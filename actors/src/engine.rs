@@ -181,11 +181,18 @@ impl Engine {
         self.checkpoint().await
     }
 
+    /// Whether to take a checkpoint now. The interval is a floor, not a deadline: while the
+    /// previous commit is still running, a checkpoint that is only due by time is put off
+    /// rather than waited for (the next one then covers more records, and a slow store gets
+    /// fewer, larger commits instead of stalling ingestion). The record count is the hard
+    /// bound: past `checkpoint_every_records` the checkpoint is taken and waits for the store,
+    /// which bounds the replay log, and memory, while the store is slow or down.
     pub fn checkpoint_due(&self) -> bool {
         self.since_checkpoint > 0
             && (self.since_checkpoint >= self.cfg.checkpoint_every_records
-                || self.last_checkpoint.elapsed()
-                    >= Duration::from_millis(self.cfg.checkpoint_interval_ms))
+                || (self.last_checkpoint.elapsed()
+                    >= Duration::from_millis(self.cfg.checkpoint_interval_ms)
+                    && self.commit_finished()))
     }
 
     /// Marks the records up to `position` as processed (for sources that deliver out of band).
@@ -492,6 +499,11 @@ impl Engine {
         self.since_checkpoint = 0;
         self.last_checkpoint = Instant::now();
         Ok(())
+    }
+
+    /// Whether no checkpoint commit is running (so `await_commit` returns at once).
+    pub fn commit_finished(&self) -> bool {
+        self.inflight.as_ref().is_none_or(|i| i.task.is_finished())
     }
 
     /// Waits for the checkpoint being committed, if any, then forgets the replay log it covers.

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use canopy_actors::engine::{Engine, EngineConfig};
+use canopy_actors::engine::{Engine, EngineConfig, EngineError};
 use canopy_actors::source::{Source, SourceBatch, SourceError};
 use canopy_actors::store::{Store, StoreRead};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -63,6 +63,8 @@ struct Shard {
     next_offset: i64,
     /// The offset last made durable (and sent for commit).
     durable: i64,
+    /// The offset the checkpoint being committed covers.
+    committing: Option<i64>,
 }
 
 struct Runner {
@@ -81,6 +83,15 @@ struct Runner {
     stop: watch::Receiver<bool>,
     /// Dead-letter scans started at assignment, consumed when the shard opens.
     scans: BTreeMap<i32, dead_letters::Scan>,
+}
+
+/// Failures of a dependency that may come back (broker, store), as opposed to bad state.
+fn transient(e: &EngineError) -> bool {
+    match e {
+        EngineError::Source(SourceError::Unavailable(_) | SourceError::Io(_)) => true,
+        EngineError::Store(s) => s.is_transient(),
+        _ => false,
+    }
 }
 
 fn shard_name(p: i32) -> String {
@@ -107,26 +118,42 @@ impl Runner {
                 Err(e) => return Err(e.into()),
             }
         };
-        let mut probe = PositionProbe::default();
-        let dead = Box::new(KafkaDeadLetters {
-            producer: self.producer.clone(),
-            brokers: self.cfg.kafka.brokers.clone(),
-            topic: self.dlq_topic.clone(),
-            source_topic: self.topic.clone(),
-            source_partition: p,
-            partitions: self.dlq_partitions,
-            last_written: -1,
-            pending: Default::default(),
-            prefetched: self.scans.remove(&p),
-        });
-        let engine = Engine::open(
-            self.engine_cfg.clone(),
-            store.clone() as Arc<dyn Store>,
-            &mut probe,
-            dead,
-        )
-        .await
-        .with_context(|| format!("restoring partition {p}"))?;
+        // The dead-letter scan and the store's checkpoint load can fail while the broker or
+        // the store is down: retried with backoff, never given up on while running.
+        let mut delay = Duration::from_millis(200);
+        let mut prefetched = self.scans.remove(&p);
+        let (engine, probe) = loop {
+            let mut probe = PositionProbe::default();
+            let dead = Box::new(KafkaDeadLetters {
+                producer: self.producer.clone(),
+                brokers: self.cfg.kafka.brokers.clone(),
+                topic: self.dlq_topic.clone(),
+                source_topic: self.topic.clone(),
+                source_partition: p,
+                partitions: self.dlq_partitions,
+                last_written: -1,
+                pending: Default::default(),
+                prefetched: prefetched.take(),
+            });
+            match Engine::open(
+                self.engine_cfg.clone(),
+                store.clone() as Arc<dyn Store>,
+                &mut probe,
+                dead,
+            )
+            .await
+            {
+                Ok(e) => break (e, probe),
+                Err(e) if transient(&e) && !*self.stop.borrow() => {
+                    metrics::counter!("canopy_kafka_errors_total").increment(1);
+                    warn!(partition = p, error = %e, retry_in_ms = delay.as_millis() as u64,
+                        "restoring partition failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e).with_context(|| format!("restoring partition {p}")),
+            }
+        };
         let next_offset = match probe.0.as_deref() {
             Some(b) if b.len() == 8 => i64::from_le_bytes(b.try_into().expect("8 bytes")),
             Some(b) if b.is_empty() => 0,
@@ -143,6 +170,7 @@ impl Runner {
                 engine,
                 next_offset,
                 durable: next_offset,
+                committing: None,
             },
         );
         Ok(())
@@ -169,32 +197,63 @@ impl Runner {
             .engine
             .set_position((b.next_offset as u64).to_le_bytes().to_vec());
         if shard.engine.checkpoint_due() {
-            self.checkpoint(b.partition).await?;
+            self.checkpoint(b.partition, false).await?;
         }
         Ok(())
     }
 
-    /// A checkpoint of partition `p`, then its offset goes to the consumer for commit.
-    async fn checkpoint(&mut self, p: i32) -> anyhow::Result<()> {
+    /// Starts a checkpoint of partition `p` (and, with `wait`, waits until it is durable).
+    /// Its commit runs while later batches are processed; its offset goes to the consumer
+    /// for commit once it has landed ([`Runner::settle`] or the next checkpoint).
+    async fn checkpoint(&mut self, p: i32, wait: bool) -> anyhow::Result<()> {
         let Some(shard) = self.shards.get_mut(&p) else {
             return Ok(());
         };
         let started = std::time::Instant::now();
-        shard.engine.checkpoint().await?;
+        // Waits for the previous commit first: what it covered is durable after this.
+        shard.engine.begin_checkpoint().await?;
+        let mut durable = shard.committing.replace(shard.next_offset);
+        if wait {
+            shard.engine.await_commit().await?;
+            durable = shard.committing.take();
+        }
         tracing::debug!(
             partition = p,
             checkpoint_ms = started.elapsed().as_millis() as u64,
+            wait,
             "checkpoint"
         );
-        if shard.durable != shard.next_offset {
-            shard.durable = shard.next_offset;
-            let _ = self.commits.send(vec![(p, shard.durable)]);
+        self.made_durable(p, durable);
+        Ok(())
+    }
+
+    /// Hands the offsets of checkpoints that have landed to the consumer, without waiting.
+    async fn settle(&mut self) -> anyhow::Result<()> {
+        let mut landed = Vec::new();
+        for (p, shard) in &mut self.shards {
+            if shard.committing.is_some() && shard.engine.commit_finished() {
+                shard.engine.await_commit().await?;
+                landed.push((*p, shard.committing.take()));
+            }
+        }
+        for (p, o) in landed {
+            self.made_durable(p, o);
         }
         Ok(())
     }
 
+    fn made_durable(&mut self, p: i32, offset: Option<i64>) {
+        let (Some(o), Some(shard)) = (offset, self.shards.get_mut(&p)) else {
+            return;
+        };
+        if o > shard.durable {
+            shard.durable = o;
+            let _ = self.commits.send(vec![(p, o)]);
+        }
+    }
+
     async fn close(&mut self, p: i32) -> anyhow::Result<Option<(i32, i64)>> {
-        self.checkpoint(p).await?;
+        self.checkpoint(p, true).await?;
         let Some(mut shard) = self.shards.remove(&p) else {
             return Ok(None);
         };
@@ -335,6 +394,7 @@ pub async fn run(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Resu
             topic: k.topic.clone(),
             control: control_tx,
             epoch: AtomicU64::new(0),
+            paused: AtomicBool::new(false),
             revoke_timeout: Duration::from_secs(60),
         })?;
     consumer.subscribe(&[&k.topic])?;
@@ -391,8 +451,9 @@ pub async fn run(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Resu
                 _ = tick.tick() => {
                     let due: Vec<i32> = r.shards.iter().filter(|(_, s)| s.engine.checkpoint_due()).map(|(p, _)| *p).collect();
                     for p in due {
-                        r.checkpoint(p).await?;
+                        r.checkpoint(p, false).await?;
                     }
+                    r.settle().await?;
                     r.report_lag();
                 }
                 Some(b) = data.recv() => r.process(b).await?,

@@ -47,6 +47,8 @@ pub struct RunContext {
     pub control: mpsc::UnboundedSender<Control>,
     /// Bumped on every revoke: batches buffered under an older epoch are dropped.
     pub epoch: AtomicU64,
+    /// Whether the poll loop has paused the assignment for backpressure.
+    pub paused: AtomicBool,
     pub revoke_timeout: Duration,
 }
 
@@ -73,6 +75,17 @@ impl ConsumerContext for RunContext {
         self.epoch.fetch_add(1, Ordering::SeqCst);
         metrics::counter!("canopy_rebalances_total", "kind" => "revoke").increment(1);
         let partitions = partitions_of(tpl, &self.topic);
+        // librdkafka keeps an application pause on a partition across a revoke and a later
+        // assignment (it resets only its own rebalance pause), so a partition paused for
+        // backpressure now would never be fetched again once assigned back. Lift the pause
+        // here, before release: a resume right after an assignment would be worse, because
+        // it bumps the partition's op version and librdkafka then drops the replies of the
+        // assignment's own start-up requests (the partition never starts fetching).
+        if self.paused.swap(false, Ordering::SeqCst) {
+            if let Err(error) = consumer.resume(tpl) {
+                warn!(%error, ?partitions, "lifting the backpressure pause before release failed");
+            }
+        }
         info!(
             ?partitions,
             "partitions revoked: checkpointing them before release"
@@ -97,18 +110,11 @@ impl ConsumerContext for RunContext {
         }
     }
 
-    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
             metrics::counter!("canopy_rebalances_total", "kind" => "assign").increment(1);
             let partitions = partitions_of(tpl, &self.topic);
             info!(?partitions, "partitions assigned");
-            // librdkafka keeps an application pause on a partition across a revoke and a new
-            // assignment (only its own rebalance pause is reset). A partition paused for
-            // backpressure before a rebalance would otherwise never be fetched again: the
-            // poll loop forgets its pauses at every revoke, so every assignment starts resumed.
-            if let Err(error) = consumer.resume(tpl) {
-                warn!(%error, ?partitions, "resuming newly assigned partitions failed");
-            }
             let _ = self.control.send(Control::Assign { partitions });
         }
     }
@@ -129,6 +135,9 @@ pub fn commit(
     }
     consumer.commit(&tpl, mode)
 }
+
+/// How often durable offsets are committed to the group (see `poll_loop`).
+const COMMIT_EVERY: Duration = Duration::from_secs(5);
 
 /// How long the consumer thread waits for the runner before pausing the partitions.
 const PAUSE_AFTER: Duration = Duration::from_secs(2);
@@ -200,17 +209,109 @@ fn cached_high_watermark(consumer: &BaseConsumer<RunContext>, topic: &str, p: i3
         .then_some(high)
 }
 
+/// Backpressure by partition pause/resume, shaped around two librdkafka behaviours:
+/// - Pausing or resuming a partition bumps its op version, and replies to older requests are
+///   then dropped. A partition still starting up (its committed offset being fetched) that is
+///   paused and resumed never starts fetching. So only partitions that have delivered a
+///   record since their assignment are paused; one still starting is paused on its first
+///   record if backpressure is still on (the memory this costs is bounded by librdkafka's
+///   prefetch, `queued.max.messages.kbytes`).
+/// - An application pause survives a revoke and a new assignment. The revoke callback lifts
+///   it (`RunContext::paused`), before release.
+#[derive(Default)]
+struct Pauses {
+    /// Partitions that delivered a record since the last rebalance.
+    delivered: std::collections::BTreeSet<i32>,
+    /// Partitions this loop has paused.
+    paused: std::collections::BTreeSet<i32>,
+}
+
+impl Pauses {
+    fn tpl(topic: &str, ps: impl IntoIterator<Item = i32>) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::new();
+        for p in ps {
+            tpl.add_partition(topic, p);
+        }
+        tpl
+    }
+
+    /// Backpressure on: pause every started partition not paused yet.
+    fn pause(&mut self, consumer: &BaseConsumer<RunContext>, topic: &str) {
+        let ps: Vec<i32> = self.delivered.difference(&self.paused).copied().collect();
+        if !consumer.context().paused.swap(true, Ordering::SeqCst) {
+            metrics::counter!("canopy_kafka_pauses_total").increment(1);
+            debug!(partitions = ?ps, "engine busy: partitions paused");
+        }
+        if ps.is_empty() {
+            return;
+        }
+        if let Err(error) = consumer.pause(&Self::tpl(topic, ps.iter().copied())) {
+            warn!(%error, "pausing partitions failed");
+        }
+        self.paused.extend(ps);
+    }
+
+    /// A record from `p`: it has started; if backpressure is on, pause it now.
+    fn delivered(&mut self, p: i32, consumer: &BaseConsumer<RunContext>, topic: &str) {
+        if self.delivered.insert(p) && consumer.context().paused.load(Ordering::SeqCst) {
+            self.pause(consumer, topic);
+        }
+    }
+
+    /// Backpressure off: resume what this loop paused.
+    fn resume(&mut self, consumer: &BaseConsumer<RunContext>, topic: &str) {
+        if !consumer.context().paused.swap(false, Ordering::SeqCst) {
+            return;
+        }
+        let ps = std::mem::take(&mut self.paused);
+        if !ps.is_empty() {
+            if let Err(error) = consumer.resume(&Self::tpl(topic, ps)) {
+                warn!(%error, "resuming partitions failed");
+            }
+        }
+    }
+
+    /// After a revoke: the callback lifted the pauses; every partition starts afresh.
+    fn reset(&mut self) {
+        self.delivered.clear();
+        self.paused.clear();
+    }
+}
+
 /// Runs until `stop` is set, then commits what the runner last sent and leaves the group.
 pub fn poll_loop(consumer: BaseConsumer<RunContext>, cfg: PollerConfig, h: PollerHandles) {
+    let mut pauses = Pauses::default();
+    let mut durable: BTreeMap<i32, i64> = BTreeMap::new();
+    let mut last_commit = Instant::now();
     let mut pending: BTreeMap<i32, (Vec<Input>, i64, Instant)> = BTreeMap::new();
     let mut held: Option<Batch> = None;
-    let mut paused = false;
     let mut epoch = consumer.context().epoch.load(Ordering::SeqCst);
     let mut last_marks = Instant::now() - Duration::from_secs(10);
     let mut last_error_log = Instant::now() - Duration::from_secs(10);
     let mut origin = None;
     while !h.stop.load(Ordering::SeqCst) {
+        // Offsets made durable are committed together, at most every COMMIT_EVERY: the
+        // coordinator answers heartbeats behind commits, and a busy broker given one commit per
+        // partition per checkpoint timed sessions out. Committed offsets only say where a
+        // restart fetches from; the stores say what counts, so a late commit costs a few
+        // skipped redeliveries, never a wrong number. Revokes and shutdown commit at once.
         while let Ok(offsets) = h.commits.try_recv() {
+            for (p, o) in offsets {
+                let e = durable.entry(p).or_insert(o);
+                *e = (*e).max(o);
+            }
+        }
+        if !durable.is_empty() && last_commit.elapsed() >= COMMIT_EVERY {
+            last_commit = Instant::now();
+            // Only partitions still owned: a revoked one was committed by the revoke callback.
+            let owned: Vec<i32> = consumer
+                .assignment()
+                .map(|a| partitions_of(&a, &cfg.topic))
+                .unwrap_or_default();
+            let offsets: Vec<(i32, i64)> = std::mem::take(&mut durable)
+                .into_iter()
+                .filter(|(p, _)| owned.contains(p))
+                .collect();
             if let Err(e) = commit(&consumer, &cfg.topic, &offsets, CommitMode::Async) {
                 warn!(error = %e, "offset commit failed (the next one covers it)");
             }
@@ -232,27 +333,10 @@ pub fn poll_loop(consumer: BaseConsumer<RunContext>, cfg: PollerConfig, h: Polle
                 }
             };
             match sent {
-                Ok(()) => {
-                    if paused {
-                        if let Ok(a) = consumer.assignment() {
-                            let _ = consumer.resume(&a);
-                        }
-                        paused = false;
-                    }
-                }
+                Ok(()) => pauses.resume(&consumer, &cfg.topic),
                 Err(mpsc::error::TrySendError::Full(b)) => {
                     held = Some(b);
-                    if !paused {
-                        if let Ok(a) = consumer.assignment() {
-                            let _ = consumer.pause(&a);
-                        }
-                        paused = true;
-                        metrics::counter!("canopy_kafka_pauses_total").increment(1);
-                        debug!(
-                            waited_ms = PAUSE_AFTER.as_millis() as u64,
-                            "engine busy: partitions paused"
-                        );
-                    }
+                    pauses.pause(&consumer, &cfg.topic);
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => break,
             }
@@ -262,14 +346,16 @@ pub fn poll_loop(consumer: BaseConsumer<RunContext>, cfg: PollerConfig, h: Polle
         if now_epoch != epoch {
             // A revoke happened inside that poll: whatever was buffered belongs to partitions
             // that were checkpointed without it; it is fetched again by their next owner.
+            // (The revoke callback lifted the pause.)
             epoch = now_epoch;
             pending.clear();
             held = None;
-            paused = false;
+            pauses.reset();
         }
         match polled {
             Some(Ok(m)) => {
                 let p = m.partition();
+                pauses.delivered(p, &consumer, &cfg.topic);
                 let inp = input(&m, &mut origin);
                 let e = pending
                     .entry(p)
@@ -316,9 +402,14 @@ pub fn poll_loop(consumer: BaseConsumer<RunContext>, cfg: PollerConfig, h: Polle
     }
     // Final commits (the runner sends them before setting `stop`), then leave the group.
     while let Ok(offsets) = h.commits.try_recv() {
-        if let Err(e) = commit(&consumer, &cfg.topic, &offsets, CommitMode::Sync) {
-            warn!(error = %e, "final offset commit failed (the stores hold the offsets)");
+        for (p, o) in offsets {
+            let e = durable.entry(p).or_insert(o);
+            *e = (*e).max(o);
         }
+    }
+    let offsets: Vec<(i32, i64)> = durable.into_iter().collect();
+    if let Err(e) = commit(&consumer, &cfg.topic, &offsets, CommitMode::Sync) {
+        warn!(error = %e, "final offset commit failed (the stores hold the offsets)");
     }
     consumer.unsubscribe();
     let _ = consumer.poll(Duration::from_millis(100));

@@ -118,7 +118,7 @@ fn main() {
     rt.block_on(async move {
         // Request mix: a third each of node, ranked children and a day of minute series, over
         // nodes of every level.
-        let per_tree: usize = (0..cfg.depth).map(|l| cfg.fanout.pow(l as u32)).sum();
+        let per_tree = cfg.nodes_per_tree();
         let mut paths = Vec::new();
         let mut rng = StdRng::seed_from_u64(3);
         for _ in 0..5000 {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use canopy::ingest::{ingest, IngestOptions};
-use canopy::loadgen::{generate, LoadgenConfig};
+use canopy::loadgen::{generate_file, LoadgenConfig};
 use canopy::store::EmbeddedStore;
 use canopy_actors::engine::EngineConfig;
 
@@ -34,15 +34,8 @@ fn main() {
         events,
         ..Default::default()
     };
-    let nodes = cfg.tenants
-        * cfg.hierarchies
-        * (0..cfg.depth)
-            .map(|l| cfg.fanout.pow(l as u32))
-            .sum::<usize>();
-    let mut w = std::io::BufWriter::new(std::fs::File::create(&input).unwrap());
-    let records = generate(&cfg, &mut w).unwrap();
-    std::io::Write::flush(&mut w).unwrap();
-    drop(w);
+    let nodes = cfg.nodes();
+    let records = generate_file(&cfg, &input).unwrap();
     let bytes = std::fs::metadata(&input).unwrap().len();
     println!(
         "stream: {records} records ({events} events), {nodes} nodes, depth {}, {:.1} MB",

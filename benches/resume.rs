@@ -17,7 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use canopy::loadgen::{generate, LoadgenConfig};
+use canopy::loadgen::{generate_file, LoadgenConfig};
 
 fn env_or<T: std::str::FromStr>(k: &str, d: T) -> T {
     std::env::var(k)
@@ -85,15 +85,8 @@ fn main() {
         events,
         ..Default::default()
     };
-    let nodes = cfg.tenants
-        * cfg.hierarchies
-        * (0..cfg.depth)
-            .map(|l| cfg.fanout.pow(l as u32))
-            .sum::<usize>();
-    let mut w = std::io::BufWriter::new(std::fs::File::create(&input).unwrap());
-    let records = generate(&cfg, &mut w).unwrap();
-    std::io::Write::flush(&mut w).unwrap();
-    drop(w);
+    let nodes = cfg.nodes();
+    let records = generate_file(&cfg, &input).unwrap();
     println!(
         "stream: {records} records, {nodes} nodes, depth {}",
         cfg.depth

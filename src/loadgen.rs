@@ -104,6 +104,26 @@ fn node_name(t: &str, i: usize) -> String {
     format!("{t}-n{i}")
 }
 
+impl LoadgenConfig {
+    /// Nodes of one hierarchy tree (levels `0..depth`, `fanout` children each).
+    pub fn nodes_per_tree(&self) -> usize {
+        (0..self.depth).map(|l| self.fanout.pow(l as u32)).sum()
+    }
+
+    /// Nodes of the whole stream: every tenant's every hierarchy.
+    pub fn nodes(&self) -> usize {
+        self.tenants * self.hierarchies * self.nodes_per_tree()
+    }
+}
+
+/// Writes the stream to a new file at `path`; returns the number of records written.
+pub fn generate_file(cfg: &LoadgenConfig, path: &std::path::Path) -> std::io::Result<u64> {
+    let mut w = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let n = generate(cfg, &mut w)?;
+    w.flush()?;
+    Ok(n)
+}
+
 /// Writes the stream; returns the number of records written.
 pub fn generate(cfg: &LoadgenConfig, out: &mut impl Write) -> std::io::Result<u64> {
     let mut rng = StdRng::seed_from_u64(cfg.seed);
@@ -114,7 +134,7 @@ pub fn generate(cfg: &LoadgenConfig, out: &mut impl Write) -> std::io::Result<u6
         n += 1;
         Ok(())
     };
-    let per_tree: usize = (0..cfg.depth).map(|l| cfg.fanout.pow(l as u32)).sum();
+    let per_tree = cfg.nodes_per_tree();
     let mut tenants = Vec::new();
     for ti in 0..cfg.tenants {
         let id = format!("t{ti}");

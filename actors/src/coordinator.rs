@@ -184,6 +184,30 @@ impl Coord {
         Ok(())
     }
 
+    /// Whether `rec` must wait for the pending events to settle. Only a move or delete in an
+    /// `attributed` hierarchy does: there, numbers belong to the ancestors an event was accepted
+    /// under. In `current` mode numbers follow the current topology, so pending events may as well
+    /// flow up the new chain: a moved subtree's flushed numbers move with `Remove`/`Add` and its
+    /// pending ones take the new path at the next round; a deleted leaf's pending events are
+    /// dropped with it. (See ARCHITECTURE.md, "Topology changes".)
+    fn settle_before(&self, rec: &Record) -> bool {
+        if self.touched.is_empty() {
+            return false;
+        }
+        match rec {
+            Record::UpsertNode {
+                hierarchy, node, ..
+            }
+            | Record::DeleteNode {
+                hierarchy, node, ..
+            } => {
+                self.t.hierarchy_mode(hierarchy) == Some(Mode::Attributed)
+                    && self.t.node_ix(hierarchy, node).is_some()
+            }
+            _ => false,
+        }
+    }
+
     /// Sends every node its pending events and waits until the coalesced deltas reached the roots.
     async fn round(&mut self) -> Result<(), TenantError> {
         if self.touched.is_empty() {
@@ -198,7 +222,9 @@ impl Coord {
         let g = self.generation;
         let mut involved = Vec::with_capacity(self.touched.len() * 2);
         for n in std::mem::take(&mut self.touched) {
-            if self.mark[n as usize] == g {
+            // A node deleted since it was touched (its slot empty, or reused by a new node that
+            // has no events yet) has nothing to send.
+            if self.mark[n as usize] == g || self.pending[n as usize].is_empty() {
                 continue;
             }
             self.mark[n as usize] = g;
@@ -315,9 +341,9 @@ impl Coord {
         self.check()?;
         let mut out = BatchOutcome::default();
         for (tag, rec) in batch {
-            if matches!(rec, Record::UpsertNode { .. } | Record::DeleteNode { .. }) {
-                // A topology change decides which ancestors later numbers belong to: settle every
-                // delta accepted under the current topology first.
+            if self.settle_before(rec) {
+                // In an attributed hierarchy a topology change decides which ancestors later
+                // numbers belong to: settle every event accepted under the old topology first.
                 self.round().await?;
             }
             let effect = match self.t.apply(rec) {
@@ -383,6 +409,9 @@ impl Coord {
                         self.t.hierarchies[slot.hierarchy as usize].name.clone(),
                         slot.name.clone(),
                     ));
+                    // Events of the node still pending here are part of its numbers, which
+                    // leave with it (current mode; attributed settled them before the delete).
+                    self.pending[node as usize].clear();
                     if let Some(a) = self.actors[node as usize].take() {
                         a.stop(Some(STOP_REASON.into()));
                     }

@@ -95,9 +95,9 @@ struct Position {
 /// A checkpoint whose commit is running in the background.
 struct Inflight {
     seq: u64,
-    rows: u64,
     started: Instant,
-    task: tokio::task::JoinHandle<Result<(), StoreError>>,
+    /// Resolves to the rows the store wrote.
+    task: tokio::task::JoinHandle<Result<u64, StoreError>>,
 }
 
 struct TenantHandle {
@@ -430,20 +430,41 @@ impl Engine {
         let seq = self.snap_seq + 1;
         let span = info_span!("checkpoint", seq);
         let names: Vec<String> = self.tenants.keys().cloned().collect();
-        let mut changes = Vec::with_capacity(names.len());
+        // Every tenant snapshots at once (they are independent actors); the replies are then
+        // collected in turn, and a tenant that failed is rebuilt and asked again.
+        let mut asked = Vec::with_capacity(names.len());
         for tenant in names {
-            loop {
-                let actor = self.tenants[&tenant].actor.clone();
-                let r = call(&actor, |reply| CoordMsg::Snapshot { seq, reply })
+            let (tx, rx) = oneshot();
+            let sent = self.tenants[&tenant]
+                .actor
+                .send_message(CoordMsg::Snapshot {
+                    seq,
+                    reply: tx.into(),
+                })
+                .is_ok();
+            asked.push((tenant, sent.then_some(rx)));
+        }
+        let mut changes = Vec::with_capacity(asked.len());
+        for (tenant, rx) in asked {
+            let mut first = match rx {
+                Some(rx) => rx
                     .instrument(span.clone())
-                    .await;
-                match r {
+                    .await
+                    .unwrap_or_else(|_| Err(TenantError::NodeDown("coordinator stopped".into()))),
+                None => Err(TenantError::NodeDown("coordinator unreachable".into())),
+            };
+            loop {
+                match first {
                     Ok(c) => {
                         changes.push(c);
                         break;
                     }
                     Err(e) => {
                         self.recover(&tenant, e, None).await?;
+                        let actor = self.tenants[&tenant].actor.clone();
+                        first = call(&actor, |reply| CoordMsg::Snapshot { seq, reply })
+                            .instrument(span.clone())
+                            .await;
                     }
                 }
             }
@@ -461,7 +482,9 @@ impl Engine {
             source,
             tenants: changes.into_iter().filter(|c| c.rows() > 0).collect(),
         });
-        let rows = cp.rows() as u64;
+        // What changed, in logical rows (a node header, a bucket...); the backend reports what it
+        // physically wrote.
+        let changes = cp.rows() as u64;
         let (store, cfg, stats) = (self.store.clone(), self.cfg.clone(), self.stats.clone());
         let task = tokio::spawn(
             async move {
@@ -470,7 +493,7 @@ impl Engine {
                 dead_letters_durable
                     .await
                     .map_err(|e| StoreError::Unavailable(format!("dead letters: {e}")))?;
-                retry_counted(&cfg, "commit checkpoint", &stats, || async {
+                let rows = retry_counted(&cfg, "commit checkpoint", &stats, || async {
                     let t = Instant::now();
                     let r = store.commit(cp.clone()).await;
                     metrics::histogram!("canopy_store_commit_seconds")
@@ -480,18 +503,18 @@ impl Engine {
                 .await?;
                 debug!(
                     seq,
+                    changes,
                     rows,
                     snapshot_ms,
                     commit_ms = t.elapsed().as_millis() as u64,
                     "checkpoint committed"
                 );
-                Ok(())
+                Ok(rows)
             }
             .instrument(span),
         );
         self.inflight = Some(Inflight {
             seq,
-            rows,
             started,
             task,
         });
@@ -514,23 +537,23 @@ impl Engine {
         };
         let done = (&mut running.task).await;
         let inf = self.inflight.take().expect("in-flight commit");
-        match done {
+        let rows = match done {
             Ok(r) => r?,
             Err(e) => return Err(StoreError::Io(format!("checkpoint commit task: {e}")).into()),
-        }
+        };
         for h in self.tenants.values_mut() {
             h.log.retain(|(tag, _)| *tag >= inf.seq);
         }
         self.seq = inf.seq;
         self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
         self.stats.store_commits.fetch_add(1, Ordering::Relaxed);
-        self.stats.store_rows.fetch_add(inf.rows, Ordering::Relaxed);
+        self.stats.store_rows.fetch_add(rows, Ordering::Relaxed);
         self.stats
             .last_checkpoint_seq
             .store(inf.seq, Ordering::Relaxed);
         metrics::histogram!("canopy_checkpoint_seconds")
             .record(inf.started.elapsed().as_secs_f64());
-        metrics::histogram!("canopy_checkpoint_rows").record(inf.rows as f64);
+        metrics::histogram!("canopy_checkpoint_rows").record(rows as f64);
         Ok(())
     }
 

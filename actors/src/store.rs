@@ -139,7 +139,9 @@ pub trait Store: Send + Sync + 'static {
     async fn meta(&self) -> Result<Option<CheckpointMeta>, StoreError>;
     async fn tenants(&self) -> Result<Vec<String>, StoreError>;
     async fn load_tenant(&self, tenant: &str) -> Result<TenantImage, StoreError>;
-    async fn commit(&self, cp: std::sync::Arc<Checkpoint>) -> Result<(), StoreError>;
+    /// Commits `cp` atomically; returns the number of rows (or statements) the backend wrote,
+    /// which is what `Stats::store_rows` counts.
+    async fn commit(&self, cp: std::sync::Arc<Checkpoint>) -> Result<u64, StoreError>;
 }
 
 /// An answer read from one committed checkpoint, named by its sequence number.

@@ -34,7 +34,7 @@ impl Default for TenantSettings {
             dedup_horizon_secs: 3600,
             retention: Retention::default(),
             round_max_events: 65_536,
-            round_interval_ms: 100,
+            round_interval_ms: 1000,
         }
     }
 }
@@ -153,6 +153,12 @@ impl Tenant {
 
     pub fn mode_of(&self, ix: NodeIx) -> Mode {
         self.hierarchies[self.slot(ix).hierarchy as usize].mode
+    }
+
+    /// The mode of a defined hierarchy.
+    pub fn hierarchy_mode(&self, hierarchy: &str) -> Option<Mode> {
+        let h = *self.hier_by_name.get(hierarchy)?;
+        Some(self.hierarchies[h as usize].mode)
     }
 
     pub fn node_ix(&self, hierarchy: &str, node: &str) -> Option<NodeIx> {

@@ -48,9 +48,9 @@ impl Store for MemStore {
         img.nodes = nodes.into_values().collect();
         Ok(img)
     }
-    async fn commit(&self, cp: Arc<Checkpoint>) -> Result<(), StoreError> {
+    async fn commit(&self, cp: Arc<Checkpoint>) -> Result<u64, StoreError> {
         self.cps.lock().unwrap().push((*cp).clone());
-        Ok(())
+        Ok(cp.rows() as u64)
     }
 }
 
@@ -196,6 +196,40 @@ async fn attributed_numbers_stay_with_the_chain_they_were_accepted_under() {
     assert_eq!(extremes(&mut e, "c").await, Some((3, 10, 2)));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn current_mode_pending_events_follow_moves_and_leave_with_deletes() {
+    // No round runs between these records (one batch, far below the round limits), so the moves
+    // and deletes meet events still pending in the coordinator.
+    let store = Arc::new(MemStore::default());
+    let mut e = engine(store).await;
+    let lines = [
+        up("root", None),
+        up("a", Some("root")),
+        up("b", Some("root")),
+        up("a1", Some("a")),
+        up("b1", Some("b")),
+        ev("1", "a1", 100),
+        ev("2", "b1", 50),
+        up("a1", Some("b")), // a1 moves with its pending 100
+        ev("3", "a1", 7),
+        r#"{"type":"delete_node","tenant":"t","hierarchy":"h","node":"b1"}"#.to_string(),
+        up("b1", Some("a")), // created again (its slot may be reused): starts empty
+        ev("4", "b1", 9),
+        ev("5", "b", 1),
+    ];
+    let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+    e.process(inputs(&lines)).await.unwrap();
+    assert_eq!(extremes(&mut e, "a1").await, Some((7, 100, 2)));
+    assert_eq!(
+        extremes(&mut e, "b").await,
+        Some((1, 100, 3)),
+        "a1's numbers, pending ones too, count under its new parent; b1's old 50 left with it"
+    );
+    assert_eq!(extremes(&mut e, "b1").await, Some((9, 9, 1)));
+    assert_eq!(extremes(&mut e, "a").await, Some((9, 9, 1)));
+    assert_eq!(extremes(&mut e, "root").await, Some((1, 100, 4)));
+}
+
 type Gate =
     Box<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>> + Send + Sync>;
 
@@ -226,7 +260,7 @@ impl Store for GatedStore {
     async fn load_tenant(&self, tenant: &str) -> Result<TenantImage, StoreError> {
         self.inner.load_tenant(tenant).await
     }
-    async fn commit(&self, cp: Arc<Checkpoint>) -> Result<(), StoreError> {
+    async fn commit(&self, cp: Arc<Checkpoint>) -> Result<u64, StoreError> {
         (self.gate)().await?;
         self.inner.commit(cp).await
     }

@@ -3,9 +3,12 @@
 //! Layout (all values MessagePack):
 //! - `meta`: `"checkpoint"` → the last checkpoint's sequence number and source position
 //! - `tenants`: tenant → [`TenantRow`]
-//! - `nodes`: (tenant, hierarchy, node) → (parent, totals: own and subtree)
-//! - `buckets`: (tenant, hierarchy, node, kind, granularity, key) → one bucket's aggregate; a
-//!   checkpoint writes only the buckets that changed, so a busy root does not rewrite its history
+//! - `nodes`: (tenant, hierarchy, node) → (parent, totals: own and subtree, and the node's
+//!   buckets inline while it has at most [`INLINE_MAX`] of them)
+//! - `buckets`: (tenant, hierarchy, node, kind, granularity, key) → one bucket's aggregate, for
+//!   nodes whose buckets outgrew the inline set ("spilled"): a checkpoint then writes only the
+//!   buckets that changed, so a busy root does not rewrite its history. Most nodes (leaves with a
+//!   few buckets) cost one row per checkpoint, however many of their buckets changed.
 //! - `dedup`: (tenant, checkpoint seq) → the event ids accepted in that checkpoint interval
 //! - `children`: (tenant, hierarchy, parent or None for roots, child) → (): the query API's
 //!   children and roots reads, kept in step with `nodes` inside the same transaction
@@ -37,6 +40,54 @@ const CHILDREN: TableDefinition<ChildKey, ()> = TableDefinition::new("children")
 const COUNTS: TableDefinition<(&str, &str), u64> = TableDefinition::new("node_counts");
 
 pub const FILE_NAME: &str = "canopy.redb";
+
+/// A node keeps its buckets inside its own row while it has at most this many (all kinds and
+/// granularities together). Past it they move to `buckets` rows for good: rewriting a row of
+/// this size costs about as much as a few separate bucket rows, and a long-lived busy node
+/// (thousands of minute buckets) must not rewrite its whole history every checkpoint.
+pub const INLINE_MAX: usize = 192;
+
+/// One inline bucket: (kind, granularity, key) sorts like the `buckets` table's key.
+type InlineBucket = (u8, u8, u64, Agg);
+
+/// A node row's value: `(parent, header, inline buckets or None when spilled)`.
+#[derive(serde::Serialize)]
+struct NodeValue<'a>(
+    &'a Option<String>,
+    &'a NodeHeader,
+    &'a Option<Vec<InlineBucket>>,
+);
+
+#[derive(serde::Deserialize)]
+struct StoredNode(Option<String>, NodeHeader, Option<Vec<InlineBucket>>);
+
+/// A stored node's parent and totals, without decoding its buckets.
+#[derive(serde::Deserialize)]
+struct StoredHeader(Option<String>, NodeHeader, serde::de::IgnoredAny);
+
+/// A stored node's parent, without decoding its numbers.
+#[derive(serde::Deserialize)]
+struct ParentOnly(
+    Option<String>,
+    serde::de::IgnoredAny,
+    serde::de::IgnoredAny,
+);
+
+/// Applies a checkpoint's changed buckets (sorted by kind, granularity, key) to an inline set.
+fn apply_inline(set: &mut Vec<InlineBucket>, changes: &[BucketRow]) {
+    for b in changes {
+        let k = (b.kind as u8, b.granularity as u8, b.key);
+        let at = set.binary_search_by(|(kd, g, key, _)| (*kd, *g, *key).cmp(&k));
+        match (&b.agg, at) {
+            (Some(a), Ok(i)) => set[i].3 = a.clone(),
+            (Some(a), Err(i)) => set.insert(i, (k.0, k.1, k.2, a.clone())),
+            (None, Ok(i)) => {
+                set.remove(i);
+            }
+            (None, Err(_)) => {}
+        }
+    }
+}
 
 #[derive(Clone)]
 pub struct EmbeddedStore {
@@ -79,8 +130,11 @@ impl EmbeddedStore {
     }
 }
 
-fn commit(db: &Database, cp: &Checkpoint) -> Result<(), StoreError> {
+/// Commits one checkpoint in one write transaction; returns the number of rows written
+/// (inserted or deleted).
+fn commit(db: &Database, cp: &Checkpoint) -> Result<u64, StoreError> {
     let tx = db.begin_write().map_err(io)?;
+    let mut rows = 0u64;
     {
         let mut tenants = tx.open_table(TENANTS).map_err(io)?;
         let mut nodes = tx.open_table(NODES).map_err(io)?;
@@ -90,6 +144,7 @@ fn commit(db: &Database, cp: &Checkpoint) -> Result<(), StoreError> {
         let mut counts = tx.open_table(COUNTS).map_err(io)?;
         for t in &cp.tenants {
             if let Some(row) = &t.row {
+                rows += 1;
                 tenants
                     .insert(
                         t.tenant.as_str(),
@@ -101,11 +156,12 @@ fn commit(db: &Database, cp: &Checkpoint) -> Result<(), StoreError> {
             for (h, n) in &t.delete_nodes {
                 let (t, h, n) = (t.tenant.as_str(), h.as_str(), n.as_str());
                 if let Some(old) = nodes.remove((t, h, n)).map_err(io)? {
-                    let ParentOnly(parent, _) =
+                    let ParentOnly(parent, _, _) =
                         rmp_serde::from_slice(old.value()).map_err(corrupt)?;
                     drop(old);
                     children.remove((t, h, parent.as_deref(), n)).map_err(io)?;
                     add_count(&mut counts, t, h, -1)?;
+                    rows += 1;
                 }
                 let mut doomed = Vec::new();
                 for e in buckets
@@ -116,21 +172,26 @@ fn commit(db: &Database, cp: &Checkpoint) -> Result<(), StoreError> {
                     let (_, _, _, kd, g, key) = k.value();
                     doomed.push((kd, g, key));
                 }
+                rows += doomed.len() as u64;
                 for (kd, g, key) in doomed {
                     buckets.remove((t, h, n, kd, g, key)).map_err(io)?;
                 }
             }
-            for n in &t.put_nodes {
-                let v = rmp_serde::to_vec(&(&n.parent, &n.header)).map_err(io)?;
+            // In key order: neighbouring inserts then share B-tree pages (the nodes arrive in
+            // the coordinator's hash order).
+            let mut puts: Vec<&NodeRow> = t.put_nodes.iter().collect();
+            puts.sort_unstable_by(|a, b| (&a.hierarchy, &a.node).cmp(&(&b.hierarchy, &b.node)));
+            for n in puts {
                 let (tn, h, node) = (t.tenant.as_str(), n.hierarchy.as_str(), n.node.as_str());
-                let old = nodes.insert((tn, h, node), v.as_slice()).map_err(io)?;
+                let old = nodes
+                    .get((tn, h, node))
+                    .map_err(io)?
+                    .map(|o| rmp_serde::from_slice::<StoredNode>(o.value()).map_err(corrupt))
+                    .transpose()?;
                 // The index changes only when a node appears or moves: most puts are number updates.
-                let old_parent = match old {
-                    Some(o) => {
-                        let ParentOnly(p, _) = rmp_serde::from_slice(o.value()).map_err(corrupt)?;
-                        Some(p)
-                    }
-                    None => None,
+                let (old_parent, mut inline) = match old {
+                    Some(StoredNode(p, _, inline)) => (Some(p), inline),
+                    None => (None, Some(Vec::new())),
                 };
                 match old_parent {
                     Some(p) if p == n.parent => {}
@@ -147,7 +208,35 @@ fn commit(db: &Database, cp: &Checkpoint) -> Result<(), StoreError> {
                         add_count(&mut counts, tn, h, 1)?;
                     }
                 }
-                for b in &n.buckets {
+                // Spill: a node that outgrows the inline set moves all its buckets to rows.
+                let spill = match &mut inline {
+                    Some(set) => {
+                        apply_inline(set, &n.buckets);
+                        (set.len() > INLINE_MAX).then(|| std::mem::take(set))
+                    }
+                    None => None,
+                };
+                let spilled_rows: Vec<BucketRow>;
+                let to_rows: &[BucketRow] = if let Some(all) = spill {
+                    inline = None;
+                    spilled_rows = all
+                        .into_iter()
+                        .map(|(kd, g, key, a)| {
+                            Ok(BucketRow {
+                                kind: kind(kd)?,
+                                granularity: granularity(g)?,
+                                key,
+                                agg: Some(a),
+                            })
+                        })
+                        .collect::<Result<_, StoreError>>()?;
+                    &spilled_rows
+                } else if inline.is_some() {
+                    &[]
+                } else {
+                    &n.buckets
+                };
+                for b in to_rows {
                     let k = (tn, h, node, b.kind as u8, b.granularity as u8, b.key);
                     match &b.agg {
                         Some(a) => {
@@ -160,8 +249,12 @@ fn commit(db: &Database, cp: &Checkpoint) -> Result<(), StoreError> {
                         }
                     }
                 }
+                rows += 1 + to_rows.len() as u64;
+                let v = rmp_serde::to_vec(&NodeValue(&n.parent, &n.header, &inline)).map_err(io)?;
+                nodes.insert((tn, h, node), v.as_slice()).map_err(io)?;
             }
             if let Some(b) = &t.dedup {
+                rows += 1;
                 dedup
                     .insert(
                         (t.tenant.as_str(), b.seq),
@@ -169,6 +262,7 @@ fn commit(db: &Database, cp: &Checkpoint) -> Result<(), StoreError> {
                     )
                     .map_err(io)?;
             }
+            rows += t.expire_dedup.len() as u64;
             for seq in &t.expire_dedup {
                 dedup.remove((t.tenant.as_str(), *seq)).map_err(io)?;
             }
@@ -180,17 +274,11 @@ fn commit(db: &Database, cp: &Checkpoint) -> Result<(), StoreError> {
         };
         meta.insert("checkpoint", rmp_serde::to_vec(&m).map_err(io)?.as_slice())
             .map_err(io)?;
+        rows += 1;
     }
     tx.commit().map_err(io)?;
-    Ok(())
+    Ok(rows)
 }
-
-#[derive(serde::Deserialize)]
-struct StoredNode(Option<String>, NodeHeader);
-
-/// A stored node's parent, without decoding its numbers.
-#[derive(serde::Deserialize)]
-struct ParentOnly(Option<String>, serde::de::IgnoredAny);
 
 fn add_count(
     counts: &mut redb::Table<(&str, &str), u64>,
@@ -273,14 +361,26 @@ impl Store for EmbeddedStore {
                 if t != tenant {
                     break;
                 }
-                let StoredNode(parent, header) =
+                let StoredNode(parent, header, inline) =
                     rmp_serde::from_slice(v.value()).map_err(corrupt)?;
+                let buckets = inline
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(kd, g, key, a)| {
+                        Ok(BucketRow {
+                            kind: kind(kd)?,
+                            granularity: granularity(g)?,
+                            key,
+                            agg: Some(a),
+                        })
+                    })
+                    .collect::<Result<_, StoreError>>()?;
                 image.nodes.push(NodeRow {
                     hierarchy: h.to_string(),
                     node: n.to_string(),
                     parent,
                     header,
-                    buckets: Vec::new(),
+                    buckets,
                 });
             }
             // Bucket rows sort like node rows: attach them in one merge pass.
@@ -336,7 +436,7 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn commit(&self, cp: Arc<Checkpoint>) -> Result<(), StoreError> {
+    async fn commit(&self, cp: Arc<Checkpoint>) -> Result<u64, StoreError> {
         self.blocking(move |db| commit(db, &cp)).await
     }
 }
@@ -358,12 +458,12 @@ fn tenant_row(tx: &redb::ReadTransaction, tenant: &str) -> Result<Option<TenantR
         .transpose()
 }
 
-fn stored_node(
+fn stored_header(
     nodes: &redb::ReadOnlyTable<(&str, &str, &str), &[u8]>,
     key: (&str, &str, &str),
-) -> Result<Option<StoredNode>, StoreError> {
+) -> Result<Option<StoredHeader>, StoreError> {
     let v = nodes.get(key).map_err(io)?;
-    v.map(|v| rmp_serde::from_slice::<StoredNode>(v.value()).map_err(corrupt))
+    v.map(|v| rmp_serde::from_slice::<StoredHeader>(v.value()).map_err(corrupt))
         .transpose()
 }
 
@@ -455,7 +555,7 @@ impl StoreRead for EmbeddedStore {
         let (t, h, n) = (tenant.to_string(), hierarchy.to_string(), node.to_string());
         self.read(move |tx| {
             let nodes = tx.open_table(NODES).map_err(io)?;
-            let Some(StoredNode(parent, header)) = stored_node(&nodes, (&t, &h, &n))? else {
+            let Some(StoredHeader(parent, header, _)) = stored_header(&nodes, (&t, &h, &n))? else {
                 return Ok(None);
             };
             Ok(Some(NodeView {
@@ -497,7 +597,7 @@ impl StoreRead for EmbeddedStore {
             }
             let mut out = Vec::new();
             for c in child_ids(tx, &t, &h, p.as_deref())? {
-                let Some(StoredNode(_, header)) = stored_node(&nodes, (&t, &h, &c))? else {
+                let Some(StoredHeader(_, header, _)) = stored_header(&nodes, (&t, &h, &c))? else {
                     return Err(StoreError::Corrupt(format!(
                         "children index names missing node {t}/{h}/{c}"
                     )));
@@ -519,15 +619,20 @@ impl StoreRead for EmbeddedStore {
         let (t, h, n) = (tenant.to_string(), hierarchy.to_string(), node.to_string());
         self.read(move |tx| {
             let nodes = tx.open_table(NODES).map_err(io)?;
-            if nodes
-                .get((t.as_str(), h.as_str(), n.as_str()))
-                .map_err(io)?
-                .is_none()
-            {
+            let Some(v) = nodes.get((t.as_str(), h.as_str(), n.as_str())).map_err(io)? else {
                 return Ok(None);
+            };
+            let StoredNode(_, _, inline) = rmp_serde::from_slice(v.value()).map_err(corrupt)?;
+            let (kd, g) = (BucketKind::Subtree as u8, granularity as u8);
+            if let Some(set) = inline {
+                return Ok(Some(
+                    set.into_iter()
+                        .filter(|(k, gg, _, _)| (*k, *gg) == (kd, g))
+                        .map(|(_, _, key, a)| (key, a))
+                        .collect(),
+                ));
             }
             let buckets = tx.open_table(BUCKETS).map_err(io)?;
-            let (kd, g) = (BucketKind::Subtree as u8, granularity as u8);
             let (t, h, n) = (t.as_str(), h.as_str(), n.as_str());
             let mut out = Vec::new();
             for e in buckets
@@ -562,7 +667,7 @@ impl StoreRead for EmbeddedStore {
                     .get((t.as_str(), h.as_str(), e.as_str()))
                     .map_err(io)?;
                 if let Some(v) = v {
-                    let ParentOnly(p, _) = rmp_serde::from_slice(v.value()).map_err(corrupt)?;
+                    let ParentOnly(p, _, _) = rmp_serde::from_slice(v.value()).map_err(corrupt)?;
                     hierarchies.push((h.clone(), p));
                 }
             }
@@ -664,5 +769,106 @@ mod tests {
                 .collect::<Vec<_>>(),
             [9]
         );
+    }
+
+    fn bucket_rows(s: &EmbeddedStore) -> usize {
+        let tx = s.db.begin_read().unwrap();
+        redb::ReadableTableMetadata::len(&tx.open_table(BUCKETS).unwrap()).unwrap() as usize
+    }
+
+    async fn keys_of(s: &EmbeddedStore, name: &str) -> Vec<u64> {
+        let img = s.load_tenant("t").await.unwrap();
+        let n = img.nodes.iter().find(|n| n.node == name).unwrap();
+        let loaded: Vec<u64> = n.buckets.iter().map(|b| b.key).collect();
+        let read = s
+            .series("t", "h", name, Granularity::Minute)
+            .await
+            .unwrap()
+            .value
+            .unwrap();
+        assert_eq!(
+            read.iter().map(|(k, _)| *k).collect::<Vec<_>>(),
+            loaded,
+            "series read and load agree"
+        );
+        for (k, a) in read {
+            assert_eq!(a, agg(k));
+        }
+        loaded
+    }
+
+    #[tokio::test]
+    async fn a_node_that_outgrows_the_inline_set_spills_its_buckets_to_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        let put = |seq, rows: Vec<NodeRow>| {
+            cp(
+                seq,
+                TenantChanges {
+                    tenant: "t".into(),
+                    put_nodes: rows,
+                    ..Default::default()
+                },
+            )
+        };
+        // A small node: one row, buckets inline.
+        let written = s.commit(put(1, vec![node("small", &[1, 2, 3])])).await.unwrap();
+        assert_eq!(written, 2, "node row + meta");
+        assert_eq!(bucket_rows(&s), 0);
+        assert_eq!(keys_of(&s, "small").await, [1, 2, 3]);
+
+        // Growing past INLINE_MAX moves every bucket to rows.
+        let many: Vec<u64> = (1..=INLINE_MAX as u64 + 1).collect();
+        let written = s.commit(put(2, vec![node("small", &many)])).await.unwrap();
+        assert_eq!(written, 1 + many.len() as u64 + 1);
+        assert_eq!(bucket_rows(&s), many.len());
+        assert_eq!(keys_of(&s, "small").await, many);
+
+        // Spilled: only the changed buckets are written; a `None` deletes one.
+        let mut change = node("small", &[5, 1000]);
+        change.buckets.push(BucketRow {
+            kind: BucketKind::Subtree,
+            granularity: Granularity::Minute,
+            key: 7,
+            agg: None,
+        });
+        change.buckets.sort_by_key(|b| b.key);
+        let written = s.commit(put(3, vec![change])).await.unwrap();
+        assert_eq!(written, 1 + 3 + 1);
+        let mut want: Vec<u64> = many.iter().copied().filter(|k| *k != 7).collect();
+        want.push(1000);
+        assert_eq!(keys_of(&s, "small").await, want);
+
+        // Deleted and created again in one checkpoint: small again, inline again.
+        let again = TenantChanges {
+            tenant: "t".into(),
+            delete_nodes: vec![("h".into(), "small".into())],
+            put_nodes: vec![node("small", &[42])],
+            ..Default::default()
+        };
+        s.commit(cp(4, again)).await.unwrap();
+        assert_eq!(bucket_rows(&s), 0, "the spilled rows went with the node");
+        assert_eq!(keys_of(&s, "small").await, [42]);
+    }
+
+    #[tokio::test]
+    async fn inline_buckets_take_changes_and_deletions() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        let c = |seq, n: NodeRow| {
+            cp(
+                seq,
+                TenantChanges {
+                    tenant: "t".into(),
+                    put_nodes: vec![n],
+                    ..Default::default()
+                },
+            )
+        };
+        s.commit(c(1, node("a", &[3, 1, 2]))).await.unwrap();
+        let mut n = node("a", &[0, 2, 9]);
+        n.buckets[1].agg = None;
+        s.commit(c(2, n)).await.unwrap();
+        assert_eq!(keys_of(&s, "a").await, [0, 1, 3, 9]);
     }
 }

@@ -604,7 +604,7 @@ impl Store for ScyllaStore {
         Ok(image)
     }
 
-    async fn commit(&self, cp: Arc<Checkpoint>) -> Result<(), StoreError> {
+    async fn commit(&self, cp: Arc<Checkpoint>) -> Result<u64, StoreError> {
         let st = self
             .st
             .clone()
@@ -739,6 +739,7 @@ impl Store for ScyllaStore {
                 ));
             }
         }
+        let mut rows = w.len() as u64 + 1;
         self.run_all(w).await?;
         // 3. The pointer: from here on readers see this checkpoint.
         write(
@@ -752,10 +753,11 @@ impl Store for ScyllaStore {
         let drops = dropped
             .into_iter()
             .map(|(tn, h, n)| write(s, &st, |x| &x.bucket_drop_node, (ts(seq, 2), tn, h, n)))
-            .collect();
+            .collect::<Vec<_>>();
+        rows += drops.len() as u64;
         self.run_all(drops).await?;
         *self.garbage.lock().expect("lock") = garbage;
-        Ok(())
+        Ok(rows)
     }
 }
 

@@ -513,11 +513,7 @@ impl Engine {
             }
             .instrument(span),
         );
-        self.inflight = Some(Inflight {
-            seq,
-            started,
-            task,
-        });
+        self.inflight = Some(Inflight { seq, started, task });
         self.snap_seq = seq;
         self.since_checkpoint = 0;
         self.last_checkpoint = Instant::now();

@@ -67,11 +67,7 @@ struct StoredHeader(Option<String>, NodeHeader, serde::de::IgnoredAny);
 
 /// A stored node's parent, without decoding its numbers.
 #[derive(serde::Deserialize)]
-struct ParentOnly(
-    Option<String>,
-    serde::de::IgnoredAny,
-    serde::de::IgnoredAny,
-);
+struct ParentOnly(Option<String>, serde::de::IgnoredAny, serde::de::IgnoredAny);
 
 /// Applies a checkpoint's changed buckets (sorted by kind, granularity, key) to an inline set.
 fn apply_inline(set: &mut Vec<InlineBucket>, changes: &[BucketRow]) {
@@ -619,7 +615,10 @@ impl StoreRead for EmbeddedStore {
         let (t, h, n) = (tenant.to_string(), hierarchy.to_string(), node.to_string());
         self.read(move |tx| {
             let nodes = tx.open_table(NODES).map_err(io)?;
-            let Some(v) = nodes.get((t.as_str(), h.as_str(), n.as_str())).map_err(io)? else {
+            let Some(v) = nodes
+                .get((t.as_str(), h.as_str(), n.as_str()))
+                .map_err(io)?
+            else {
                 return Ok(None);
             };
             let StoredNode(_, _, inline) = rmp_serde::from_slice(v.value()).map_err(corrupt)?;
@@ -812,7 +811,10 @@ mod tests {
             )
         };
         // A small node: one row, buckets inline.
-        let written = s.commit(put(1, vec![node("small", &[1, 2, 3])])).await.unwrap();
+        let written = s
+            .commit(put(1, vec![node("small", &[1, 2, 3])]))
+            .await
+            .unwrap();
         assert_eq!(written, 2, "node row + meta");
         assert_eq!(bucket_rows(&s), 0);
         assert_eq!(keys_of(&s, "small").await, [1, 2, 3]);

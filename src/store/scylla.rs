@@ -16,9 +16,15 @@
 //! pointer back, and step 4's partition delete (phase 2) spares the rows of a node re-created
 //! in the same checkpoint (phase 3).
 //!
-//! Known limits, not hidden: the children and roots reads scan the hierarchy's `nodes`
-//! partition (a children index needs the previous parent carried in the checkpoint); between
-//! steps 3 and 4 a reader may still see a deleted-and-re-created node's old buckets. TLS uses
+//! Children and roots are read through the `children` index (`003_children.cql`): one
+//! partition per parent, entries checked against the node rows as of the pointer (see
+//! [`ScyllaStore::child_nodes`]). Entries are written when a node appears under a parent this
+//! store has not indexed it under yet (`placed`, primed by `load_tenant`), and stale ones are
+//! deleted by the next commit, like superseded versions.
+//!
+//! Known limits, not hidden: the hierarchy listing's node count scans the hierarchy's `nodes`
+//! partition; a node deleted before this process loaded its tenant leaves a stale index entry
+//! (never served, only skipped); between steps 3 and 4 a reader may still see a deleted-and-re-created node's old buckets. TLS uses
 //! rustls (`store.scylla_tls_*`); the driver names the server by the node's IP address, so
 //! node certificates need IP subject-alternative names. This module has been compiled
 //! here but never run against a Scylla node: none can run on the development machines. The
@@ -43,6 +49,9 @@ use scylla::statement::Consistency;
 
 const KEYSPACE_CQL: &str = include_str!("../../schemas/cql/001_keyspace.cql");
 const TABLES_CQL: &str = include_str!("../../schemas/cql/002_tables.cql");
+const CHILDREN_CQL: &str = include_str!("../../schemas/cql/003_children.cql");
+/// The `children` partition of a hierarchy's roots.
+const ROOTS: &str = "";
 /// Writes of one commit in flight at once.
 const CONCURRENCY: usize = 64;
 
@@ -233,6 +242,9 @@ struct Statements {
     dedup_put: PreparedStatement,
     dedup_del: PreparedStatement,
     dedup_scan: PreparedStatement,
+    child_put: PreparedStatement,
+    child_del: PreparedStatement,
+    child_scan: PreparedStatement,
 }
 
 /// Keys the last commit wrote, whose older versions the next commit deletes.
@@ -242,7 +254,12 @@ struct Garbage {
     tenants: Vec<String>,
     nodes: Vec<(String, String, String)>,
     buckets: Vec<(String, String, String, i8, i8, i64)>,
+    /// Index entries a move or delete left behind: (tenant, hierarchy, parent, child).
+    children: Vec<(String, String, String, String)>,
 }
+
+/// (tenant, hierarchy, node) → the parent it is indexed under (`ROOTS` for a root).
+type Placed = std::collections::HashMap<(String, String, String), String>;
 
 pub struct ScyllaStore {
     session: Arc<Session>,
@@ -251,6 +268,9 @@ pub struct ScyllaStore {
     consistency: Consistency,
     st: Option<Arc<Statements>>,
     garbage: Mutex<Garbage>,
+    /// Where this store has indexed each node it wrote or loaded: an index entry is written
+    /// only when a node appears or moves, not for every number update.
+    placed: Mutex<Placed>,
 }
 
 impl ScyllaStore {
@@ -275,6 +295,7 @@ impl ScyllaStore {
             consistency: consistency(&opts.consistency)?,
             st: None,
             garbage: Mutex::new(Garbage::default()),
+            placed: Mutex::new(Placed::new()),
         };
         if s.prepare(s.consistency).await.is_err() {
             // Tables missing: `migrate` comes first; `st` stays None until then.
@@ -304,6 +325,7 @@ impl ScyllaStore {
         for (id, name, text) in [
             (1, "001_keyspace", KEYSPACE_CQL),
             (2, "002_tables", TABLES_CQL),
+            (3, "003_children", CHILDREN_CQL),
         ] {
             let text = text
                 .replace("{keyspace}", &self.keyspace)
@@ -368,6 +390,9 @@ impl ScyllaStore {
             dedup_put: p(format!("INSERT INTO {k}.dedup (tenant, seq, ids) VALUES (?, ?, ?) USING TIMESTAMP ?")).await?,
             dedup_del: p(format!("DELETE FROM {k}.dedup WHERE tenant = ? AND seq = ?")).await?,
             dedup_scan: p(format!("SELECT seq, ids FROM {k}.dedup WHERE tenant = ?")).await?,
+            child_put: p(format!("INSERT INTO {k}.children (tenant, hierarchy, parent, child) VALUES (?, ?, ?, ?) USING TIMESTAMP ?")).await?,
+            child_del: p(format!("DELETE FROM {k}.children USING TIMESTAMP ? WHERE tenant = ? AND hierarchy = ? AND parent = ? AND child = ?")).await?,
+            child_scan: p(format!("SELECT child FROM {k}.children WHERE tenant = ? AND hierarchy = ? AND parent = ?")).await?,
         };
         self.st = Some(Arc::new(st));
         Ok(())
@@ -475,6 +500,48 @@ impl ScyllaStore {
         }
     }
 
+    /// The children of `parent` (`None`: the roots) as of `at`, by name, with their headers.
+    /// The index partition gives candidates; a candidate counts only if its node row as of `at`
+    /// exists and names this parent, so entries of uncommitted checkpoints and stale entries of
+    /// moves and deletes are skipped.
+    async fn child_nodes(
+        &self,
+        t: &str,
+        h: &str,
+        parent: Option<&str>,
+        at: u64,
+    ) -> Result<Vec<(String, NodeHeader)>, StoreError> {
+        let mut stream = self
+            .session
+            .execute_iter(
+                self.st()?.child_scan.clone(),
+                (t, h, parent.unwrap_or(ROOTS)),
+            )
+            .await
+            .map_err(unavailable)?
+            .rows_stream::<(String,)>()
+            .map_err(corrupt)?;
+        let mut candidates = Vec::new();
+        while let Some((c,)) = stream.try_next().await.map_err(unavailable)? {
+            candidates.push(c);
+        }
+        let checked: Vec<_> = stream::iter(candidates)
+            .map(|c| async move {
+                let n = self.node_at(t, h, &c, at).await?;
+                Ok::<_, StoreError>((c, n))
+            })
+            .buffered(CONCURRENCY)
+            .try_collect()
+            .await?;
+        Ok(checked
+            .into_iter()
+            .filter_map(|(c, n)| match n {
+                Some((p, header)) if p.as_deref() == parent => Some((c, header)),
+                _ => None,
+            })
+            .collect())
+    }
+
     /// Bucket rows of a node as of `at`, newest version per key, emptied keys left out.
     async fn node_buckets(
         &self,
@@ -573,7 +640,17 @@ impl Store for ScyllaStore {
             .map(|r| r.hierarchies.iter().map(|(h, _)| h.clone()).collect())
             .unwrap_or_default();
         for h in hierarchies {
-            for (node, parent, header) in self.hierarchy_nodes(tenant, &h, at).await? {
+            let found = self.hierarchy_nodes(tenant, &h, at).await?;
+            {
+                let mut placed = self.placed.lock().expect("lock");
+                for (node, parent, _) in &found {
+                    placed.insert(
+                        (tenant.to_string(), h.clone(), node.clone()),
+                        parent.clone().unwrap_or_else(|| ROOTS.to_string()),
+                    );
+                }
+            }
+            for (node, parent, header) in found {
                 let buckets = self.node_buckets(tenant, &h, &node, at).await?;
                 image.nodes.push(NodeRow {
                     hierarchy: h.clone(),
@@ -626,6 +703,30 @@ impl Store for ScyllaStore {
                 w.push(write(s, &st, |x| &x.bucket_gc, (t, tn, h, n, k, g, key, v)));
             }
         }
+        // Stale index entries: any time at or after the previous commit's pointer (they were
+        // never served, see `child_nodes`), and before this commit's re-insertions (phase 3).
+        if old.seq < seq {
+            let placed = self.placed.lock().expect("lock");
+            for (tn, h, p, n) in old.children {
+                // Indexed there again since (deleted and re-created under the same parent).
+                if placed.get(&(tn.clone(), h.clone(), n.clone())) == Some(&p) {
+                    continue;
+                }
+                w.push(write(s, &st, |x| &x.child_del, (ts(seq, 1), tn, h, p, n)));
+            }
+        }
+        // Where nodes are indexed once this commit lands: applied to `placed` only then, so a
+        // retried commit computes, and writes, the same entries again.
+        let mut placed_now: std::collections::HashMap<(String, String, String), Option<String>> =
+            std::collections::HashMap::new();
+        let indexed_at = |placed_now: &std::collections::HashMap<_, Option<String>>,
+                          key: &(String, String, String)|
+         -> Option<String> {
+            match placed_now.get(key) {
+                Some(p) => p.clone(),
+                None => self.placed.lock().expect("lock").get(key).cloned(),
+            }
+        };
         // 2. The new versions.
         let v = seq as i64;
         let mut garbage = Garbage {
@@ -666,6 +767,11 @@ impl Store for ScyllaStore {
                 ));
                 garbage.nodes.push((tn.clone(), h.clone(), n.clone()));
                 dropped.push((tn.clone(), h.clone(), n.clone()));
+                let key = (tn.clone(), h.clone(), n.clone());
+                if let Some(p) = indexed_at(&placed_now, &key) {
+                    garbage.children.push((tn.clone(), h.clone(), p, n.clone()));
+                }
+                placed_now.insert(key, None);
             }
             for n in &tc.put_nodes {
                 let header = rmp_serde::to_vec(&n.header).map_err(corrupt)?;
@@ -687,6 +793,29 @@ impl Store for ScyllaStore {
                 garbage
                     .nodes
                     .push((tn.clone(), n.hierarchy.clone(), n.node.clone()));
+                let key = (tn.clone(), n.hierarchy.clone(), n.node.clone());
+                let want = n.parent.clone().unwrap_or_else(|| ROOTS.to_string());
+                let was = indexed_at(&placed_now, &key);
+                if was.as_ref() != Some(&want) {
+                    w.push(write(
+                        s,
+                        &st,
+                        |x| &x.child_put,
+                        (
+                            tn.clone(),
+                            n.hierarchy.clone(),
+                            want.clone(),
+                            n.node.clone(),
+                            ts(seq, 3),
+                        ),
+                    ));
+                    if let Some(p) = was {
+                        garbage
+                            .children
+                            .push((tn.clone(), n.hierarchy.clone(), p, n.node.clone()));
+                    }
+                    placed_now.insert(key, Some(want));
+                }
                 for b in &n.buckets {
                     let agg = b
                         .agg
@@ -757,6 +886,13 @@ impl Store for ScyllaStore {
         rows += drops.len() as u64;
         self.run_all(drops).await?;
         *self.garbage.lock().expect("lock") = garbage;
+        let mut placed = self.placed.lock().expect("lock");
+        for (key, p) in placed_now {
+            match p {
+                Some(p) => placed.insert(key, p),
+                None => placed.remove(&key),
+            };
+        }
         Ok(rows)
     }
 }
@@ -818,11 +954,10 @@ impl StoreRead for ScyllaStore {
             });
         };
         let children = self
-            .hierarchy_nodes(t, h, at)
+            .child_nodes(t, h, Some(n), at)
             .await?
             .into_iter()
-            .filter(|(_, p, _)| p.as_deref() == Some(n))
-            .map(|(c, _, _)| c)
+            .map(|(c, _)| c)
             .collect();
         Ok(AsOf {
             as_of: at,
@@ -855,11 +990,10 @@ impl StoreRead for ScyllaStore {
             });
         }
         let kids = self
-            .hierarchy_nodes(t, h, at)
+            .child_nodes(t, h, parent, at)
             .await?
             .into_iter()
-            .filter(|(_, p, _)| p.as_deref() == parent)
-            .map(|(c, _, header)| (c, header.subtree))
+            .map(|(c, header)| (c, header.subtree))
             .collect();
         Ok(AsOf {
             as_of: at,

@@ -69,6 +69,20 @@ struct StoredHeader(Option<String>, NodeHeader, serde::de::IgnoredAny);
 #[derive(serde::Deserialize)]
 struct ParentOnly(Option<String>, serde::de::IgnoredAny, serde::de::IgnoredAny);
 
+/// An inline set as bucket rows (to spill it, or to load it).
+fn bucket_rows(set: Vec<InlineBucket>) -> Result<Vec<BucketRow>, StoreError> {
+    set.into_iter()
+        .map(|(kd, g, key, a)| {
+            Ok(BucketRow {
+                kind: kind(kd)?,
+                granularity: granularity(g)?,
+                key,
+                agg: Some(a),
+            })
+        })
+        .collect()
+}
+
 /// Applies a checkpoint's changed buckets (sorted by kind, granularity, key) to an inline set.
 fn apply_inline(set: &mut Vec<InlineBucket>, changes: &[BucketRow]) {
     for b in changes {
@@ -215,17 +229,7 @@ fn commit(db: &Database, cp: &Checkpoint) -> Result<u64, StoreError> {
                 let spilled_rows: Vec<BucketRow>;
                 let to_rows: &[BucketRow] = if let Some(all) = spill {
                     inline = None;
-                    spilled_rows = all
-                        .into_iter()
-                        .map(|(kd, g, key, a)| {
-                            Ok(BucketRow {
-                                kind: kind(kd)?,
-                                granularity: granularity(g)?,
-                                key,
-                                agg: Some(a),
-                            })
-                        })
-                        .collect::<Result<_, StoreError>>()?;
+                    spilled_rows = bucket_rows(all)?;
                     &spilled_rows
                 } else if inline.is_some() {
                     &[]
@@ -359,18 +363,7 @@ impl Store for EmbeddedStore {
                 }
                 let StoredNode(parent, header, inline) =
                     rmp_serde::from_slice(v.value()).map_err(corrupt)?;
-                let buckets = inline
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|(kd, g, key, a)| {
-                        Ok(BucketRow {
-                            kind: kind(kd)?,
-                            granularity: granularity(g)?,
-                            key,
-                            agg: Some(a),
-                        })
-                    })
-                    .collect::<Result<_, StoreError>>()?;
+                let buckets = bucket_rows(inline.unwrap_or_default())?;
                 image.nodes.push(NodeRow {
                     hierarchy: h.to_string(),
                     node: n.to_string(),

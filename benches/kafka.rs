@@ -3,7 +3,8 @@
 //! in the same run. Issue target: canopy ≥ 80% of the bare consumer's rate.
 //!
 //! `cargo bench --bench kafka` (needs `tansu` on PATH or in ~/.cargo/bin; without it the
-//! benchmark says so and exits). `CANOPY_BENCH_EVENTS` sets the stream size (default 300,000).
+//! benchmark says so and exits). `CANOPY_BENCH_EVENTS` sets the stream size (default 300,000);
+//! `CANOPY_BENCH_CLEAN=1` generates a stream without refused records (no dead letters).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -102,6 +103,18 @@ fn main() {
         fanout: 5,
         events,
         ..Default::default()
+    };
+    // CANOPY_BENCH_CLEAN=1: a stream that refuses nothing, so `run` writes no dead letters
+    // (tells the engine's cost from the dead-letter round trips to the broker).
+    let cfg = if std::env::var_os("CANOPY_BENCH_CLEAN").is_some() {
+        LoadgenConfig {
+            bad: 0.0,
+            churn: 0.0,
+            suspensions: 0.0,
+            ..cfg
+        }
+    } else {
+        cfg
     };
     let t = Instant::now();
     let mut w = TopicWriter::new(&brokers, "in", None).unwrap();

@@ -41,6 +41,11 @@ const COUNTS: TableDefinition<(&str, &str), u64> = TableDefinition::new("node_co
 
 pub const FILE_NAME: &str = "canopy.redb";
 
+/// The layout version, kept in `meta["format"]`: a data directory of another layout is refused
+/// with a clear error at open instead of failing to decode rows later. Format 1 (no marker)
+/// kept every bucket in its own row.
+const FORMAT: &str = "2";
+
 /// A node keeps its buckets inside its own row while it has at most this many (all kinds and
 /// granularities together). Past it they move to `buckets` rows for good: rewriting a row of
 /// this size costs about as much as a few separate bucket rows, and a long-lived busy node
@@ -118,7 +123,28 @@ impl EmbeddedStore {
         std::fs::create_dir_all(dir).map_err(io)?;
         let db = Database::create(dir.join(FILE_NAME)).map_err(io)?;
         let tx = db.begin_write().map_err(io)?;
-        tx.open_table(META).map_err(io)?;
+        {
+            let mut meta = tx.open_table(META).map_err(io)?;
+            let format = meta
+                .get("format")
+                .map_err(io)?
+                .map(|v| String::from_utf8_lossy(v.value()).into_owned());
+            let used = meta.get("checkpoint").map_err(io)?.is_some();
+            match format.as_deref() {
+                Some(FORMAT) => {}
+                None if !used => {
+                    meta.insert("format", FORMAT.as_bytes()).map_err(io)?;
+                }
+                other => {
+                    return Err(StoreError::Corrupt(format!(
+                        "{} was written in store format {} and this canopy reads format {FORMAT} \
+                         (node rows with inline buckets): ingest into a new data directory",
+                        dir.join(FILE_NAME).display(),
+                        other.unwrap_or("1")
+                    )))
+                }
+            }
+        }
         tx.open_table(TENANTS).map_err(io)?;
         tx.open_table(NODES).map_err(io)?;
         tx.open_table(DEDUP).map_err(io)?;
@@ -865,5 +891,32 @@ mod tests {
         n.buckets[1].agg = None;
         s.commit(c(2, n)).await.unwrap();
         assert_eq!(keys_of(&s, "a").await, [0, 1, 3, 9]);
+    }
+
+    #[tokio::test]
+    async fn a_store_of_another_format_is_refused_with_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        s.commit(cp(1, TenantChanges::default())).await.unwrap();
+        drop(s);
+        assert!(
+            EmbeddedStore::open(dir.path()).is_ok(),
+            "own format reopens"
+        );
+        // A format-1 store: checkpoints, no marker.
+        {
+            let db = Database::create(dir.path().join(FILE_NAME)).unwrap();
+            let tx = db.begin_write().unwrap();
+            tx.open_table(META).unwrap().remove("format").unwrap();
+            tx.commit().unwrap();
+        }
+        let err = EmbeddedStore::open(dir.path())
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(
+            err.contains("store format 1") && err.contains("new data directory"),
+            "{err}"
+        );
     }
 }

@@ -305,23 +305,15 @@ impl Engine {
     ) -> Result<Vec<BatchOutcome>, EngineError> {
         let mut waits = Vec::with_capacity(calls.len());
         for (tenant, batch) in calls {
-            let (tx, rx) = oneshot();
-            let h = &self.tenants[&tenant];
-            let sent = h.actor.send_message(CoordMsg::Process {
+            let asked = ask(&self.tenants[&tenant].actor, |reply| CoordMsg::Process {
                 batch: batch.clone(),
-                reply: tx.into(),
+                reply,
             });
-            waits.push((tenant, batch, sent.is_ok().then_some(rx)));
+            waits.push((tenant, batch, asked));
         }
         let mut out = Vec::with_capacity(waits.len());
-        for (tenant, batch, rx) in waits {
-            let r = match rx {
-                Some(rx) => rx
-                    .await
-                    .unwrap_or_else(|_| Err(TenantError::NodeDown("coordinator stopped".into()))),
-                None => Err(TenantError::NodeDown("coordinator unreachable".into())),
-            };
-            match r {
+        for (tenant, batch, asked) in waits {
+            match answer(asked).await {
                 Ok(o) => out.push(o),
                 Err(e) => out.push(self.recover(&tenant, e, Some(batch)).await?),
             }
@@ -432,29 +424,21 @@ impl Engine {
         let names: Vec<String> = self.tenants.keys().cloned().collect();
         // Every tenant snapshots at once (they are independent actors); the replies are then
         // collected in turn, and a tenant that failed is rebuilt and asked again.
-        let mut asked = Vec::with_capacity(names.len());
-        for tenant in names {
-            let (tx, rx) = oneshot();
-            let sent = self.tenants[&tenant]
-                .actor
-                .send_message(CoordMsg::Snapshot {
+        let asked: Vec<_> = names
+            .into_iter()
+            .map(|t| {
+                let a = ask(&self.tenants[&t].actor, |reply| CoordMsg::Snapshot {
                     seq,
-                    reply: tx.into(),
-                })
-                .is_ok();
-            asked.push((tenant, sent.then_some(rx)));
-        }
+                    reply,
+                });
+                (t, a)
+            })
+            .collect();
         let mut changes = Vec::with_capacity(asked.len());
-        for (tenant, rx) in asked {
-            let mut first = match rx {
-                Some(rx) => rx
-                    .instrument(span.clone())
-                    .await
-                    .unwrap_or_else(|_| Err(TenantError::NodeDown("coordinator stopped".into()))),
-                None => Err(TenantError::NodeDown("coordinator unreachable".into())),
-            };
+        for (tenant, asked) in asked {
+            let mut reply = answer(asked).instrument(span.clone()).await;
             loop {
-                match first {
+                match reply {
                     Ok(c) => {
                         changes.push(c);
                         break;
@@ -462,7 +446,7 @@ impl Engine {
                     Err(e) => {
                         self.recover(&tenant, e, None).await?;
                         let actor = self.tenants[&tenant].actor.clone();
-                        first = call(&actor, |reply| CoordMsg::Snapshot { seq, reply })
+                        reply = call(&actor, |reply| CoordMsg::Snapshot { seq, reply })
                             .instrument(span.clone())
                             .await;
                     }
@@ -576,6 +560,27 @@ impl Engine {
         .await
         .ok()
         .flatten()
+    }
+}
+
+/// A request sent to a coordinator without waiting for it (`None`: it could not be sent), so
+/// that several coordinators work at once; [`answer`] then waits for the reply.
+type Asked<T> = Option<ractor::concurrency::OneshotReceiver<Result<T, TenantError>>>;
+
+fn ask<T>(
+    actor: &ActorRef<CoordMsg>,
+    f: impl FnOnce(ractor::RpcReplyPort<Result<T, TenantError>>) -> CoordMsg,
+) -> Asked<T> {
+    let (tx, rx) = oneshot();
+    actor.send_message(f(tx.into())).is_ok().then_some(rx)
+}
+
+async fn answer<T>(asked: Asked<T>) -> Result<T, TenantError> {
+    match asked {
+        Some(rx) => rx
+            .await
+            .unwrap_or_else(|_| Err(TenantError::NodeDown("coordinator stopped".into()))),
+        None => Err(TenantError::NodeDown("coordinator unreachable".into())),
     }
 }
 

@@ -789,6 +789,18 @@ mod tests {
         );
     }
 
+    /// A checkpoint that only puts `rows`.
+    fn put(seq: u64, rows: Vec<NodeRow>) -> Arc<Checkpoint> {
+        cp(
+            seq,
+            TenantChanges {
+                tenant: "t".into(),
+                put_nodes: rows,
+                ..Default::default()
+            },
+        )
+    }
+
     fn bucket_rows(s: &EmbeddedStore) -> usize {
         let tx = s.db.begin_read().unwrap();
         redb::ReadableTableMetadata::len(&tx.open_table(BUCKETS).unwrap()).unwrap() as usize
@@ -819,16 +831,6 @@ mod tests {
     async fn a_node_that_outgrows_the_inline_set_spills_its_buckets_to_rows() {
         let dir = tempfile::tempdir().unwrap();
         let s = EmbeddedStore::open(dir.path()).unwrap();
-        let put = |seq, rows: Vec<NodeRow>| {
-            cp(
-                seq,
-                TenantChanges {
-                    tenant: "t".into(),
-                    put_nodes: rows,
-                    ..Default::default()
-                },
-            )
-        };
         // A small node: one row, buckets inline.
         let written = s
             .commit(put(1, vec![node("small", &[1, 2, 3])]))
@@ -876,20 +878,10 @@ mod tests {
     async fn inline_buckets_take_changes_and_deletions() {
         let dir = tempfile::tempdir().unwrap();
         let s = EmbeddedStore::open(dir.path()).unwrap();
-        let c = |seq, n: NodeRow| {
-            cp(
-                seq,
-                TenantChanges {
-                    tenant: "t".into(),
-                    put_nodes: vec![n],
-                    ..Default::default()
-                },
-            )
-        };
-        s.commit(c(1, node("a", &[3, 1, 2]))).await.unwrap();
+        s.commit(put(1, vec![node("a", &[3, 1, 2])])).await.unwrap();
         let mut n = node("a", &[0, 2, 9]);
         n.buckets[1].agg = None;
-        s.commit(c(2, n)).await.unwrap();
+        s.commit(put(2, vec![n])).await.unwrap();
         assert_eq!(keys_of(&s, "a").await, [0, 1, 3, 9]);
     }
 

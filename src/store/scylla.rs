@@ -24,7 +24,8 @@
 //!
 //! Known limits, not hidden: the hierarchy listing's node count scans the hierarchy's `nodes`
 //! partition; a node deleted before this process loaded its tenant leaves a stale index entry
-//! (never served, only skipped); between steps 3 and 4 a reader may still see a deleted-and-re-created node's old buckets. TLS uses
+//! (never served, only skipped); between steps 3 and 4 a reader may still see a
+//! deleted-and-re-created node's old buckets. TLS uses
 //! rustls (`store.scylla_tls_*`); the driver names the server by the node's IP address, so
 //! node certificates need IP subject-alternative names. This module has been compiled
 //! here but never run against a Scylla node: none can run on the development machines. The
@@ -258,8 +259,11 @@ struct Garbage {
     children: Vec<(String, String, String, String)>,
 }
 
-/// (tenant, hierarchy, node) → the parent it is indexed under (`ROOTS` for a root).
-type Placed = std::collections::HashMap<(String, String, String), String>;
+/// (tenant, hierarchy, node).
+type NodeKey = (String, String, String);
+
+/// A node → the parent it is indexed under (`ROOTS` for a root).
+type Placed = std::collections::HashMap<NodeKey, String>;
 
 pub struct ScyllaStore {
     session: Arc<Session>,
@@ -717,15 +721,12 @@ impl Store for ScyllaStore {
         }
         // Where nodes are indexed once this commit lands: applied to `placed` only then, so a
         // retried commit computes, and writes, the same entries again.
-        let mut placed_now: std::collections::HashMap<(String, String, String), Option<String>> =
+        let mut placed_now: std::collections::HashMap<NodeKey, Option<String>> =
             std::collections::HashMap::new();
-        let indexed_at = |placed_now: &std::collections::HashMap<_, Option<String>>,
-                          key: &(String, String, String)|
-         -> Option<String> {
-            match placed_now.get(key) {
-                Some(p) => p.clone(),
-                None => self.placed.lock().expect("lock").get(key).cloned(),
-            }
+        let indexed_at = |now: &std::collections::HashMap<NodeKey, Option<String>>,
+                          key: &NodeKey| match now.get(key) {
+            Some(p) => p.clone(),
+            None => self.placed.lock().expect("lock").get(key).cloned(),
         };
         // 2. The new versions.
         let v = seq as i64;

@@ -103,6 +103,10 @@ pub struct TenantSection {
     pub round_max_events: usize,
     /// ...or once the oldest pending event waited this long.
     pub round_interval_ms: u64,
+    /// Node restarts within `node_restart_window_ms` after which the next failure of that node
+    /// rebuilds its whole tenant instead.
+    pub node_max_restarts: u32,
+    pub node_restart_window_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -205,6 +209,8 @@ impl Default for TenantSection {
             retention_day_secs: t.retention.day_secs,
             round_max_events: t.round_max_events,
             round_interval_ms: t.round_interval_ms,
+            node_max_restarts: t.node_max_restarts,
+            node_restart_window_ms: t.node_restart_window_ms,
         }
     }
 }
@@ -274,6 +280,8 @@ impl Config {
                 },
                 round_max_events: t.round_max_events,
                 round_interval_ms: t.round_interval_ms,
+                node_max_restarts: t.node_max_restarts,
+                node_restart_window_ms: t.node_restart_window_ms,
             },
         }
     }

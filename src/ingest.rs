@@ -35,6 +35,7 @@ pub struct IngestReport {
     pub store_commits: u64,
     pub store_rows: u64,
     pub tenant_restarts: u64,
+    pub node_restarts: u64,
     pub chaos_kills: u64,
     pub elapsed: Duration,
 }
@@ -50,6 +51,7 @@ impl IngestReport {
             store_commits: s.store_commits.load(Ordering::Relaxed),
             store_rows: s.store_rows.load(Ordering::Relaxed),
             tenant_restarts: s.tenant_restarts.load(Ordering::Relaxed),
+            node_restarts: s.node_restarts.load(Ordering::Relaxed),
             chaos_kills: s.chaos_kills.load(Ordering::Relaxed),
             elapsed,
         }
@@ -102,6 +104,9 @@ pub async fn ingest(
         duplicates = rep.duplicates,
         checkpoints = rep.checkpoints,
         store_rows = rep.store_rows,
+        chaos_kills = rep.chaos_kills,
+        node_restarts = rep.node_restarts,
+        tenant_restarts = rep.tenant_restarts,
         elapsed_ms = rep.elapsed.as_millis() as u64,
         "ingest complete; everything is durable"
     );

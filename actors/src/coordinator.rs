@@ -7,14 +7,21 @@
 //! supervision events while a round is in flight; the supervisor forwards them as signals.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use ractor::concurrency::oneshot;
-use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use ractor::{
+    Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent,
+};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
-use crate::node::{NodeActor, NodeArgs, NodeEvent, NodeMsg, NodeState, TenantSignal};
+use crate::engine::Stats;
+use crate::node::{
+    Journal, JournalRef, NodeActor, NodeArgs, NodeEvent, NodeMsg, NodeState, TenantSignal,
+};
 use crate::record::{Mode, Record, Refusal};
 use crate::store::{DedupBatch, NodeRow, Store, StoreError, TenantChanges};
 use crate::tenant::{Effect, NodeIx, Tenant, TenantSettings};
@@ -56,12 +63,27 @@ pub enum CoordMsg {
         node: String,
         reply: RpcReplyPort<Option<NodeState>>,
     },
+    /// Tests: one node's actor.
+    NodeRef {
+        hierarchy: String,
+        node: String,
+        reply: RpcReplyPort<Option<ActorRef<NodeMsg>>>,
+    },
+    /// Waits until the node actor `id` has been reported down and dealt with (restarted, or the
+    /// tenant failed): lets chaos kills and tests wait for the restart they caused.
+    AwaitDown {
+        id: ActorId,
+        reply: RpcReplyPort<Result<(), TenantError>>,
+    },
 }
 
 pub struct CoordArgs {
     pub tenant: String,
     pub settings: TenantSettings,
     pub store: Arc<dyn Store>,
+    /// The last snapshot the engine took: nodes created from now on are newer than it.
+    pub snap_seq: u64,
+    pub stats: Arc<Stats>,
 }
 
 pub struct Coordinator;
@@ -83,6 +105,20 @@ pub struct Coord {
     signals_tx: UnboundedSender<TenantSignal>,
     supervisor: ActorRef<()>,
     broken: Option<String>,
+    store: Arc<dyn Store>,
+    stats: Arc<Stats>,
+    /// Each live node's journal (see [`Journal`]), by slot.
+    journals: Vec<Option<JournalRef>>,
+    /// Live node actors by id, to know which node a supervision event is about.
+    ids: HashMap<ActorId, NodeIx>,
+    /// Recent restarts per node, for the restart intensity limit.
+    restarts: HashMap<NodeIx, VecDeque<Instant>>,
+    /// Node actors reported down and dealt with, for `AwaitDown` (cleared at each snapshot).
+    handled_down: HashSet<ActorId>,
+    /// The last snapshot this tenant took part in (or the engine's, at spawn).
+    last_snap: u64,
+    /// The nodes of the last snapshot: their journals are settled at the next one.
+    snapshotted: Vec<NodeIx>,
 }
 
 /// Forwards node failures to the coordinator's signal channel.
@@ -108,24 +144,25 @@ impl Actor for NodeSupervisor {
         evt: SupervisionEvent,
         tx: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        let reason = match evt {
-            SupervisionEvent::ActorFailed(cell, err) => {
-                format!("node actor {} panicked: {err}", cell.get_id())
-            }
+        let (id, reason) = match evt {
+            SupervisionEvent::ActorFailed(cell, err) => (
+                cell.get_id(),
+                format!("node actor {} panicked: {err}", cell.get_id()),
+            ),
             SupervisionEvent::ActorTerminated(cell, _, reason)
                 if reason.as_deref() != Some(STOP_REASON) =>
             {
-                format!(
+                let why = format!(
                     "node actor {} stopped: {}",
                     cell.get_id(),
                     reason.unwrap_or_else(|| "no reason".into())
-                )
+                );
+                (cell.get_id(), why)
             }
             _ => return Ok(()),
         };
-        metrics::counter!("canopy_actor_restarts_total", "kind" => "node").increment(1);
-        warn!(reason = %reason, "node actor down; the tenant will be rebuilt from its checkpoint");
-        let _ = tx.send(TenantSignal::NodeDown { reason });
+        warn!(actor = %id, reason = %reason, "node actor down");
+        let _ = tx.send(TenantSignal::NodeDown { id, reason });
         Ok(())
     }
 }
@@ -133,14 +170,118 @@ impl Actor for NodeSupervisor {
 const STOP_REASON: &str = "canopy:stop";
 
 impl Coord {
-    fn check(&mut self) -> Result<(), TenantError> {
+    /// Restarts every node reported down since the last look. Called only where the tree is
+    /// quiescent (no round, move or snapshot in flight), which is what a node restart needs.
+    async fn check(&mut self) -> Result<(), TenantError> {
         if let Some(r) = &self.broken {
             return Err(TenantError::NodeDown(r.clone()));
         }
         while let Ok(sig) = self.signals.try_recv() {
-            if let TenantSignal::NodeDown { reason } = sig {
-                self.broken = Some(reason.clone());
-                return Err(TenantError::NodeDown(reason));
+            self.on_signal(sig).await?;
+        }
+        Ok(())
+    }
+
+    async fn on_signal(&mut self, sig: TenantSignal) -> Result<(), TenantError> {
+        match sig {
+            TenantSignal::NodeDown { id, reason } => self.restart_node(id, reason).await,
+            // A round's leftovers cannot arrive at a quiescent point: something is off.
+            TenantSignal::RoundDone => Err(self.fail("round signal outside a round".into())),
+        }
+    }
+
+    /// Brings node actor `id` back: its row from the last committed checkpoint, then its
+    /// journal since that checkpoint replayed onto it (ARCHITECTURE.md, "Node restart"). A node
+    /// that keeps failing escalates: the tenant fails and the engine rebuilds it.
+    async fn restart_node(&mut self, id: ActorId, reason: String) -> Result<(), TenantError> {
+        self.handled_down.insert(id);
+        let Some(ix) = self.ids.remove(&id) else {
+            // Not a live node (one already replaced or deleted): nothing to bring back.
+            return Ok(());
+        };
+        let s = self.t.settings;
+        let window = Duration::from_millis(s.node_restart_window_ms);
+        let recent = self.restarts.entry(ix).or_default();
+        recent.retain(|t| t.elapsed() < window);
+        if recent.len() >= s.node_max_restarts as usize {
+            let n = recent.len();
+            return Err(self.fail(format!(
+                "node {} restarted {n} times within {} ms, escalating to a tenant rebuild; last failure: {reason}",
+                self.t.slot(ix).name,
+                s.node_restart_window_ms
+            )));
+        }
+        recent.push_back(Instant::now());
+        let (hierarchy, name) = {
+            let slot = self.t.slot(ix);
+            (
+                self.t.hierarchies[slot.hierarchy as usize].name.clone(),
+                slot.name.clone(),
+            )
+        };
+        let stored = match self.store.load_node(&self.t.id, &hierarchy, &name).await {
+            Ok(r) => r,
+            Err(e) => {
+                return Err(self.fail(format!(
+                    "node {name} is down ({reason}) and its stored row could not be read: {e}"
+                )))
+            }
+        };
+        let journal = self.journals[ix as usize]
+            .clone()
+            .expect("live node has a journal");
+        let base = if journal
+            .lock()
+            .expect("journal")
+            .base_is_stored(stored.as_of)
+        {
+            match stored.value {
+                Some(row) => NodeState::from_rows(row.header, &row.buckets),
+                None => {
+                    return Err(self.fail(format!(
+                        "node {name} is down ({reason}) and checkpoint {} has no row for it",
+                        stored.as_of
+                    )))
+                }
+            }
+        } else {
+            NodeState::default()
+        };
+        self.spawn_node(ix, base, journal, Some(stored.as_of))
+            .await?;
+        let me = self.actor(ix).clone();
+        // Its children still address the old actor; nothing is in flight between rounds, so
+        // this reaches each of them before its next delta.
+        for c in self.t.slot(ix).children.clone() {
+            if self
+                .actor(c)
+                .send_message(NodeMsg::SetParent(Some(me.clone())))
+                .is_err()
+            {
+                return Err(self.fail(format!("node {c} is gone")));
+            }
+        }
+        // A `Grow` still in the dead actor's mailbox was lost with it; no child delta can have
+        // arrived since (it would have come in a round, after the `Grow`), so sending it again
+        // is exact, and a no-op if it had been applied.
+        if !self.t.slot(ix).children.is_empty() && me.send_message(NodeMsg::Grow).is_err() {
+            return Err(self.fail(format!("node {ix} is gone")));
+        }
+        self.stats.node_restarts.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("canopy_actor_restarts_total", "kind" => "node").increment(1);
+        info!(tenant = %self.t.id, hierarchy = %hierarchy, node = %name, as_of = stored.as_of, reason = %reason, "node actor restarted from its checkpoint and journal");
+        Ok(())
+    }
+
+    /// Waits for node actor `id`'s failure to be reported, and deals with it.
+    async fn await_down(&mut self, id: ActorId) -> Result<(), TenantError> {
+        self.check().await?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !self.handled_down.remove(&id) {
+            match tokio::time::timeout_at(deadline, self.signals.recv()).await {
+                Ok(Some(sig)) => self.on_signal(sig).await?,
+                Ok(None) => return Err(self.fail("signal channel closed".into())),
+                Err(_) => return Err(self.fail(format!("node actor {id} was not reported down"))),
             }
         }
         Ok(())
@@ -161,13 +302,20 @@ impl Coord {
         let n = self.t.slots.len();
         if self.actors.len() < n {
             self.actors.resize(n, None);
+            self.journals.resize(n, None);
             self.pending.resize_with(n, Vec::new);
             self.mark.resize(n, 0);
             self.expect.resize(n, 0);
         }
     }
 
-    async fn spawn_node(&mut self, ix: NodeIx, state: NodeState) -> Result<(), TenantError> {
+    async fn spawn_node(
+        &mut self,
+        ix: NodeIx,
+        state: NodeState,
+        journal: JournalRef,
+        replay_onto: Option<u64>,
+    ) -> Result<(), TenantError> {
         self.grow();
         let parent = self.t.slot(ix).parent.map(|p| self.actor(p).clone());
         let args = NodeArgs {
@@ -176,11 +324,15 @@ impl Coord {
             state,
             parent,
             signals: self.signals_tx.clone(),
+            journal: journal.clone(),
+            replay_onto,
         };
         let (actor, _) = Actor::spawn_linked(None, NodeActor, args, self.supervisor.get_cell())
             .await
             .map_err(|e| self.fail(format!("spawning a node actor: {e}")))?;
+        self.ids.insert(actor.get_id(), ix);
         self.actors[ix as usize] = Some(actor);
+        self.journals[ix as usize] = Some(journal);
         Ok(())
     }
 
@@ -261,7 +413,11 @@ impl Coord {
         while roots > 0 {
             match self.signals.recv().await {
                 Some(TenantSignal::RoundDone) => roots -= 1,
-                Some(TenantSignal::NodeDown { reason }) => return Err(self.fail(reason)),
+                // Mid-round a restarted node could not tell which deltas it still owes: the
+                // tenant is rebuilt instead (ARCHITECTURE.md, "Node restart").
+                Some(TenantSignal::NodeDown { reason, .. }) => {
+                    return Err(self.fail(format!("{reason} (during a round)")))
+                }
                 None => return Err(self.fail("signal channel closed".into())),
             }
         }
@@ -338,7 +494,7 @@ impl Coord {
     }
 
     async fn process(&mut self, batch: &[(u64, Record)]) -> Result<BatchOutcome, TenantError> {
-        self.check()?;
+        self.check().await?;
         let mut out = BatchOutcome::default();
         for (tag, rec) in batch {
             if self.settle_before(rec) {
@@ -381,7 +537,9 @@ impl Coord {
                 }
                 Effect::Create { node } => {
                     self.grow_parent(node)?;
-                    self.spawn_node(node, NodeState::default()).await?;
+                    let journal = Journal::created_after(self.last_snap);
+                    self.spawn_node(node, NodeState::default(), journal, None)
+                        .await?;
                     self.dirty.insert(node);
                 }
                 Effect::Move { node, from } => {
@@ -413,8 +571,11 @@ impl Coord {
                     // leave with it (current mode; attributed settled them before the delete).
                     self.pending[node as usize].clear();
                     if let Some(a) = self.actors[node as usize].take() {
+                        self.ids.remove(&a.get_id());
                         a.stop(Some(STOP_REASON.into()));
                     }
+                    self.journals[node as usize] = None;
+                    self.restarts.remove(&node);
                     self.dirty.remove(&node);
                     self.t.release(node);
                 }
@@ -432,8 +593,18 @@ impl Coord {
     }
 
     async fn snapshot(&mut self, seq: u64) -> Result<TenantChanges, TenantError> {
-        self.check()?;
+        self.check().await?;
         self.round().await?;
+        // Checkpoint `seq` begins only once every earlier one is durable: the journals of nodes
+        // snapshotted last time and quiet since can let go of what they hold (the dirty ones
+        // do it themselves at their snapshot).
+        for n in std::mem::take(&mut self.snapshotted) {
+            if !self.dirty.contains(&n) {
+                if let Some(j) = self.journals.get(n as usize).and_then(Option::as_ref) {
+                    j.lock().expect("journal").settle();
+                }
+            }
+        }
         let prune = self
             .t
             .settings
@@ -445,6 +616,7 @@ impl Coord {
             if self
                 .actor(n)
                 .send_message(NodeMsg::Snapshot {
+                    seq,
                     prune,
                     reply: tx.into(),
                 })
@@ -491,7 +663,9 @@ impl Coord {
         self.t.sweep_dedup();
         let row = self.t.row_dirty.then(|| self.t.row());
         self.t.row_dirty = false;
-        self.dirty.clear();
+        self.snapshotted = self.dirty.drain().collect();
+        self.last_snap = seq;
+        self.handled_down.clear();
         Ok(TenantChanges {
             tenant: self.t.id.clone(),
             row,
@@ -533,7 +707,7 @@ impl Coord {
             .collect();
         while let Some(n) = queue.pop_front() {
             let st = states.remove(&n).unwrap_or_default();
-            self.spawn_node(n, st).await?;
+            self.spawn_node(n, st, Journal::restored(), None).await?;
             queue.extend(self.t.slot(n).children.iter().copied());
         }
         debug!(tenant = %self.t.id, nodes = image.nodes.len(), "tenant restored from checkpoint");
@@ -572,6 +746,14 @@ impl Actor for Coordinator {
             signals_tx: tx,
             supervisor,
             broken: None,
+            store: a.store.clone(),
+            stats: a.stats,
+            journals: Vec::new(),
+            ids: HashMap::new(),
+            restarts: HashMap::new(),
+            handled_down: HashSet::new(),
+            last_snap: a.snap_seq,
+            snapshotted: Vec::new(),
         };
         c.restore(&*a.store).await?;
         Ok(c)
@@ -632,6 +814,18 @@ impl Actor for Coordinator {
                 };
                 let _ = reply.send(st);
             }
+            CoordMsg::NodeRef {
+                hierarchy,
+                node,
+                reply,
+            } => {
+                let r = c.t.node_ix(&hierarchy, &node).map(|ix| c.actor(ix).clone());
+                let _ = reply.send(r);
+            }
+            CoordMsg::AwaitDown { id, reply } => {
+                let r = c.await_down(id).await;
+                let _ = reply.send(r);
+            }
         }
         Ok(())
     }
@@ -654,12 +848,16 @@ pub async fn spawn_tenant(
     tenant: &str,
     settings: TenantSettings,
     store: Arc<dyn Store>,
+    snap_seq: u64,
+    stats: Arc<Stats>,
     supervisor: Option<ActorCell>,
 ) -> Result<ActorRef<CoordMsg>, TenantError> {
     let args = CoordArgs {
         tenant: tenant.to_string(),
         settings,
         store,
+        snap_seq,
+        stats,
     };
     let r = match supervisor {
         Some(s) => Actor::spawn_linked(None, Coordinator, args, s).await,

@@ -80,6 +80,8 @@ pub struct Stats {
     pub store_rows: AtomicU64,
     pub store_retries: AtomicU64,
     pub tenant_restarts: AtomicU64,
+    /// Node actors restarted alone (from their checkpoint row and journal).
+    pub node_restarts: AtomicU64,
     pub chaos_kills: AtomicU64,
     pub last_checkpoint_seq: AtomicU64,
 }
@@ -213,7 +215,7 @@ impl Engine {
             inputs = rest;
             self.until_chaos -= take as u64;
             if self.until_chaos == 0 {
-                self.chaos_kill().await;
+                self.chaos_kill().await?;
                 self.until_chaos = self.cfg.chaos_kill_every;
             }
         }
@@ -283,9 +285,16 @@ impl Engine {
 
     async fn tenant(&mut self, tenant: &str) -> Result<&mut TenantHandle, EngineError> {
         if !self.tenants.contains_key(tenant) {
-            let actor = spawn_tenant(tenant, self.cfg.tenant, self.store.clone(), None)
-                .await
-                .map_err(|e| EngineError::Tenant(tenant.into(), e))?;
+            let actor = spawn_tenant(
+                tenant,
+                self.cfg.tenant,
+                self.store.clone(),
+                self.snap_seq,
+                self.stats.clone(),
+                None,
+            )
+            .await
+            .map_err(|e| EngineError::Tenant(tenant.into(), e))?;
             self.tenants.insert(
                 tenant.to_string(),
                 TenantHandle {
@@ -350,9 +359,16 @@ impl Engine {
             metrics::counter!("canopy_actor_restarts_total", "kind" => "tenant").increment(1);
             warn!(tenant, error = %err, "rebuilding tenant from its last checkpoint");
             h.actor.stop(Some("rebuild".into()));
-            let actor = spawn_tenant(tenant, self.cfg.tenant, self.store.clone(), None)
-                .await
-                .map_err(|e| EngineError::Tenant(tenant.into(), e))?;
+            let actor = spawn_tenant(
+                tenant,
+                self.cfg.tenant,
+                self.store.clone(),
+                self.snap_seq,
+                self.stats.clone(),
+                None,
+            )
+            .await
+            .map_err(|e| EngineError::Tenant(tenant.into(), e))?;
             let h = self.tenants.get_mut(tenant).expect("known tenant");
             h.actor = actor.clone();
             // The log ends with `retry` when a batch failed: replay everything before it quietly.
@@ -388,21 +404,77 @@ impl Engine {
         }
     }
 
-    async fn chaos_kill(&mut self) {
+    /// Kills a random node actor: half the time by `kill` (the task is aborted), half the time
+    /// by a panic inside its handler. Half the kills are then waited for, so that the node is
+    /// restarted alone; the others land whenever they land, possibly while the next batch's
+    /// round runs, which rebuilds the tenant instead. Both must keep the numbers exact.
+    async fn chaos_kill(&mut self) -> Result<(), EngineError> {
         let names: Vec<String> = self.tenants.keys().cloned().collect();
         if names.is_empty() {
-            return;
+            return Ok(());
         }
-        let tenant = &names[rand::random_range(0..names.len())];
-        let actor = self.tenants[tenant].actor.clone();
+        let tenant = names[rand::random_range(0..names.len())].clone();
+        let actor = self.tenants[&tenant].actor.clone();
         if let Ok(Some(node)) = call_plain(&actor, CoordMsg::RandomNode).await {
             self.stats.chaos_kills.fetch_add(1, Ordering::Relaxed);
-            if rand::random_bool(0.5) {
-                node.kill();
-            } else {
-                let _ = node.send_message(NodeMsg::Crash);
+            info!(tenant = %tenant, "chaos: killing a node actor");
+            self.kill(
+                &tenant,
+                node,
+                rand::random_bool(0.5),
+                rand::random_bool(0.5),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn kill(
+        &mut self,
+        tenant: &str,
+        node: ActorRef<NodeMsg>,
+        panic: bool,
+        wait: bool,
+    ) -> Result<(), EngineError> {
+        let id = node.get_id();
+        if panic {
+            let _ = node.send_message(NodeMsg::Crash);
+        } else {
+            node.kill();
+        }
+        if wait {
+            let actor = self.tenants[tenant].actor.clone();
+            if let Err(e) = call(&actor, |reply| CoordMsg::AwaitDown { id, reply }).await {
+                self.recover(tenant, e, None).await?;
             }
-            info!(tenant = %tenant, "chaos: killed a node actor");
+        }
+        Ok(())
+    }
+
+    /// Kills one node actor (by panic or abort) and waits until its tenant dealt with it:
+    /// restarted the node, or, past the restart intensity limit, rebuilt the tenant. For tests.
+    pub async fn kill_node(
+        &mut self,
+        tenant: &str,
+        hierarchy: &str,
+        node: &str,
+        panic: bool,
+    ) -> Result<(), EngineError> {
+        let Some(h) = self.tenants.get(tenant) else {
+            return Ok(());
+        };
+        let actor = h.actor.clone();
+        let found = call_plain(&actor, |reply| CoordMsg::NodeRef {
+            hierarchy: hierarchy.into(),
+            node: node.into(),
+            reply,
+        })
+        .await
+        .ok()
+        .flatten();
+        match found {
+            Some(n) => self.kill(tenant, n, panic, true).await,
+            None => Ok(()),
         }
     }
 

@@ -2,9 +2,9 @@
 //! and their buckets), receives the events of its entity and the deltas of its children, and passes
 //! one coalesced delta up per round (see ARCHITECTURE.md, "Rounds").
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -134,8 +134,100 @@ pub struct NodeEvent {
 pub enum TenantSignal {
     /// A root finished its part of a round.
     RoundDone,
-    /// A node actor stopped unexpectedly (panic or kill); the tenant must be rebuilt.
-    NodeDown { reason: String },
+    /// A node actor stopped unexpectedly (panic or kill): the coordinator restarts it.
+    NodeDown { id: ActorId, reason: String },
+}
+
+/// One change a node applied since its last snapshot, kept so that a restarted node can be
+/// brought from its stored row to exactly the state it had (ARCHITECTURE.md, "Node restart").
+/// Entries are the node's *inputs* after they took effect, not copies of its state, so keeping
+/// them costs what the messages already cost: the events and deltas are moved in, not cloned.
+#[derive(Debug)]
+enum Entry {
+    Round {
+        events: Vec<NodeEvent>,
+        expect: u32,
+    },
+    Child(Box<Delta>),
+    /// A `Remove`, with the extremes it resolved by asking the children at the time (a replay
+    /// must not ask again: the children have moved on since).
+    Removed {
+        gone: Arc<Delta>,
+        extremes: Vec<(Scope, MetricName, (i64, i64))>,
+    },
+    Add(Arc<Delta>),
+    Grow,
+    /// The node's part of checkpoint `seq` was taken here, after pruning with `prune`.
+    Snapshot {
+        seq: u64,
+        prune: [u64; 3],
+    },
+}
+
+/// A node's journal. It lives outside the actor (the coordinator holds it too), so that it
+/// survives the actor's panic or kill.
+#[derive(Debug, Default)]
+pub struct Journal {
+    /// The node was created after snapshot `fresh_after`: a stored row from a checkpoint at or
+    /// below it is not this node's (none, or an earlier node of the same name), and the node's
+    /// base state is then the empty one.
+    fresh_after: Option<u64>,
+    entries: Vec<Entry>,
+}
+
+pub type JournalRef = Arc<Mutex<Journal>>;
+
+impl Journal {
+    /// The journal of a node restored from the store (its base is its stored row).
+    pub fn restored() -> JournalRef {
+        Arc::default()
+    }
+
+    /// The journal of a node created after snapshot `seq`.
+    pub fn created_after(seq: u64) -> JournalRef {
+        Arc::new(Mutex::new(Journal {
+            fresh_after: Some(seq),
+            entries: Vec::new(),
+        }))
+    }
+
+    /// Whether a row stored by checkpoint `as_of` is this node's base (else: the empty state).
+    pub fn base_is_stored(&self, as_of: u64) -> bool {
+        self.fresh_after.is_none_or(|m| as_of > m)
+    }
+
+    /// Forgets everything up to the last snapshot. Called when a later checkpoint begins, which
+    /// means every earlier one is durable: the store holds what those entries led to.
+    pub fn settle(&mut self) {
+        if let Some(i) = self
+            .entries
+            .iter()
+            .rposition(|e| matches!(e, Entry::Snapshot { .. }))
+        {
+            self.entries.drain(..=i);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Where a replay onto the row of checkpoint `as_of` starts: after the last snapshot that
+    /// checkpoint already holds.
+    fn replay_from(&self, as_of: u64) -> usize {
+        self.entries
+            .iter()
+            .rposition(|e| matches!(e, Entry::Snapshot { seq, .. } if *seq <= as_of))
+            .map_or(0, |i| i + 1)
+    }
+}
+
+fn push(j: &JournalRef, e: Entry) {
+    j.lock().expect("journal lock").entries.push(e);
 }
 
 pub enum NodeMsg {
@@ -146,9 +238,10 @@ pub enum NodeMsg {
     },
     /// A child's coalesced delta for the current round.
     Child(Box<Delta>),
-    /// The node's header and changed buckets, after dropping buckets older than `prune`
-    /// (checkpoint).
+    /// The node's header and changed buckets for checkpoint `seq`, after dropping buckets
+    /// older than `prune`.
     Snapshot {
+        seq: u64,
         prune: [u64; 3],
         reply: RpcReplyPort<NodeSnapshot>,
     },
@@ -186,9 +279,14 @@ pub struct NodeActor;
 pub struct NodeArgs {
     pub ix: NodeIx,
     pub mode: Mode,
+    /// The base state: empty, or the node's row as of checkpoint `replay_onto`.
     pub state: NodeState,
     pub parent: Option<ActorRef<NodeMsg>>,
     pub signals: UnboundedSender<TenantSignal>,
+    pub journal: JournalRef,
+    /// A restart: `state` is the row of this checkpoint (or empty, see [`Journal::base_is_stored`]),
+    /// and the journal's entries since that checkpoint's snapshot are replayed onto it.
+    pub replay_onto: Option<u64>,
 }
 
 pub struct Node {
@@ -202,6 +300,7 @@ pub struct Node {
     expect: Option<u32>,
     received: u32,
     dirty: DirtyBuckets,
+    journal: JournalRef,
 }
 
 impl Node {
@@ -220,20 +319,92 @@ impl Node {
         self.pending.buckets.add_event(&e.keys, m);
     }
 
-    fn maybe_flush(&mut self) -> Result<(), ActorProcessingErr> {
+    /// Once the node's own events and every expected child delta are in: merges what is
+    /// pending into `subtree` and returns it, to be passed up.
+    fn take_flush(&mut self) -> Option<Delta> {
         if self.expect != Some(self.received) {
-            return Ok(());
+            return None;
         }
         self.expect = None;
         self.received = 0;
         let d = std::mem::take(&mut self.pending);
         self.state.subtree.merge(&d);
         self.dirty.mark_all(BucketKind::Subtree, &d.buckets);
+        Some(d)
+    }
+
+    fn maybe_flush(&mut self) -> Result<(), ActorProcessingErr> {
+        let Some(d) = self.take_flush() else {
+            return Ok(());
+        };
         match &self.parent {
             Some(p) => p.send_message(NodeMsg::Child(Box::new(d)))?,
             None => self.signals.send(TenantSignal::RoundDone)?,
         }
         Ok(())
+    }
+
+    fn prune(&mut self, prune: &[u64; 3]) {
+        for (kind, b) in [
+            (BucketKind::Subtree, Some(&mut self.state.subtree.buckets)),
+            (BucketKind::Own, self.state.own_buckets.as_mut()),
+        ] {
+            if let Some(b) = b {
+                for (g, keys) in b.prune(prune).into_iter().enumerate() {
+                    for k in keys {
+                        self.dirty.mark(kind, g, k);
+                    }
+                }
+            }
+        }
+    }
+
+    fn grow(&mut self) -> bool {
+        if self.mode == Mode::Current && self.state.own_buckets.is_none() {
+            self.state.own_buckets = Some(self.state.subtree.buckets.clone());
+            self.dirty
+                .mark_all(BucketKind::Own, &self.state.subtree.buckets);
+            return true;
+        }
+        false
+    }
+
+    /// Re-applies one journal entry. Nothing is sent: at a restart every round the entry took
+    /// part in has completed, so its flush already reached the parent.
+    fn replay(&mut self, e: &Entry) {
+        match e {
+            Entry::Round { events, expect } => {
+                for ev in events {
+                    self.apply(ev);
+                }
+                self.expect = Some(*expect);
+                self.take_flush();
+            }
+            Entry::Child(d) => {
+                self.pending.merge(d);
+                self.received += 1;
+                self.take_flush();
+            }
+            Entry::Removed { gone, extremes } => {
+                self.dirty.mark_all(BucketKind::Subtree, &gone.buckets);
+                self.state.subtree.subtract(gone);
+                for (sc, m, mm) in extremes {
+                    self.state.subtree.set_extremes(*sc, m, *mm);
+                }
+            }
+            Entry::Add(d) => {
+                self.state.subtree.merge(d);
+                self.dirty.mark_all(BucketKind::Subtree, &d.buckets);
+            }
+            Entry::Grow => {
+                self.grow();
+            }
+            Entry::Snapshot { prune, .. } => {
+                self.prune(prune);
+                // Those rows went into that checkpoint.
+                self.dirty.drain(&self.state);
+            }
+        }
     }
 
     fn own_extremes(&self, scope: Scope, metric: &str) -> Option<(i64, i64)> {
@@ -259,7 +430,7 @@ impl Actor for NodeActor {
         _me: ActorRef<NodeMsg>,
         a: NodeArgs,
     ) -> Result<Node, ActorProcessingErr> {
-        Ok(Node {
+        let mut n = Node {
             ix: a.ix,
             mode: a.mode,
             state: a.state,
@@ -269,7 +440,16 @@ impl Actor for NodeActor {
             expect: None,
             received: 0,
             dirty: DirtyBuckets::default(),
-        })
+            journal: a.journal,
+        };
+        if let Some(as_of) = a.replay_onto {
+            let journal = n.journal.clone();
+            let j = journal.lock().expect("journal lock");
+            for e in &j.entries[j.replay_from(as_of)..] {
+                n.replay(e);
+            }
+        }
+        Ok(n)
     }
 
     async fn handle(
@@ -279,30 +459,30 @@ impl Actor for NodeActor {
         s: &mut Node,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
+            // Each input is journaled once it took effect; nothing awaits in between, so a kill
+            // cannot fall between the two. A panic while applying leaves it out, but then the
+            // round fails and the tenant is rebuilt instead (see ARCHITECTURE.md).
             NodeMsg::Round { events, expect } => {
                 for e in &events {
                     s.apply(e);
                 }
                 s.expect = Some(expect);
+                push(&s.journal, Entry::Round { events, expect });
                 s.maybe_flush()?;
             }
             NodeMsg::Child(d) => {
                 s.pending.merge(&d);
                 s.received += 1;
+                push(&s.journal, Entry::Child(d));
                 s.maybe_flush()?;
             }
-            NodeMsg::Snapshot { prune, reply } => {
-                for (kind, b) in [
-                    (BucketKind::Subtree, Some(&mut s.state.subtree.buckets)),
-                    (BucketKind::Own, s.state.own_buckets.as_mut()),
-                ] {
-                    if let Some(b) = b {
-                        for (g, keys) in b.prune(&prune).into_iter().enumerate() {
-                            for k in keys {
-                                s.dirty.mark(kind, g, k);
-                            }
-                        }
-                    }
+            NodeMsg::Snapshot { seq, prune, reply } => {
+                s.prune(&prune);
+                {
+                    // Checkpoint `seq` begins only once every earlier one is durable.
+                    let mut j = s.journal.lock().expect("journal lock");
+                    j.settle();
+                    j.entries.push(Entry::Snapshot { seq, prune });
                 }
                 let buckets = s.dirty.drain(&s.state);
                 let _ = reply.send(NodeSnapshot {
@@ -324,6 +504,7 @@ impl Actor for NodeActor {
                 // Every bucket the leaving subtree touches changes (or disappears): persist them.
                 s.dirty.mark_all(BucketKind::Subtree, &gone.buckets);
                 let tainted = s.state.subtree.subtract(&gone);
+                let mut resolved = Vec::new();
                 if !tainted.is_empty() {
                     let wanted = Arc::new(tainted);
                     let mut acc: Vec<Option<(i64, i64)>> = wanted
@@ -343,14 +524,23 @@ impl Actor for NodeActor {
                     for ((sc, m), mm) in wanted.iter().zip(acc) {
                         if let Some(mm) = mm {
                             s.state.subtree.set_extremes(*sc, m, mm);
+                            resolved.push((*sc, m.clone(), mm));
                         }
                     }
                 }
+                push(
+                    &s.journal,
+                    Entry::Removed {
+                        gone,
+                        extremes: resolved,
+                    },
+                );
                 let _ = reply.send(());
             }
             NodeMsg::Add { delta, reply } => {
                 s.state.subtree.merge(&delta);
                 s.dirty.mark_all(BucketKind::Subtree, &delta.buckets);
+                push(&s.journal, Entry::Add(delta));
                 let _ = reply.send(());
             }
             NodeMsg::Extremes { wanted, reply } => {
@@ -362,9 +552,8 @@ impl Actor for NodeActor {
             }
             NodeMsg::SetParent(p) => s.parent = p,
             NodeMsg::Grow => {
-                if s.mode == Mode::Current && s.state.own_buckets.is_none() {
-                    s.state.own_buckets = Some(s.state.subtree.buckets.clone());
-                    s.dirty.mark_all(BucketKind::Own, &s.state.subtree.buckets);
+                if s.grow() {
+                    push(&s.journal, Entry::Grow);
                 }
             }
             NodeMsg::Crash => panic!("chaos: node {} crashed on purpose", s.ix),

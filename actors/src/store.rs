@@ -139,6 +139,14 @@ pub trait Store: Send + Sync + 'static {
     async fn meta(&self) -> Result<Option<CheckpointMeta>, StoreError>;
     async fn tenants(&self) -> Result<Vec<String>, StoreError>;
     async fn load_tenant(&self, tenant: &str) -> Result<TenantImage, StoreError>;
+    /// One node with all its buckets, read from one committed checkpoint (`as_of`), for a node
+    /// actor that restarts (the journal since that checkpoint is replayed onto it).
+    async fn load_node(
+        &self,
+        tenant: &str,
+        hierarchy: &str,
+        node: &str,
+    ) -> Result<AsOf<Option<NodeRow>>, StoreError>;
     /// Commits `cp` atomically; returns the number of rows (or statements) the backend wrote,
     /// which is what `Stats::store_rows` counts.
     async fn commit(&self, cp: std::sync::Arc<Checkpoint>) -> Result<u64, StoreError>;

@@ -26,6 +26,10 @@ pub struct TenantSettings {
     pub round_max_events: usize,
     /// ... or once the oldest pending event waited this long, whichever comes first.
     pub round_interval_ms: u64,
+    /// A node actor restarted this many times within `node_restart_window_ms` escalates: its
+    /// next failure rebuilds the whole tenant from its checkpoint instead.
+    pub node_max_restarts: u32,
+    pub node_restart_window_ms: u64,
 }
 
 impl Default for TenantSettings {
@@ -35,6 +39,8 @@ impl Default for TenantSettings {
             retention: Retention::default(),
             round_max_events: 65_536,
             round_interval_ms: 1000,
+            node_max_restarts: 3,
+            node_restart_window_ms: 10_000,
         }
     }
 }

@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex};
 use canopy_actors::engine::{Engine, EngineConfig};
 use canopy_actors::record::decode_json;
 use canopy_actors::source::{DiscardDeadLetters, Input, Source, SourceBatch, SourceError};
-use canopy_actors::store::{Checkpoint, CheckpointMeta, Store, StoreError, TenantImage};
+use canopy_actors::store::{
+    AsOf, BucketRow, Checkpoint, CheckpointMeta, NodeRow, Store, StoreError, TenantImage,
+};
 
 /// A store that keeps checkpoints in memory: enough for driving the core in a unit test.
 #[derive(Default)]
@@ -29,29 +31,69 @@ impl Store for MemStore {
         Ok(Vec::new())
     }
     async fn load_tenant(&self, tenant: &str) -> Result<TenantImage, StoreError> {
-        let mut img = TenantImage::default();
-        let mut nodes = HashMap::new();
-        for cp in self.cps.lock().unwrap().iter() {
-            for t in cp.tenants.iter().filter(|t| t.tenant == tenant) {
-                if t.row.is_some() {
-                    img.row = t.row.clone();
-                }
-                for d in &t.delete_nodes {
-                    nodes.remove(d);
-                }
-                for n in &t.put_nodes {
-                    nodes.insert((n.hierarchy.clone(), n.node.clone()), n.clone());
-                }
-                img.dedup.extend(t.dedup.clone());
-            }
-        }
-        img.nodes = nodes.into_values().collect();
-        Ok(img)
+        Ok(image(&self.cps.lock().unwrap(), tenant))
+    }
+    async fn load_node(
+        &self,
+        tenant: &str,
+        hierarchy: &str,
+        node: &str,
+    ) -> Result<AsOf<Option<NodeRow>>, StoreError> {
+        // One lock: the row and the checkpoint it is from must agree.
+        let cps = self.cps.lock().unwrap();
+        let value = image(&cps, tenant)
+            .nodes
+            .into_iter()
+            .find(|n| n.hierarchy == hierarchy && n.node == node);
+        Ok(AsOf {
+            as_of: cps.last().map_or(0, |c| c.seq),
+            value,
+        })
     }
     async fn commit(&self, cp: Arc<Checkpoint>) -> Result<u64, StoreError> {
         self.cps.lock().unwrap().push((*cp).clone());
         Ok(cp.rows() as u64)
     }
+}
+
+/// A tenant as the checkpoints so far leave it.
+fn image(cps: &[Checkpoint], tenant: &str) -> TenantImage {
+    let mut img = TenantImage::default();
+    // A checkpoint lists a node's changed buckets only: fold them all, in commit order.
+    let mut nodes: HashMap<(String, String), (NodeRow, HashMap<(u8, u8, u64), BucketRow>)> =
+        HashMap::new();
+    for cp in cps {
+        for t in cp.tenants.iter().filter(|t| t.tenant == tenant) {
+            if t.row.is_some() {
+                img.row = t.row.clone();
+            }
+            for d in &t.delete_nodes {
+                nodes.remove(d);
+            }
+            for n in &t.put_nodes {
+                let e = nodes
+                    .entry((n.hierarchy.clone(), n.node.clone()))
+                    .or_insert_with(|| (n.clone(), HashMap::new()));
+                e.0.parent = n.parent.clone();
+                e.0.header = n.header.clone();
+                for b in &n.buckets {
+                    e.1.insert((b.kind as u8, b.granularity as u8, b.key), b.clone());
+                }
+            }
+            for s in &t.expire_dedup {
+                img.dedup.retain(|d| d.seq != *s);
+            }
+            img.dedup.extend(t.dedup.clone());
+        }
+    }
+    img.nodes = nodes
+        .into_values()
+        .map(|(mut row, b)| {
+            row.buckets = b.into_values().filter(|b| b.agg.is_some()).collect();
+            row
+        })
+        .collect();
+    img
 }
 
 struct NoSource;
@@ -259,6 +301,14 @@ impl Store for GatedStore {
     }
     async fn load_tenant(&self, tenant: &str) -> Result<TenantImage, StoreError> {
         self.inner.load_tenant(tenant).await
+    }
+    async fn load_node(
+        &self,
+        tenant: &str,
+        hierarchy: &str,
+        node: &str,
+    ) -> Result<AsOf<Option<NodeRow>>, StoreError> {
+        self.inner.load_node(tenant, hierarchy, node).await
     }
     async fn commit(&self, cp: Arc<Checkpoint>) -> Result<u64, StoreError> {
         (self.gate)().await?;

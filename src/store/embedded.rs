@@ -451,6 +451,56 @@ impl Store for EmbeddedStore {
         .await
     }
 
+    async fn load_node(
+        &self,
+        tenant: &str,
+        hierarchy: &str,
+        node: &str,
+    ) -> Result<AsOf<Option<NodeRow>>, StoreError> {
+        let (t, h, n) = (tenant.to_string(), hierarchy.to_string(), node.to_string());
+        self.read(move |tx| {
+            let nodes = tx.open_table(NODES).map_err(io)?;
+            let Some(v) = nodes
+                .get((t.as_str(), h.as_str(), n.as_str()))
+                .map_err(io)?
+            else {
+                return Ok(None);
+            };
+            let StoredNode(parent, header, inline) =
+                rmp_serde::from_slice(v.value()).map_err(corrupt)?;
+            let buckets = match inline {
+                Some(set) => bucket_rows(set)?,
+                None => {
+                    let table = tx.open_table(BUCKETS).map_err(io)?;
+                    let (t, h, n) = (t.as_str(), h.as_str(), n.as_str());
+                    let mut out = Vec::new();
+                    for e in table
+                        .range((t, h, n, 0u8, 0u8, 0u64)..=(t, h, n, u8::MAX, u8::MAX, u64::MAX))
+                        .map_err(io)?
+                    {
+                        let (k, v) = e.map_err(io)?;
+                        let (_, _, _, kd, g, key) = k.value();
+                        out.push(BucketRow {
+                            kind: kind(kd)?,
+                            granularity: granularity(g)?,
+                            key,
+                            agg: Some(rmp_serde::from_slice(v.value()).map_err(corrupt)?),
+                        });
+                    }
+                    out
+                }
+            };
+            Ok(Some(NodeRow {
+                hierarchy: h,
+                node: n,
+                parent,
+                header,
+                buckets,
+            }))
+        })
+        .await
+    }
+
     async fn commit(&self, cp: Arc<Checkpoint>) -> Result<u64, StoreError> {
         self.blocking(move |db| commit(db, &cp)).await
     }

@@ -685,6 +685,26 @@ impl Store for ScyllaStore {
         Ok(image)
     }
 
+    async fn load_node(
+        &self,
+        tenant: &str,
+        hierarchy: &str,
+        node: &str,
+    ) -> Result<AsOf<Option<NodeRow>>, StoreError> {
+        let at = self.as_of().await?;
+        let value = match self.node_at(tenant, hierarchy, node, at).await? {
+            Some((parent, header)) => Some(NodeRow {
+                hierarchy: hierarchy.to_string(),
+                node: node.to_string(),
+                parent,
+                header,
+                buckets: self.node_buckets(tenant, hierarchy, node, at).await?,
+            }),
+            None => None,
+        };
+        Ok(AsOf { as_of: at, value })
+    }
+
     async fn commit(&self, cp: Arc<Checkpoint>) -> Result<u64, StoreError> {
         let st = self
             .st

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 
 use canopy_actors::engine::{Engine, EngineConfig};
@@ -421,4 +422,173 @@ async fn a_stalled_store_stops_ingestion_one_checkpoint_ahead() {
         "the cancelled wait lost no commit"
     );
     assert_eq!(extremes(&mut e, "root").await, Some((1, 1, 1)));
+}
+
+/// A small random stream over two hierarchies of tenant "t" (`h` current, `g` attributed):
+/// nodes appear, move and are deleted between events spread over several hours, so that
+/// journals hold rounds, child deltas, removals, additions and `Grow`s.
+fn churn(seed: u64, len: usize) -> (Vec<String>, Vec<(String, String)>) {
+    let mut x = seed;
+    let mut rnd = move |n: u64| {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (x >> 33) % n
+    };
+    let mut lines = vec![
+        r#"{"type":"define_hierarchy","tenant":"t","hierarchy":"g","mode":"attributed"}"#
+            .to_string(),
+    ];
+    let names: Vec<String> = (0..12).map(|i| format!("n{i}")).collect();
+    let mut live: Vec<bool> = vec![false; names.len()];
+    let node = |h: &str, n: &str, p: Option<&str>| match p {
+        Some(p) => format!(
+            r#"{{"type":"upsert_node","tenant":"t","hierarchy":"{h}","node":"{n}","parent":"{p}"}}"#
+        ),
+        None => format!(r#"{{"type":"upsert_node","tenant":"t","hierarchy":"{h}","node":"{n}"}}"#),
+    };
+    for (i, n) in names.iter().enumerate().take(4) {
+        let p = (i > 0).then(|| names[(i - 1) / 2].as_str());
+        for h in ["h", "g"] {
+            lines.push(node(h, n, p));
+        }
+        live[i] = true;
+    }
+    for k in 0..len {
+        let i = rnd(names.len() as u64) as usize;
+        let r = rnd(100);
+        if r < 70 && live[i] {
+            let ts = format!("2026-11-21T{:02}:{:02}:00Z", 8 + rnd(4), rnd(60));
+            lines.push(format!(
+                r#"{{"type":"event","tenant":"t","event_id":"e{k}","entity":"{}","ts":"{ts}","metrics":{{"x":{}}}}}"#,
+                names[i],
+                rnd(1000) as i64 - 300
+            ));
+        } else if r < 92 {
+            // Create or move under a random earlier node (earlier index: no cycles), or to a root.
+            let p = rnd(i as u64 + 1) as usize;
+            let parent = (p < i && live[p]).then(|| names[p].as_str());
+            for h in ["h", "g"] {
+                lines.push(node(h, &names[i], parent));
+            }
+            live[i] = true;
+        } else if live[i] {
+            for h in ["h", "g"] {
+                lines.push(format!(
+                    r#"{{"type":"delete_node","tenant":"t","hierarchy":"{h}","node":"{}"}}"#,
+                    names[i]
+                ));
+            }
+        }
+    }
+    let all = names
+        .iter()
+        .flat_map(|n| [("h".to_string(), n.clone()), ("g".to_string(), n.clone())])
+        .collect();
+    (lines, all)
+}
+
+fn small_rounds() -> EngineConfig {
+    let mut cfg = EngineConfig::default();
+    // Several rounds per batch: journals then hold many rounds and child deltas.
+    cfg.tenant.round_max_events = 7;
+    cfg
+}
+
+async fn engine_with(store: Arc<MemStore>, cfg: EngineConfig) -> Engine {
+    Engine::open(cfg, store, &mut NoSource, Box::new(DiscardDeadLetters))
+        .await
+        .unwrap()
+}
+
+/// Every node of `nodes` has the same state in both engines (or is absent from both).
+async fn same_states(a: &mut Engine, b: &mut Engine, nodes: &[(String, String)]) -> usize {
+    let mut compared = 0;
+    for (h, n) in nodes {
+        let (x, y) = (a.node_state("t", h, n).await, b.node_state("t", h, n).await);
+        assert_eq!(x, y, "node {h}/{n}");
+        compared += x.is_some() as usize;
+    }
+    compared
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_is_restarted_alone_with_exactly_its_state() {
+    let (lines, nodes) = churn(7, 900);
+    let batches: Vec<&[String]> = lines.chunks(60).collect();
+    let mut reference = engine_with(Arc::new(MemStore::default()), small_rounds()).await;
+    let mut e = engine_with(Arc::new(MemStore::default()), small_rounds()).await;
+    let mut kills = 0u64;
+    for (i, b) in batches.iter().enumerate() {
+        let b: Vec<&str> = b.iter().map(String::as_str).collect();
+        reference.process(inputs(&b)).await.unwrap();
+        e.process(inputs(&b)).await.unwrap();
+        // Checkpoints now and then, some left in flight, so that restarts meet journals that
+        // span a committed checkpoint, an uncommitted one, or none.
+        match i % 4 {
+            1 => e.checkpoint().await.unwrap(),
+            3 => e.begin_checkpoint().await.unwrap(),
+            _ => {}
+        }
+        // Kill a few nodes, by panic and by abort: roots, inner nodes, leaves, nodes created
+        // since the last checkpoint.
+        for k in 0..3 {
+            let (h, n) = &nodes[(i * 5 + k * 7) % nodes.len()];
+            if e.node_state("t", h, n).await.is_some() {
+                e.kill_node("t", h, n, (i + k) % 2 == 0).await.unwrap();
+                kills += 1;
+            }
+        }
+    }
+    let compared = same_states(&mut reference, &mut e, &nodes).await;
+    assert!(compared >= 8, "only {compared} live nodes compared");
+    let s = &e.stats;
+    assert!(kills >= 20, "only {kills} kills");
+    assert_eq!(
+        s.node_restarts.load(Relaxed),
+        kills,
+        "every kill restarted one node"
+    );
+    assert_eq!(s.tenant_restarts.load(Relaxed), 0, "no tenant was rebuilt");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_keeps_failing_escalates_to_a_tenant_rebuild() {
+    let (lines, nodes) = churn(11, 300);
+    let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+    let (first, rest) = lines.split_at(lines.len() / 2);
+    let mut reference = engine_with(Arc::new(MemStore::default()), small_rounds()).await;
+    let mut e = engine_with(Arc::new(MemStore::default()), small_rounds()).await;
+    for x in [&mut reference, &mut e] {
+        x.process(inputs(first)).await.unwrap();
+    }
+    e.checkpoint().await.unwrap();
+    let limit = EngineConfig::default().tenant.node_max_restarts as u64;
+    let mut live = None;
+    for (h, n) in nodes.iter().filter(|(h, _)| h == "h") {
+        if e.node_state("t", h, n).await.is_some() {
+            live = Some((h.clone(), n.clone()));
+            break;
+        }
+    }
+    let (h, n) = live.expect("a live node of h");
+    let (h, n) = (h.as_str(), n.as_str());
+    for _ in 0..=limit {
+        e.kill_node("t", h, n, false).await.unwrap();
+    }
+    let s = &e.stats;
+    assert_eq!(
+        s.node_restarts.load(Relaxed),
+        limit,
+        "restarted alone up to the limit"
+    );
+    assert_eq!(
+        s.tenant_restarts.load(Relaxed),
+        1,
+        "then the tenant was rebuilt"
+    );
+    for x in [&mut reference, &mut e] {
+        x.process(inputs(rest)).await.unwrap();
+    }
+    same_states(&mut reference, &mut e, &nodes).await;
 }

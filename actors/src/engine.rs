@@ -58,12 +58,8 @@ pub enum EngineError {
     Source(#[from] SourceError),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("tenant {tenant:?} parked after {restarts} restarts: {last}")]
-    TenantParked {
-        tenant: String,
-        restarts: usize,
-        last: String,
-    },
+    #[error("{}", parked_message(.0))]
+    TenantsParked(Vec<(String, String)>),
     #[error("tenant {0:?}: {1}")]
     Tenant(String, TenantError),
 }
@@ -86,17 +82,58 @@ pub struct Stats {
     pub last_checkpoint_seq: AtomicU64,
 }
 
-/// What the engine stores as the source position: the source's own position and the dead-letter
-/// output's, so that both resume together.
-#[derive(Debug, Serialize, Deserialize)]
+fn parked_message(parked: &[(String, String)]) -> String {
+    let list: Vec<String> = parked.iter().map(|(t, e)| format!("{t:?} ({e})")).collect();
+    format!(
+        "{} tenant(s) parked after repeated failures: {}. The other tenants' records were \
+         processed; the parked tenants' records were kept (the checkpoint resumes from the last \
+         one they are durable in), so running the same command again retries them",
+        parked.len(),
+        list.join("; ")
+    )
+}
+
+/// What the engine stores as the source position: where a restart reads the source from, and the
+/// dead-letter output's position, so that both resume together. While a tenant is parked, `source`
+/// stays at the last checkpoint that tenant is durable in, so that its records are read again on
+/// a restart; `through` and `behind` then tell which of the re-read records the others already
+/// applied (ARCHITECTURE.md, "Parking").
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Position {
     source: Vec<u8>,
     dead_letters: Vec<u8>,
+    /// The highest record tag processed: every tenant not in `behind` applied every record up to
+    /// it, and every dead letter up to it is written.
+    #[serde(default)]
+    through: u64,
+    #[serde(default)]
+    behind: BTreeMap<String, Behind>,
+}
+
+/// How far a tenant that is behind `through` got (a parked one, or one retried after parking).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+struct Behind {
+    /// Its stored state covers its records up to this tag.
+    applied: u64,
+    /// Its dead letters are written up to this tag.
+    lettered: u64,
+}
+
+/// A tenant that kept failing: its coordinator is stopped and its records are skipped (not
+/// applied, not dead-lettered) until a restart retries them.
+#[derive(Debug)]
+struct Parked {
+    tenant: String,
+    error: String,
+    /// The source position of the last committed checkpoint when it was parked.
+    from: Vec<u8>,
+    behind: Behind,
 }
 
 /// A checkpoint whose commit is running in the background.
 struct Inflight {
     seq: u64,
+    position: Position,
     started: Instant,
     /// Resolves to the rows the store wrote.
     task: tokio::task::JoinHandle<Result<u64, StoreError>>,
@@ -127,6 +164,19 @@ pub struct Engine {
     since_checkpoint: u64,
     last_checkpoint: Instant,
     until_chaos: u64,
+    /// The position stored by the last committed checkpoint.
+    committed: Position,
+    /// The source position the last checkpoint taken stores (held back while a tenant is parked).
+    stored_source: Vec<u8>,
+    /// Re-read records with a tag up to this were processed before (see [`Position`]); set only
+    /// when a tenant was behind, since otherwise the source resumes exactly after the checkpoint.
+    window: Option<u64>,
+    /// The highest tag processed so far.
+    through: u64,
+    /// Tenants catching up on re-read records (parked in an earlier run, retried now).
+    behind: BTreeMap<String, Behind>,
+    /// Parked tenants, in the order they were parked (the first has the earliest `from`).
+    parked: Vec<Parked>,
 }
 
 impl Engine {
@@ -146,6 +196,11 @@ impl Engine {
             }
             None => (0, None),
         };
+        let committed = pos.clone().unwrap_or_default();
+        if !committed.behind.is_empty() {
+            let names: Vec<&String> = committed.behind.keys().collect();
+            warn!(tenants = ?names, through = committed.through, "retrying tenants parked by an earlier run: re-reading their records");
+        }
         source
             .resume(pos.as_ref().map(|p| p.source.as_slice()))
             .await?;
@@ -168,6 +223,12 @@ impl Engine {
             since_checkpoint: 0,
             last_checkpoint: Instant::now(),
             until_chaos,
+            stored_source: committed.source.clone(),
+            window: (!committed.behind.is_empty()).then_some(committed.through),
+            through: committed.through,
+            behind: committed.behind.clone(),
+            committed,
+            parked: Vec::new(),
         })
     }
 
@@ -180,7 +241,25 @@ impl Engine {
                 self.begin_checkpoint().await?;
             }
         }
-        self.checkpoint().await
+        self.checkpoint().await?;
+        if !self.parked.is_empty() {
+            return Err(EngineError::TenantsParked(self.parked()));
+        }
+        Ok(())
+    }
+
+    /// Parked tenants and why.
+    pub fn parked(&self) -> Vec<(String, String)> {
+        self.parked
+            .iter()
+            .map(|p| (p.tenant.clone(), p.error.clone()))
+            .collect()
+    }
+
+    /// The source position the last checkpoint taken stores: where a restart reads from, behind
+    /// the processed position while a tenant is parked (a consumer commits this, not its own).
+    pub fn stored_source(&self) -> &[u8] {
+        &self.stored_source
     }
 
     /// Whether to take a checkpoint now. The interval is a floor, not a deadline: while the
@@ -227,15 +306,34 @@ impl Engine {
         let mut by_tenant: BTreeMap<String, Vec<(u64, Record)>> = BTreeMap::new();
         let mut refused: Vec<(u64, Refusal)> = Vec::new();
         let mut raw: HashMap<u64, (Vec<u8>, Option<Arc<crate::source::Origin>>)> = HashMap::new();
+        let last_tag = inputs.last().map(|i| i.tag);
+        let mut skipped = 0u64;
         for inp in inputs {
+            let tag = inp.tag;
+            // A record read again after a restart that the tenants ahead already applied: only a
+            // tenant that is behind takes it (see `Position`).
+            let again = self.window.is_some_and(|w| tag <= w);
             match inp.decoded {
-                Ok(rec) => by_tenant
-                    .entry(rec.tenant().to_string())
-                    .or_default()
-                    .push((inp.tag, rec)),
-                Err(r) => refused.push((inp.tag, r)),
+                Ok(rec) => {
+                    let t = rec.tenant();
+                    let take = !self.parked.iter().any(|p| p.tenant == t)
+                        && (!again || self.behind.get(t).is_some_and(|b| tag > b.applied));
+                    if !take {
+                        skipped += 1;
+                        continue;
+                    }
+                    by_tenant.entry(t.to_string()).or_default().push((tag, rec))
+                }
+                Err(_) if again => {
+                    skipped += 1;
+                    continue;
+                }
+                Err(r) => refused.push((tag, r)),
             }
-            raw.insert(inp.tag, (inp.raw, inp.origin));
+            raw.insert(tag, (inp.raw, inp.origin));
+        }
+        if skipped > 0 {
+            metrics::counter!("canopy_records_skipped_total").increment(skipped);
         }
         // Records that did not decode name no tenant; they count under the empty tenant label.
         let refused_undecoded = refused.len() as u64;
@@ -250,7 +348,11 @@ impl Engine {
             calls.push((tenant, batch));
         }
         let outcomes = self.dispatch(calls).await?;
-        for o in outcomes {
+        for (tenant, mut o) in outcomes {
+            // A tenant catching up wrote its dead letters up to `lettered` before it was parked.
+            if let Some(b) = self.behind.get(&tenant) {
+                o.refused.retain(|(tag, _)| *tag > b.lettered);
+            }
             self.stats.accepted.fetch_add(o.accepted, Ordering::Relaxed);
             self.stats
                 .duplicates
@@ -267,6 +369,7 @@ impl Engine {
             self.dead
                 .write(DeadLetter {
                     tag: *tag,
+                    backlog: self.window.is_some_and(|w| *tag <= w),
                     origin,
                     refusal: r,
                     raw: bytes,
@@ -280,6 +383,18 @@ impl Engine {
         self.stats.records.fetch_add(n, Ordering::Relaxed);
         metrics::counter!("canopy_records_total", "tenant" => "").increment(refused_undecoded);
         self.since_checkpoint += n;
+        if let Some(t) = last_tag {
+            self.through = self.through.max(t);
+            if self.window.is_none_or(|w| t >= w) {
+                // Past the re-read records: nobody is behind any more but the parked.
+                self.behind.clear();
+            } else {
+                for b in self.behind.values_mut() {
+                    b.applied = b.applied.max(t);
+                    b.lettered = b.lettered.max(t);
+                }
+            }
+        }
         Ok(())
     }
 
@@ -311,7 +426,7 @@ impl Engine {
     async fn dispatch(
         &mut self,
         calls: Vec<(String, TaggedBatch)>,
-    ) -> Result<Vec<BatchOutcome>, EngineError> {
+    ) -> Result<Vec<(String, BatchOutcome)>, EngineError> {
         let mut waits = Vec::with_capacity(calls.len());
         for (tenant, batch) in calls {
             let asked = ask(&self.tenants[&tenant].actor, |reply| CoordMsg::Process {
@@ -322,13 +437,14 @@ impl Engine {
         }
         let mut out = Vec::with_capacity(waits.len());
         for (tenant, batch, asked) in waits {
-            match answer(asked).await {
-                Ok(o) => out.push(o),
-                Err(e) => out.push(self.recover(&tenant, e, Some(batch)).await?),
-            }
+            let o = match answer(asked).await {
+                Ok(o) => o,
+                Err(e) => self.recover(&tenant, e, Some(batch)).await?,
+            };
             if let Some(h) = self.tenants.get_mut(&tenant) {
                 h.restarts = 0;
             }
+            out.push((tenant, o));
         }
         Ok(out)
     }
@@ -348,18 +464,24 @@ impl Engine {
             let h = self.tenants.get_mut(tenant).expect("known tenant");
             h.restarts += 1;
             if h.restarts > self.cfg.max_restarts {
-                metrics::counter!("canopy_tenants_parked_total").increment(1);
-                return Err(EngineError::TenantParked {
-                    tenant: tenant.into(),
-                    restarts: h.restarts as usize,
-                    last: err.to_string(),
-                });
+                let restarts = h.restarts;
+                self.park(tenant, restarts, err.to_string(), retry.as_ref());
+                return Ok(BatchOutcome::default());
             }
             self.stats.tenant_restarts.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("canopy_actor_restarts_total", "kind" => "tenant").increment(1);
-            warn!(tenant, error = %err, "rebuilding tenant from its last checkpoint");
+            warn!(tenant, error = %err, attempt = h.restarts, "rebuilding tenant from its last checkpoint");
             h.actor.stop(Some("rebuild".into()));
-            let actor = spawn_tenant(
+            if h.restarts > 1 {
+                // The last rebuild failed too: give a failing dependency (the store) time.
+                let ms = self
+                    .cfg
+                    .retry_initial_ms
+                    .saturating_mul(1 << (h.restarts - 2).min(16))
+                    .min(self.cfg.retry_max_ms);
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+            let actor = match spawn_tenant(
                 tenant,
                 self.cfg.tenant,
                 self.store.clone(),
@@ -368,7 +490,14 @@ impl Engine {
                 None,
             )
             .await
-            .map_err(|e| EngineError::Tenant(tenant.into(), e))?;
+            {
+                Ok(a) => a,
+                Err(e) => {
+                    // Counts as a failed rebuild: retried, and parked past the limit.
+                    err = e;
+                    continue;
+                }
+            };
             let h = self.tenants.get_mut(tenant).expect("known tenant");
             h.actor = actor.clone();
             // The log ends with `retry` when a batch failed: replay everything before it quietly.
@@ -408,6 +537,40 @@ impl Engine {
     /// by a panic inside its handler. Half the kills are then waited for, so that the node is
     /// restarted alone; the others land whenever they land, possibly while the next batch's
     /// round runs, which rebuilds the tenant instead. Both must keep the numbers exact.
+    /// Parks a tenant that keeps failing: stops it and skips its records from now on, while the
+    /// stored source position stays where its state is durable, so nothing of it is lost.
+    fn park(&mut self, tenant: &str, restarts: u32, error: String, failed: Option<&TaggedBatch>) {
+        let Some(h) = self.tenants.remove(tenant) else {
+            return;
+        };
+        h.actor.stop(Some("parked".into()));
+        let applied = self
+            .committed
+            .behind
+            .get(tenant)
+            .map_or(self.committed.through, |b| b.applied);
+        // Dead letters were written for every batch it completed (all but the failed one).
+        let done = h
+            .log
+            .iter()
+            .filter(|(_, b)| failed.is_none_or(|f| !Arc::ptr_eq(f, b)))
+            .filter_map(|(_, b)| b.last().map(|(tag, _)| *tag))
+            .max()
+            .unwrap_or(0);
+        let was = self.behind.remove(tenant).unwrap_or_default();
+        let lettered = applied.max(done).max(was.lettered);
+        let error = format!("{restarts} rebuilds failed in a row; last: {error}");
+        tracing::error!(tenant, error = %error, applied, "tenant parked: its records are skipped and kept for a retry; the other tenants go on");
+        metrics::counter!("canopy_tenants_parked_total").increment(1);
+        self.parked.push(Parked {
+            tenant: tenant.to_string(),
+            error,
+            from: self.committed.source.clone(),
+            behind: Behind { applied, lettered },
+        });
+        metrics::gauge!("canopy_tenants_parked").set(self.parked.len() as f64);
+    }
+
     async fn chaos_kill(&mut self) -> Result<(), EngineError> {
         let names: Vec<String> = self.tenants.keys().cloned().collect();
         if names.is_empty() {
@@ -517,7 +680,10 @@ impl Engine {
                     }
                     Err(e) => {
                         self.recover(&tenant, e, None).await?;
-                        let actor = self.tenants[&tenant].actor.clone();
+                        let Some(h) = self.tenants.get(&tenant) else {
+                            break; // parked: it has nothing to checkpoint
+                        };
+                        let actor = h.actor.clone();
                         reply = call(&actor, |reply| CoordMsg::Snapshot { seq, reply })
                             .instrument(span.clone())
                             .await;
@@ -528,11 +694,21 @@ impl Engine {
         let snapshot_ms = started.elapsed().as_millis() as u64;
         let flush = self.dead.sync().await?;
         let dead_letters_durable = flush.durable;
-        let source = rmp_serde::to_vec(&Position {
-            source: self.position.clone(),
+        let mut behind = self.behind.clone();
+        for p in &self.parked {
+            behind.insert(p.tenant.clone(), p.behind);
+        }
+        let position = Position {
+            source: self
+                .parked
+                .first()
+                .map_or_else(|| self.position.clone(), |p| p.from.clone()),
             dead_letters: flush.position,
-        })
-        .expect("position encodes");
+            through: self.through,
+            behind,
+        };
+        self.stored_source = position.source.clone();
+        let source = rmp_serde::to_vec(&position).expect("position encodes");
         let cp = Arc::new(Checkpoint {
             seq,
             source,
@@ -569,7 +745,12 @@ impl Engine {
             }
             .instrument(span),
         );
-        self.inflight = Some(Inflight { seq, started, task });
+        self.inflight = Some(Inflight {
+            seq,
+            position,
+            started,
+            task,
+        });
         self.snap_seq = seq;
         self.since_checkpoint = 0;
         self.last_checkpoint = Instant::now();
@@ -597,6 +778,7 @@ impl Engine {
             h.log.retain(|(tag, _)| *tag >= inf.seq);
         }
         self.seq = inf.seq;
+        self.committed = inf.position;
         self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
         self.stats.store_commits.fetch_add(1, Ordering::Relaxed);
         self.stats.store_rows.fetch_add(rows, Ordering::Relaxed);

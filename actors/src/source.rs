@@ -69,6 +69,10 @@ impl Flush {
 #[derive(Debug)]
 pub struct DeadLetter<'a> {
     pub tag: u64,
+    /// A record read again after a restart, for a tenant that was parked when it was first read:
+    /// its letter was never written, even though later tags were (a sink that skips tags it
+    /// already holds must not skip this one).
+    pub backlog: bool,
     pub origin: Option<&'a Origin>,
     pub refusal: &'a Refusal,
     pub raw: &'a [u8],

@@ -592,3 +592,234 @@ async fn a_node_that_keeps_failing_escalates_to_a_tenant_rebuild() {
     }
     same_states(&mut reference, &mut e, &nodes).await;
 }
+
+/// Fails every read of tenant `bad` while `broken` is set: a tenant whose stored state cannot be
+/// read, so that every rebuild of it fails.
+struct FlakyStore {
+    inner: MemStore,
+    broken: std::sync::atomic::AtomicBool,
+}
+
+impl FlakyStore {
+    fn check(&self, tenant: &str) -> Result<(), StoreError> {
+        if tenant == "bad" && self.broken.load(Relaxed) {
+            return Err(StoreError::Corrupt(
+                "injected: tenant bad is unreadable".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for FlakyStore {
+    async fn meta(&self) -> Result<Option<CheckpointMeta>, StoreError> {
+        self.inner.meta().await
+    }
+    async fn tenants(&self) -> Result<Vec<String>, StoreError> {
+        self.inner.tenants().await
+    }
+    async fn load_tenant(&self, tenant: &str) -> Result<TenantImage, StoreError> {
+        self.check(tenant)?;
+        self.inner.load_tenant(tenant).await
+    }
+    async fn load_node(
+        &self,
+        tenant: &str,
+        hierarchy: &str,
+        node: &str,
+    ) -> Result<AsOf<Option<NodeRow>>, StoreError> {
+        self.check(tenant)?;
+        self.inner.load_node(tenant, hierarchy, node).await
+    }
+    async fn commit(&self, cp: Arc<Checkpoint>) -> Result<u64, StoreError> {
+        self.inner.commit(cp).await
+    }
+}
+
+/// Batches of lines; the position is the number of batches consumed.
+struct Batches {
+    batches: Vec<Vec<Input>>,
+    next: usize,
+}
+
+impl Batches {
+    fn new(lines: &[String], size: usize) -> Self {
+        let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+        let mut all = inputs(&refs);
+        let mut batches = Vec::new();
+        while !all.is_empty() {
+            let rest = all.split_off(size.min(all.len()));
+            batches.push(std::mem::replace(&mut all, rest));
+        }
+        Batches { batches, next: 0 }
+    }
+}
+
+#[async_trait::async_trait]
+impl Source for Batches {
+    async fn resume(&mut self, position: Option<&[u8]>) -> Result<(), SourceError> {
+        self.next = position.map_or(0, |p| u64::from_le_bytes(p.try_into().unwrap()) as usize);
+        Ok(())
+    }
+    async fn next_batch(&mut self) -> Result<Option<SourceBatch>, SourceError> {
+        let Some(b) = self.batches.get_mut(self.next) else {
+            return Ok(None);
+        };
+        self.next += 1;
+        Ok(Some(SourceBatch {
+            inputs: std::mem::take(b),
+            position: (self.next as u64).to_le_bytes().to_vec(),
+        }))
+    }
+}
+
+/// Dead letters kept in memory as (tag, reason); resumes by truncating, like the file.
+#[derive(Clone, Default)]
+struct Letters(Arc<Mutex<Vec<(u64, &'static str)>>>);
+
+#[async_trait::async_trait]
+impl canopy_actors::source::DeadLetters for Letters {
+    async fn resume(&mut self, p: Option<&[u8]>) -> Result<(), SourceError> {
+        let n = p.map_or(0, |p| u64::from_le_bytes(p.try_into().unwrap()) as usize);
+        self.0.lock().unwrap().truncate(n);
+        Ok(())
+    }
+    async fn write(
+        &mut self,
+        dl: canopy_actors::source::DeadLetter<'_>,
+    ) -> Result<(), SourceError> {
+        self.0.lock().unwrap().push((dl.tag, dl.refusal.reason()));
+        Ok(())
+    }
+    async fn sync(&mut self) -> Result<canopy_actors::source::Flush, SourceError> {
+        let n = self.0.lock().unwrap().len() as u64;
+        Ok(canopy_actors::source::Flush::ready(
+            n.to_le_bytes().to_vec(),
+        ))
+    }
+}
+
+/// Two tenants' churn streams, interleaved line by line.
+fn two_tenants() -> (Vec<String>, Vec<(String, String)>) {
+    let (good, nodes) = churn(3, 400);
+    let (bad, _) = churn(5, 400);
+    let mut lines = Vec::new();
+    let mut it = (
+        good.iter()
+            .map(|l| l.replace(r#""tenant":"t""#, r#""tenant":"good""#)),
+        bad.iter()
+            .map(|l| l.replace(r#""tenant":"t""#, r#""tenant":"bad""#)),
+    );
+    loop {
+        match (it.0.next(), it.1.next()) {
+            (None, None) => break,
+            (a, b) => lines.extend(a.into_iter().chain(b)),
+        }
+    }
+    (lines, nodes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_that_keeps_failing_is_parked_the_others_go_on_and_a_rerun_retries_it() {
+    let (lines, nodes) = two_tenants();
+    let cfg = EngineConfig {
+        retry_initial_ms: 1,
+        retry_max_ms: 4,
+        ..small_rounds()
+    };
+    // The reference: everything, nothing failing.
+    let want = Letters::default();
+    let ref_store = Arc::new(MemStore::default());
+    let mut reference = Engine::open(
+        cfg.clone(),
+        ref_store.clone(),
+        &mut Batches::new(&lines, 50),
+        Box::new(want.clone()),
+    )
+    .await
+    .unwrap();
+    reference.run(&mut Batches::new(&lines, 50)).await.unwrap();
+
+    let store = Arc::new(FlakyStore {
+        inner: MemStore::default(),
+        broken: false.into(),
+    });
+    let got = Letters::default();
+    let mut src = Batches::new(&lines, 50);
+    let mut e = Engine::open(cfg.clone(), store.clone(), &mut src, Box::new(got.clone()))
+        .await
+        .unwrap();
+    let mut n = 0;
+    while let Some(b) = src.next_batch().await.unwrap() {
+        e.process(b.inputs).await.unwrap();
+        e.set_position(b.position);
+        n += 1;
+        if n % 3 == 0 {
+            e.checkpoint().await.unwrap();
+        }
+        if n == 5 {
+            // From now on every rebuild of `bad` fails: a node of it dies, its restart cannot
+            // read the store, the tenant rebuilds fail, and it is parked.
+            store.broken.store(true, Relaxed);
+            e.kill_node("bad", "h", "n0", true).await.unwrap();
+            assert_eq!(e.parked().len(), 1, "bad is parked");
+        }
+    }
+    e.checkpoint().await.unwrap();
+    // `good` went on to the end of the stream while `bad` was parked.
+    for (h, node) in &nodes {
+        assert_eq!(
+            e.node_state("good", h, node).await,
+            reference.node_state("good", h, node).await,
+            "good/{h}/{node}"
+        );
+    }
+    assert!(
+        e.node_state("bad", "h", "n0").await.is_none(),
+        "bad is stopped"
+    );
+    let parked = e.parked();
+    assert_eq!(parked[0].0, "bad");
+    assert!(parked[0].1.contains("injected"), "{parked:?}");
+    e.shutdown().await;
+
+    // The store is readable again: the same stream, rerun, retries `bad` from its last durable
+    // checkpoint, and `good`, already complete, applies nothing twice.
+    store.broken.store(false, Relaxed);
+    let mut src = Batches::new(&lines, 50);
+    let mut e = Engine::open(cfg, store.clone(), &mut src, Box::new(got.clone()))
+        .await
+        .unwrap();
+    e.run(&mut src).await.unwrap();
+    for t in ["good", "bad"] {
+        let (x, y) = (stored(&store.inner, t).await, stored(&ref_store, t).await);
+        assert!(x.len() >= 8, "{t}: {} nodes", x.len());
+        assert_eq!(x, y, "tenant {t}");
+    }
+    let mut a = got.0.lock().unwrap().clone();
+    let mut b = want.0.lock().unwrap().clone();
+    assert!(!b.is_empty(), "the stream has refused records");
+    a.sort();
+    b.sort();
+    assert_eq!(a, b, "every dead letter once");
+    assert!(e.stats.tenant_restarts.load(Relaxed) == 0);
+}
+
+/// A tenant's stored nodes: (hierarchy, node) → (parent, state).
+async fn stored(
+    s: &MemStore,
+    tenant: &str,
+) -> std::collections::BTreeMap<(String, String), (Option<String>, canopy_actors::node::NodeState)>
+{
+    s.load_tenant(tenant)
+        .await
+        .unwrap()
+        .nodes
+        .into_iter()
+        .map(|n| {
+            let st = canopy_actors::node::NodeState::from_rows(n.header, &n.buckets);
+            ((n.hierarchy, n.node), (n.parent, st))
+        })
+        .collect()
+}

@@ -250,7 +250,7 @@ impl DeadLetters for KafkaDeadLetters {
 
     async fn write(&mut self, dl: DeadLetter<'_>) -> Result<(), SourceError> {
         let offset = dl.tag as i64;
-        if offset <= self.last_written {
+        if offset <= self.last_written && !dl.backlog {
             return Ok(()); // written before a crash; the topic has it already
         }
         let letter = Letter {
@@ -264,7 +264,7 @@ impl DeadLetters for KafkaDeadLetters {
         // partition. The checkpoint covering it waits for delivery (`sync`).
         let f = send(&self.route(), &letter).await;
         self.pending.push_back((letter, f));
-        self.last_written = offset;
+        self.last_written = self.last_written.max(offset);
         Ok(())
     }
 

@@ -212,7 +212,13 @@ impl Runner {
         let started = std::time::Instant::now();
         // Waits for the previous commit first: what it covered is durable after this.
         shard.engine.begin_checkpoint().await?;
-        let mut durable = shard.committing.replace(shard.next_offset);
+        // While a tenant of the partition is parked the checkpoint keeps the offset of its
+        // first record not yet durable: that is what may be committed.
+        let stored = match shard.engine.stored_source() {
+            b if b.len() == 8 => i64::from_le_bytes(b.try_into().expect("8 bytes")),
+            _ => shard.next_offset,
+        };
+        let mut durable = shard.committing.replace(stored.min(shard.next_offset));
         if wait {
             shard.engine.await_commit().await?;
             durable = shard.committing.take();

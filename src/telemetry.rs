@@ -72,6 +72,14 @@ fn describe() {
         "canopy_tenants_parked_total",
         "Tenants parked after repeated failures."
     );
+    describe_gauge!(
+        "canopy_tenants_parked",
+        "Tenants parked now: their records are skipped and kept for a retry."
+    );
+    describe_counter!(
+        "canopy_records_skipped_total",
+        "Records read again behind a parked tenant and skipped by the tenants that had applied them."
+    );
     describe_counter!(
         "canopy_store_retries_total",
         "Store operations retried after a failure."

@@ -23,6 +23,8 @@ const METRICS: &[&str] = &[
     "canopy_events_coalesced_total",
     "canopy_actor_restarts_total",
     "canopy_tenants_parked_total",
+    "canopy_tenants_parked",
+    "canopy_records_skipped_total",
     "canopy_store_retries_total",
     "canopy_checkpoint_seconds",
     "canopy_checkpoint_rows",

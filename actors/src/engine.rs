@@ -398,18 +398,25 @@ impl Engine {
         Ok(())
     }
 
+    /// A coordinator for `tenant`, restored from the store.
+    async fn spawn(&self, tenant: &str) -> Result<ActorRef<CoordMsg>, TenantError> {
+        spawn_tenant(
+            tenant,
+            self.cfg.tenant,
+            self.store.clone(),
+            self.snap_seq,
+            self.stats.clone(),
+            None,
+        )
+        .await
+    }
+
     async fn tenant(&mut self, tenant: &str) -> Result<&mut TenantHandle, EngineError> {
         if !self.tenants.contains_key(tenant) {
-            let actor = spawn_tenant(
-                tenant,
-                self.cfg.tenant,
-                self.store.clone(),
-                self.snap_seq,
-                self.stats.clone(),
-                None,
-            )
-            .await
-            .map_err(|e| EngineError::Tenant(tenant.into(), e))?;
+            let actor = self
+                .spawn(tenant)
+                .await
+                .map_err(|e| EngineError::Tenant(tenant.into(), e))?;
             self.tenants.insert(
                 tenant.to_string(),
                 TenantHandle {
@@ -481,16 +488,7 @@ impl Engine {
                     .min(self.cfg.retry_max_ms);
                 tokio::time::sleep(Duration::from_millis(ms)).await;
             }
-            let actor = match spawn_tenant(
-                tenant,
-                self.cfg.tenant,
-                self.store.clone(),
-                self.snap_seq,
-                self.stats.clone(),
-                None,
-            )
-            .await
-            {
+            let actor = match self.spawn(tenant).await {
                 Ok(a) => a,
                 Err(e) => {
                     // Counts as a failed rebuild: retried, and parked past the limit.

@@ -21,6 +21,20 @@ fn env_or<T: std::str::FromStr>(k: &str, d: T) -> T {
         .unwrap_or(d)
 }
 
+/// User + system CPU seconds of this process so far (from /proc; 0 where there is none).
+/// Steadier than wall time on a shared machine, and it shows how busy both cores were.
+fn cpu_secs() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces): utime is the 12th, stime the 13th.
+    let rest = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // USER_HZ is 100 on every Linux architecture canopy targets.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 fn main() {
     // `cargo bench -- --list` / `--no-run` style invocations from harnesses: do nothing.
     if std::env::args().any(|a| a == "--list") {
@@ -59,15 +73,22 @@ fn main() {
         engine,
         progress: false,
     };
-    let t = Instant::now();
+    let (t, cpu) = (Instant::now(), cpu_secs());
     let (_keep, never) = tokio::sync::watch::channel(false);
     let rep = rt.block_on(ingest(opts, store, never)).expect("ingest");
     let secs = t.elapsed().as_secs_f64();
+    let cpu = cpu_secs() - cpu;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
         "ingest: {:.0} records/s ({} records in {:.2} s, checkpoint every {checkpoint_ms} ms)",
         rep.records as f64 / secs,
         rep.records,
         secs
+    );
+    println!(
+        "cpu: {cpu:.2} s user+system ({:.2} µs per record, {:.0}% of {cores} cores)",
+        cpu * 1e6 / rep.records as f64,
+        100.0 * cpu / secs / cores as f64
     );
     println!(
         "store: {} commits ({:.5} per accepted event), {} rows ({:.3} rows per accepted event), {} checkpoints",

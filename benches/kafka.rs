@@ -7,14 +7,15 @@
 //! `CANOPY_BENCH_CLEAN=1` generates a stream without refused records (no dead letters).
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+#[path = "../tests/support/tansu.rs"]
+mod tansu;
+
 use canopy::kafka::produce::TopicWriter;
 use canopy::loadgen::{generate, LoadgenConfig};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
@@ -35,13 +36,7 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let home = std::env::var("HOME").unwrap_or_default();
-    let Some(tansu) = [
-        format!("{home}/.cargo/bin/tansu"),
-        "/usr/local/bin/tansu".into(),
-    ]
-    .into_iter()
-    .find(|p| std::path::Path::new(p).exists()) else {
+    let Some(tansu) = tansu::binary() else {
         println!(
             "kafka bench SKIPPED: no tansu binary (cargo install tansu --locked --features libsql)"
         );
@@ -59,44 +54,9 @@ fn main() {
     if keep {
         println!("canopy log: {}", dir.path().join("run.log").display());
     }
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let brokers = format!("127.0.0.1:{port}");
-    let url = format!("tcp://{brokers}");
-    let mut broker = Command::new(&tansu)
-        .args([
-            "broker",
-            "--listener-url",
-            &url,
-            "--advertised-listener-url",
-            &url,
-        ])
-        .args(["--storage-engine", "sqlite://tansu.db"])
-        .current_dir(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    while TcpStream::connect(&brokers).is_err() {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .create()
-        .unwrap();
-    for r in rt
-        .block_on(admin.create_topics(
-            &[NewTopic::new("in", 3, TopicReplication::Fixed(1))],
-            &AdminOptions::new(),
-        ))
-        .unwrap()
-    {
-        r.unwrap();
-    }
+    let broker = tansu::Broker::start_with(tansu, dir.path());
+    let brokers = broker.addr();
+    broker.create_topics(&["in"], 3);
     let cfg = LoadgenConfig {
         tenants: 3,
         depth: 5,
@@ -219,7 +179,7 @@ fn main() {
         .args(["-TERM", &run.id().to_string()])
         .status();
     let _ = run.wait();
-    let _ = broker.kill();
+    drop(broker);
     println!("bare rdkafka consumer: {bare:.0} records/s");
     println!(
         "canopy run end to end: {canopy:.0} records/s ({:.0}% of bare)",

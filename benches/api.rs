@@ -80,6 +80,8 @@ fn pct(sorted: &[Duration], p: f64) -> f64 {
 }
 
 fn main() {
+    // As the `canopy` binary does.
+    canopy::tune_allocator();
     if std::env::args().any(|a| a == "--list") {
         return;
     }

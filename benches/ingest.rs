@@ -36,6 +36,8 @@ fn cpu_secs() -> f64 {
 }
 
 fn main() {
+    // As the `canopy` binary does.
+    canopy::tune_allocator();
     // `cargo bench -- --list` / `--no-run` style invocations from harnesses: do nothing.
     if std::env::args().any(|a| a == "--list") {
         return;

@@ -13,6 +13,8 @@ use canopy::store::EmbeddedStore;
 use canopy_actors::engine::EngineConfig;
 
 fn main() {
+    // As the `canopy` binary does.
+    canopy::tune_allocator();
     if std::env::args().any(|a| a == "--list") {
         return;
     }

@@ -268,6 +268,7 @@ impl Cmd {
 }
 
 fn main() -> ExitCode {
+    canopy::tune_allocator();
     let cli = Cli::parse();
     let mut flags = cli.cmd.flags();
     flags.text("store.uri", cli.store.clone());

@@ -68,6 +68,11 @@ impl Agg {
 
     pub fn add_event(&mut self, metrics: &[(MetricName, i64)]) {
         self.events += 1;
+        if self.metrics.is_empty() {
+            // Exactly: a first push would reserve room for 4 (256 bytes), and most aggregates
+            // never get more metrics than their first event brought.
+            self.metrics.reserve_exact(metrics.len());
+        }
         for (name, v) in metrics {
             match find(&self.metrics, name) {
                 Ok(i) => self.metrics[i].1.add(*v),
@@ -78,6 +83,9 @@ impl Agg {
 
     pub fn merge(&mut self, o: &Agg) {
         self.events += o.events;
+        if self.metrics.is_empty() {
+            self.metrics.reserve_exact(o.metrics.len());
+        }
         for (name, s) in &o.metrics {
             match find(&self.metrics, name) {
                 Ok(i) => self.metrics[i].1.merge(s),
@@ -208,6 +216,10 @@ impl BucketMap {
     }
 
     pub fn merge(&mut self, o: &BucketMap) {
+        if self.0.is_empty() {
+            // Deltas mostly carry one bucket per granularity; a first push would reserve 4.
+            self.0.reserve_exact(o.0.len());
+        }
         for (k, a) in &o.0 {
             self.entry(*k).merge(a);
         }
@@ -256,6 +268,9 @@ impl Buckets {
     pub fn add_event(&mut self, keys: &[Option<u64>; 3], metrics: &[(MetricName, i64)]) {
         for (g, key) in keys.iter().enumerate() {
             if let Some(k) = key {
+                if self.0[g].0.is_empty() {
+                    self.0[g].0.reserve_exact(1);
+                }
                 self.0[g].entry(*k).add_event(metrics);
             }
         }

@@ -325,6 +325,7 @@ impl Coord {
             parent,
             signals: self.signals_tx.clone(),
             journal: journal.clone(),
+            stats: self.stats.clone(),
             replay_onto,
         };
         let (actor, _) = Actor::spawn_linked(None, NodeActor, args, self.supervisor.get_cell())

@@ -80,6 +80,10 @@ pub struct Stats {
     pub node_restarts: AtomicU64,
     pub chaos_kills: AtomicU64,
     pub last_checkpoint_seq: AtomicU64,
+    /// The newest checkpoint whose commit has landed, set by the commit task the moment it
+    /// does (`last_checkpoint_seq` follows when the engine awaits the commit). Node journals
+    /// drop what it covers.
+    pub durable_seq: AtomicU64,
 }
 
 fn parked_message(parked: &[(String, String)]) -> String {
@@ -731,6 +735,7 @@ impl Engine {
                     r
                 })
                 .await?;
+                stats.durable_seq.fetch_max(seq, Ordering::Release);
                 debug!(
                     seq,
                     changes,

@@ -2,6 +2,7 @@
 //! and their buckets), receives the events of its entity and the deltas of its children, and passes
 //! one coalesced delta up per round (see ARCHITECTURE.md, "Rounds").
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -9,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::agg::{combine_extremes, Agg, Buckets, Delta, Granularity, MetricName, Scope};
+use crate::engine::Stats;
 use crate::record::Mode;
 use crate::store::{BucketKind, BucketRow, NodeHeader};
 use crate::tenant::NodeIx;
@@ -173,6 +175,9 @@ pub struct Journal {
     /// base state is then the empty one.
     fresh_after: Option<u64>,
     entries: Vec<Entry>,
+    /// The `seq` of the oldest snapshot marker in `entries`: lets every push check in O(1)
+    /// whether a checkpoint that landed since makes a prefix droppable.
+    oldest_marker: Option<u64>,
 }
 
 pub type JournalRef = Arc<Mutex<Journal>>;
@@ -187,7 +192,7 @@ impl Journal {
     pub fn created_after(seq: u64) -> JournalRef {
         Arc::new(Mutex::new(Journal {
             fresh_after: Some(seq),
-            entries: Vec::new(),
+            ..Journal::default()
         }))
     }
 
@@ -199,13 +204,38 @@ impl Journal {
     /// Forgets everything up to the last snapshot. Called when a later checkpoint begins, which
     /// means every earlier one is durable: the store holds what those entries led to.
     pub fn settle(&mut self) {
-        if let Some(i) = self
+        self.settle_through(u64::MAX);
+    }
+
+    /// Forgets everything up to the last snapshot marker of a checkpoint at or below `durable`,
+    /// which is committed: a restart loads that checkpoint's row (or a later one) and replays
+    /// only what follows its marker.
+    fn settle_through(&mut self, durable: u64) {
+        let Some(i) = self
             .entries
             .iter()
-            .rposition(|e| matches!(e, Entry::Snapshot { .. }))
-        {
-            self.entries.drain(..=i);
+            .rposition(|e| matches!(e, Entry::Snapshot { seq, .. } if *seq <= durable))
+        else {
+            return;
+        };
+        self.entries.drain(..=i);
+        self.oldest_marker = self.entries.iter().find_map(|e| match e {
+            Entry::Snapshot { seq, .. } => Some(*seq),
+            _ => None,
+        });
+    }
+
+    /// Appends `e`, first dropping what checkpoint `durable` (the newest committed) covers.
+    /// Without this, a busy node's journal held about two checkpoint intervals: entries
+    /// were dropped only when the *next* checkpoint began.
+    fn push(&mut self, e: Entry, durable: u64) {
+        if self.oldest_marker.is_some_and(|m| m <= durable) {
+            self.settle_through(durable);
         }
+        if let Entry::Snapshot { seq, .. } = &e {
+            self.oldest_marker.get_or_insert(*seq);
+        }
+        self.entries.push(e);
     }
 
     pub fn len(&self) -> usize {
@@ -224,10 +254,6 @@ impl Journal {
             .rposition(|e| matches!(e, Entry::Snapshot { seq, .. } if *seq <= as_of))
             .map_or(0, |i| i + 1)
     }
-}
-
-fn push(j: &JournalRef, e: Entry) {
-    j.lock().expect("journal lock").entries.push(e);
 }
 
 pub enum NodeMsg {
@@ -284,6 +310,8 @@ pub struct NodeArgs {
     pub parent: Option<ActorRef<NodeMsg>>,
     pub signals: UnboundedSender<TenantSignal>,
     pub journal: JournalRef,
+    /// The engine's counters; `durable_seq` says which journal entries may go.
+    pub stats: Arc<Stats>,
     /// A restart: `state` is the row of this checkpoint (or empty, see [`Journal::base_is_stored`]),
     /// and the journal's entries since that checkpoint's snapshot are replayed onto it.
     pub replay_onto: Option<u64>,
@@ -301,9 +329,15 @@ pub struct Node {
     received: u32,
     dirty: DirtyBuckets,
     journal: JournalRef,
+    stats: Arc<Stats>,
 }
 
 impl Node {
+    fn journal(&self, e: Entry) {
+        let durable = self.stats.durable_seq.load(Ordering::Acquire);
+        self.journal.lock().expect("journal lock").push(e, durable);
+    }
+
     fn apply(&mut self, e: &NodeEvent) {
         let m = &e.metrics[..];
         self.state.own.add_event(m);
@@ -441,6 +475,7 @@ impl Actor for NodeActor {
             received: 0,
             dirty: DirtyBuckets::default(),
             journal: a.journal,
+            stats: a.stats,
         };
         if let Some(as_of) = a.replay_onto {
             let journal = n.journal.clone();
@@ -467,13 +502,13 @@ impl Actor for NodeActor {
                     s.apply(e);
                 }
                 s.expect = Some(expect);
-                push(&s.journal, Entry::Round { events, expect });
+                s.journal(Entry::Round { events, expect });
                 s.maybe_flush()?;
             }
             NodeMsg::Child(d) => {
                 s.pending.merge(&d);
                 s.received += 1;
-                push(&s.journal, Entry::Child(d));
+                s.journal(Entry::Child(d));
                 s.maybe_flush()?;
             }
             NodeMsg::Snapshot { seq, prune, reply } => {
@@ -482,7 +517,7 @@ impl Actor for NodeActor {
                     // Checkpoint `seq` begins only once every earlier one is durable.
                     let mut j = s.journal.lock().expect("journal lock");
                     j.settle();
-                    j.entries.push(Entry::Snapshot { seq, prune });
+                    j.push(Entry::Snapshot { seq, prune }, 0);
                 }
                 let buckets = s.dirty.drain(&s.state);
                 let _ = reply.send(NodeSnapshot {
@@ -528,19 +563,16 @@ impl Actor for NodeActor {
                         }
                     }
                 }
-                push(
-                    &s.journal,
-                    Entry::Removed {
-                        gone,
-                        extremes: resolved,
-                    },
-                );
+                s.journal(Entry::Removed {
+                    gone,
+                    extremes: resolved,
+                });
                 let _ = reply.send(());
             }
             NodeMsg::Add { delta, reply } => {
                 s.state.subtree.merge(&delta);
                 s.dirty.mark_all(BucketKind::Subtree, &delta.buckets);
-                push(&s.journal, Entry::Add(delta));
+                s.journal(Entry::Add(delta));
                 let _ = reply.send(());
             }
             NodeMsg::Extremes { wanted, reply } => {
@@ -553,11 +585,60 @@ impl Actor for NodeActor {
             NodeMsg::SetParent(p) => s.parent = p,
             NodeMsg::Grow => {
                 if s.grow() {
-                    push(&s.journal, Entry::Grow);
+                    s.journal(Entry::Grow);
                 }
             }
             NodeMsg::Crash => panic!("chaos: node {} crashed on purpose", s.ix),
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn marker(seq: u64) -> Entry {
+        Entry::Snapshot { seq, prune: [0; 3] }
+    }
+
+    fn kinds(j: &Journal) -> Vec<String> {
+        j.entries
+            .iter()
+            .map(|e| match e {
+                Entry::Snapshot { seq, .. } => format!("S{seq}"),
+                Entry::Grow => "G".into(),
+                _ => "?".into(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_journal_drops_what_a_landed_checkpoint_covers_on_its_next_append() {
+        let mut j = Journal::default();
+        j.push(Entry::Grow, 0);
+        j.push(marker(1), 0);
+        j.push(Entry::Grow, 0);
+        j.push(marker(2), 0);
+        // Nothing is durable yet: everything stays.
+        j.push(Entry::Grow, 0);
+        assert_eq!(kinds(&j), ["G", "S1", "G", "S2", "G"]);
+        // Checkpoint 1 landed: what its marker covers goes, the rest stays.
+        j.push(Entry::Grow, 1);
+        assert_eq!(kinds(&j), ["G", "S2", "G", "G"]);
+        // A restart onto checkpoint 1's row replays everything left.
+        assert_eq!(j.replay_from(1), 0);
+        // Onto checkpoint 2's row: only what follows its marker.
+        assert_eq!(j.replay_from(2), 2);
+        // Checkpoint 2 landed: only the entries after its marker remain.
+        j.push(Entry::Grow, 2);
+        assert_eq!(kinds(&j), ["G", "G", "G"]);
+        assert_eq!(j.oldest_marker, None);
+        // A later marker is tracked again, and `settle` drops through it.
+        j.push(marker(3), 2);
+        j.push(Entry::Grow, 2);
+        assert_eq!(j.oldest_marker, Some(3));
+        j.settle();
+        assert_eq!(kinds(&j), ["G"]);
     }
 }

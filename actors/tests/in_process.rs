@@ -552,6 +552,73 @@ async fn a_killed_node_is_restarted_alone_with_exactly_its_state() {
     assert_eq!(s.tenant_restarts.load(Relaxed), 0, "no tenant was rebuilt");
 }
 
+/// A journal lets go of what a checkpoint covers as soon as that checkpoint lands, not before:
+/// while the next one is still committing, a restarted node loads the last landed row and must
+/// find every entry since that checkpoint's marker (including those before the marker of the
+/// one in flight).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_while_a_checkpoint_commits_replays_from_the_last_landed_one() {
+    let (lines, nodes) = churn(5, 900);
+    let batches: Vec<&[String]> = lines.chunks(60).collect();
+    let (open, rx) = tokio::sync::watch::channel(true);
+    let store = Arc::new(GatedStore::new(Box::new(move || {
+        let mut open = rx.clone();
+        Box::pin(async move {
+            while !*open.borrow() {
+                open.changed().await.unwrap();
+            }
+            Ok(())
+        })
+    })));
+    let mut e = Engine::open(
+        small_rounds(),
+        store,
+        &mut NoSource,
+        Box::new(DiscardDeadLetters),
+    )
+    .await
+    .unwrap();
+    let mut reference = engine_with(Arc::new(MemStore::default()), small_rounds()).await;
+    let mut kills = 0u64;
+    for (i, b) in batches.iter().enumerate() {
+        let b: Vec<&str> = b.iter().map(String::as_str).collect();
+        reference.process(inputs(&b)).await.unwrap();
+        e.process(inputs(&b)).await.unwrap();
+        match i % 3 {
+            // A checkpoint that lands.
+            0 => {
+                open.send(true).unwrap();
+                e.checkpoint().await.unwrap();
+            }
+            // One whose commit hangs: its snapshot markers are in the journals.
+            1 => {
+                open.send(false).unwrap();
+                e.begin_checkpoint().await.unwrap();
+            }
+            // Still hanging: the nodes journaled this batch; kill some of them.
+            _ => {
+                for k in 0..6 {
+                    let (h, n) = &nodes[(i * 3 + k * 5) % nodes.len()];
+                    if e.node_state("t", h, n).await.is_some() {
+                        e.kill_node("t", h, n, k % 2 == 0).await.unwrap();
+                        kills += 1;
+                    }
+                }
+            }
+        }
+    }
+    open.send(true).unwrap();
+    let compared = same_states(&mut reference, &mut e, &nodes).await;
+    assert!(compared >= 8, "only {compared} live nodes compared");
+    assert!(kills >= 20, "only {kills} kills");
+    assert_eq!(e.stats.node_restarts.load(Relaxed), kills);
+    assert_eq!(
+        e.stats.tenant_restarts.load(Relaxed),
+        0,
+        "no tenant was rebuilt"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_keeps_failing_escalates_to_a_tenant_rebuild() {
     let (lines, nodes) = churn(11, 300);

@@ -373,10 +373,9 @@ async fn failing_store_writes_are_retried_and_nothing_is_lost_or_doubled() {
     assert_eq!(extremes(&mut e2, "a").await, Some((0, 48, 25)));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_store_stops_ingestion_one_checkpoint_ahead() {
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    // Commits hang until the store comes back (`tx` sends true).
+/// A store whose commits wait while the returned sender's value is `false` (a stalled store).
+fn valve(open: bool) -> (tokio::sync::watch::Sender<bool>, Arc<GatedStore>) {
+    let (tx, rx) = tokio::sync::watch::channel(open);
     let store = Arc::new(GatedStore::new(Box::new(move || {
         let mut open = rx.clone();
         Box::pin(async move {
@@ -386,6 +385,13 @@ async fn a_stalled_store_stops_ingestion_one_checkpoint_ahead() {
             Ok(())
         })
     })));
+    (tx, store)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_store_stops_ingestion_one_checkpoint_ahead() {
+    // Commits hang until the store comes back (`tx` sends true).
+    let (tx, store) = valve(false);
     let mut e = Engine::open(
         EngineConfig::default(),
         store.clone(),
@@ -560,16 +566,7 @@ async fn a_killed_node_is_restarted_alone_with_exactly_its_state() {
 async fn a_node_killed_while_a_checkpoint_commits_replays_from_the_last_landed_one() {
     let (lines, nodes) = churn(5, 900);
     let batches: Vec<&[String]> = lines.chunks(60).collect();
-    let (open, rx) = tokio::sync::watch::channel(true);
-    let store = Arc::new(GatedStore::new(Box::new(move || {
-        let mut open = rx.clone();
-        Box::pin(async move {
-            while !*open.borrow() {
-                open.changed().await.unwrap();
-            }
-            Ok(())
-        })
-    })));
+    let (open, store) = valve(true);
     let mut e = Engine::open(
         small_rounds(),
         store,

@@ -3,8 +3,9 @@
 //!
 //! `cargo bench --bench ingest` runs the full-size case (1,000,000 events, 5 tenants × 97,656
 //! nodes... see `LoadgenConfig::default`). `CANOPY_BENCH_EVENTS` and `CANOPY_BENCH_CHECKPOINT_MS`
-//! change the size and the checkpoint interval. This is a throughput harness, not a criterion
-//! micro-benchmark: one run of a million records is the measurement.
+//! change the size and the checkpoint interval, `CANOPY_BENCH_CHECKPOINT_RECORDS` the record
+//! count that forces one, `CANOPY_BENCH_BATCH` the source batch size. This is a throughput
+//! harness, not a criterion micro-benchmark: one run of a million records is the measurement.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -64,14 +65,21 @@ fn main() {
         .build()
         .unwrap();
     let store = Arc::new(EmbeddedStore::open(&dir.path().join("data")).unwrap());
+    let defaults = EngineConfig::default();
     let engine = EngineConfig {
         checkpoint_interval_ms: checkpoint_ms,
-        ..Default::default()
+        // A fixed count (with a long interval) makes the work of two runs the same: with time
+        // checkpoints, a faster run takes fewer of them, which makes it faster still.
+        checkpoint_every_records: env_or(
+            "CANOPY_BENCH_CHECKPOINT_RECORDS",
+            defaults.checkpoint_every_records,
+        ),
+        ..defaults
     };
     let opts = IngestOptions {
         input: input.clone(),
         dlq: Some(dir.path().join("dead.ndjson")),
-        batch_size: 4096,
+        batch_size: env_or("CANOPY_BENCH_BATCH", 4096),
         engine,
         progress: false,
     };

@@ -276,11 +276,15 @@ async fn current_mode_pending_events_follow_moves_and_leave_with_deletes() {
 type Gate =
     Box<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>> + Send + Sync>;
 
-/// A [`MemStore`] whose commits first pass through `gate`: it can fail them (a flaky store) or
-/// hold them (a stalled one).
+type ReadCheck = Box<dyn Fn(&str) -> Result<(), StoreError> + Send + Sync>;
+
+/// A [`MemStore`] with faults: its commits first pass through `gate`, which can fail them (a
+/// flaky store) or hold them (a stalled one), and its reads of a tenant through `reads`,
+/// which can fail them (a tenant whose state cannot be read).
 struct GatedStore {
     inner: MemStore,
     gate: Gate,
+    reads: ReadCheck,
 }
 
 impl GatedStore {
@@ -288,6 +292,14 @@ impl GatedStore {
         GatedStore {
             inner: MemStore::default(),
             gate,
+            reads: Box::new(|_| Ok(())),
+        }
+    }
+
+    fn failing_reads(reads: ReadCheck) -> Self {
+        GatedStore {
+            reads,
+            ..GatedStore::new(Box::new(|| Box::pin(async { Ok(()) })))
         }
     }
 }
@@ -301,6 +313,7 @@ impl Store for GatedStore {
         self.inner.tenants().await
     }
     async fn load_tenant(&self, tenant: &str) -> Result<TenantImage, StoreError> {
+        (self.reads)(tenant)?;
         self.inner.load_tenant(tenant).await
     }
     async fn load_node(
@@ -309,6 +322,7 @@ impl Store for GatedStore {
         hierarchy: &str,
         node: &str,
     ) -> Result<AsOf<Option<NodeRow>>, StoreError> {
+        (self.reads)(tenant)?;
         self.inner.load_node(tenant, hierarchy, node).await
     }
     async fn commit(&self, cp: Arc<Checkpoint>) -> Result<u64, StoreError> {
@@ -657,50 +671,6 @@ async fn a_node_that_keeps_failing_escalates_to_a_tenant_rebuild() {
     same_states(&mut reference, &mut e, &nodes).await;
 }
 
-/// Fails every read of tenant `bad` while `broken` is set: a tenant whose stored state cannot be
-/// read, so that every rebuild of it fails.
-struct FlakyStore {
-    inner: MemStore,
-    broken: std::sync::atomic::AtomicBool,
-}
-
-impl FlakyStore {
-    fn check(&self, tenant: &str) -> Result<(), StoreError> {
-        if tenant == "bad" && self.broken.load(Relaxed) {
-            return Err(StoreError::Corrupt(
-                "injected: tenant bad is unreadable".into(),
-            ));
-        }
-        Ok(())
-    }
-}
-
-#[async_trait::async_trait]
-impl Store for FlakyStore {
-    async fn meta(&self) -> Result<Option<CheckpointMeta>, StoreError> {
-        self.inner.meta().await
-    }
-    async fn tenants(&self) -> Result<Vec<String>, StoreError> {
-        self.inner.tenants().await
-    }
-    async fn load_tenant(&self, tenant: &str) -> Result<TenantImage, StoreError> {
-        self.check(tenant)?;
-        self.inner.load_tenant(tenant).await
-    }
-    async fn load_node(
-        &self,
-        tenant: &str,
-        hierarchy: &str,
-        node: &str,
-    ) -> Result<AsOf<Option<NodeRow>>, StoreError> {
-        self.check(tenant)?;
-        self.inner.load_node(tenant, hierarchy, node).await
-    }
-    async fn commit(&self, cp: Arc<Checkpoint>) -> Result<u64, StoreError> {
-        self.inner.commit(cp).await
-    }
-}
-
 /// Batches of lines; the position is the number of batches consumed.
 struct Batches {
     batches: Vec<Vec<Input>>,
@@ -805,10 +775,17 @@ async fn a_tenant_that_keeps_failing_is_parked_the_others_go_on_and_a_rerun_retr
     .unwrap();
     reference.run(&mut Batches::new(&lines, 50)).await.unwrap();
 
-    let store = Arc::new(FlakyStore {
-        inner: MemStore::default(),
-        broken: false.into(),
-    });
+    // Every read of tenant `bad` fails while `broken` is set: each rebuild of it fails.
+    let broken = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = broken.clone();
+    let store = Arc::new(GatedStore::failing_reads(Box::new(move |tenant| {
+        if tenant == "bad" && flag.load(Relaxed) {
+            return Err(StoreError::Corrupt(
+                "injected: tenant bad is unreadable".into(),
+            ));
+        }
+        Ok(())
+    })));
     let got = Letters::default();
     let mut src = Batches::new(&lines, 50);
     let mut e = Engine::open(cfg.clone(), store.clone(), &mut src, Box::new(got.clone()))
@@ -825,7 +802,7 @@ async fn a_tenant_that_keeps_failing_is_parked_the_others_go_on_and_a_rerun_retr
         if n == 5 {
             // From now on every rebuild of `bad` fails: a node of it dies, its restart cannot
             // read the store, the tenant rebuilds fail, and it is parked.
-            store.broken.store(true, Relaxed);
+            broken.store(true, Relaxed);
             e.kill_node("bad", "h", "n0", true).await.unwrap();
             assert_eq!(e.parked().len(), 1, "bad is parked");
         }
@@ -850,7 +827,7 @@ async fn a_tenant_that_keeps_failing_is_parked_the_others_go_on_and_a_rerun_retr
 
     // The store is readable again: the same stream, rerun, retries `bad` from its last durable
     // checkpoint, and `good`, already complete, applies nothing twice.
-    store.broken.store(false, Relaxed);
+    broken.store(false, Relaxed);
     let mut src = Batches::new(&lines, 50);
     let mut e = Engine::open(cfg, store.clone(), &mut src, Box::new(got.clone()))
         .await

@@ -62,6 +62,9 @@ pub struct Config {
 pub struct StoreSection {
     /// `embedded` (redb in `data_dir`) or `scylla://host:port[,host:port]/keyspace`.
     pub uri: String,
+    /// Memory the embedded store (redb) may use for its page cache, in MiB, per store file.
+    /// Half of it bounds the pages a checkpoint holds before writing them out.
+    pub embedded_cache_mb: usize,
     /// Scylla auth (empty: none).
     pub scylla_user: String,
     pub scylla_password: String,
@@ -173,6 +176,7 @@ impl Default for StoreSection {
     fn default() -> Self {
         StoreSection {
             uri: "embedded".into(),
+            embedded_cache_mb: crate::store::embedded::DEFAULT_CACHE_MB,
             scylla_user: String::new(),
             scylla_password: String::new(),
             scylla_consistency: "local_quorum".into(),

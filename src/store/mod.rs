@@ -39,7 +39,7 @@ pub fn scylla_options(cfg: &Config) -> scylla::ScyllaOptions {
 /// partition after `canopy run`), or the Scylla keyspace of `store.uri`.
 pub async fn open_configured(cfg: &Config) -> Result<Vec<(String, Arc<dyn Backend>)>, StoreError> {
     if cfg.store.uri == "embedded" {
-        return Ok(open_all(&cfg.data_dir)?
+        return Ok(open_all(&cfg.data_dir, cfg.store.embedded_cache_mb)?
             .into_iter()
             .map(|(n, s)| (n, Arc::new(s) as Arc<dyn Backend>))
             .collect());
@@ -77,7 +77,10 @@ pub async fn open_configured(cfg: &Config) -> Result<Vec<(String, Arc<dyn Backen
 /// The one store a single engine writes (`ingest`, `demo`).
 pub async fn open_single(cfg: &Config) -> Result<Arc<dyn Backend>, StoreError> {
     if cfg.store.uri == "embedded" {
-        return Ok(Arc::new(EmbeddedStore::open(&cfg.data_dir)?));
+        return Ok(Arc::new(EmbeddedStore::open_with(
+            &cfg.data_dir,
+            cfg.store.embedded_cache_mb,
+        )?));
     }
     let mut all = open_configured(cfg).await?;
     Ok(all.remove(0).1)
@@ -86,7 +89,8 @@ pub async fn open_single(cfg: &Config) -> Result<Arc<dyn Backend>, StoreError> {
 /// Opens the store of one Kafka partition's shard for `canopy run`: `DATA_DIR/partition-N/`
 /// with the embedded store, keyspace `{keyspace}_pN` (created on first use) with Scylla.
 pub enum Shards {
-    Embedded(std::path::PathBuf),
+    /// The data directory and the page cache of each store (MiB).
+    Embedded(std::path::PathBuf, usize),
     Scylla {
         session: Arc<::scylla::client::session::Session>,
         base: String,
@@ -97,7 +101,10 @@ pub enum Shards {
 impl Shards {
     pub async fn new(cfg: &Config) -> Result<Shards, StoreError> {
         if cfg.store.uri == "embedded" {
-            return Ok(Shards::Embedded(cfg.data_dir.clone()));
+            return Ok(Shards::Embedded(
+                cfg.data_dir.clone(),
+                cfg.store.embedded_cache_mb,
+            ));
         }
         let (hosts, base) = scylla::parse_uri(&cfg.store.uri)?;
         let opts = scylla_options(cfg);
@@ -111,9 +118,10 @@ impl Shards {
 
     pub async fn open(&self, partition: i32) -> Result<Arc<dyn Backend>, StoreError> {
         match self {
-            Shards::Embedded(dir) => Ok(Arc::new(EmbeddedStore::open(&partition_dir(
-                dir, partition,
-            ))?)),
+            Shards::Embedded(dir, cache_mb) => Ok(Arc::new(EmbeddedStore::open_with(
+                &partition_dir(dir, partition),
+                *cache_mb,
+            )?)),
             Shards::Scylla {
                 session,
                 base,

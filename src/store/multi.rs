@@ -20,10 +20,10 @@ pub fn partition_dir(data_dir: &Path, partition: i32) -> std::path::PathBuf {
 
 /// Opens every embedded store in `dir`: the single store of `ingest`/`demo`
 /// (`DIR/canopy.redb`) and the per-partition stores of `run` (`DIR/partition-N/`).
-pub fn open_all(dir: &Path) -> Result<Vec<(String, EmbeddedStore)>, StoreError> {
+pub fn open_all(dir: &Path, cache_mb: usize) -> Result<Vec<(String, EmbeddedStore)>, StoreError> {
     let mut out = Vec::new();
     if dir.join(super::embedded::FILE_NAME).exists() {
-        out.push(("main".to_string(), EmbeddedStore::open(dir)?));
+        out.push(("main".to_string(), EmbeddedStore::open_with(dir, cache_mb)?));
     }
     let mut parts: Vec<(i32, std::path::PathBuf)> = match std::fs::read_dir(dir) {
         Ok(rd) => rd
@@ -42,11 +42,14 @@ pub fn open_all(dir: &Path) -> Result<Vec<(String, EmbeddedStore)>, StoreError> 
     };
     parts.sort();
     for (n, p) in parts {
-        out.push((format!("partition-{n}"), EmbeddedStore::open(&p)?));
+        out.push((
+            format!("partition-{n}"),
+            EmbeddedStore::open_with(&p, cache_mb)?,
+        ));
     }
     if out.is_empty() {
         // An empty directory: a fresh single store, as before `run` existed.
-        out.push(("main".to_string(), EmbeddedStore::open(dir)?));
+        out.push(("main".to_string(), EmbeddedStore::open_with(dir, cache_mb)?));
     }
     Ok(out)
 }

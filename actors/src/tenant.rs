@@ -37,7 +37,10 @@ impl Default for TenantSettings {
         TenantSettings {
             dedup_horizon_secs: 3600,
             retention: Retention::default(),
-            round_max_events: 65_536,
+            // A round costs about the same whether it carries 65,536 or 262,144 events once
+            // most leaves are touched; a pending event costs ~64 bytes per hierarchy holding
+            // its entity, so this bounds a tenant's pending list to ~17 MB per hierarchy.
+            round_max_events: 262_144,
             round_interval_ms: 1000,
             node_max_restarts: 3,
             node_restart_window_ms: 10_000,

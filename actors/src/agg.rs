@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stat {
     pub count: u64,
+    #[serde(with = "sum_codec")]
     pub sum: i128,
     pub min: i64,
     pub max: i64,
@@ -40,6 +41,59 @@ impl Stat {
         self.sum += o.sum;
         self.min = self.min.min(o.min);
         self.max = self.max.max(o.max);
+    }
+}
+
+/// How a sum is encoded. In JSON (human-readable) it is a plain number, however large. In
+/// MessagePack (the stores) it is an integer when it fits in 64 bits, which nearly every sum
+/// does, and the 16 big-endian bytes of the i128 otherwise: rmp-serde writes every i128 as
+/// those 16 bytes (18 with the header), which made the sums a fifth of a stored bucket. Both
+/// forms are read back, so rows written before the change still load.
+mod sum_codec {
+    use serde::de::{self, Deserializer, Visitor};
+    use serde::{Deserialize, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &i128, s: S) -> Result<S::Ok, S::Error> {
+        match i64::try_from(*v) {
+            Ok(small) if !s.is_human_readable() => s.serialize_i64(small),
+            _ => s.serialize_i128(*v),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<i128, D::Error> {
+        if d.is_human_readable() {
+            return i128::deserialize(d);
+        }
+        d.deserialize_any(SumVisitor)
+    }
+
+    struct SumVisitor;
+
+    impl<'de> Visitor<'de> for SumVisitor {
+        type Value = i128;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an integer, or the 16 big-endian bytes of an i128")
+        }
+
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<i128, E> {
+            Ok(v as i128)
+        }
+
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<i128, E> {
+            Ok(v as i128)
+        }
+
+        fn visit_i128<E: de::Error>(self, v: i128) -> Result<i128, E> {
+            Ok(v)
+        }
+
+        fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<i128, E> {
+            let b: [u8; 16] = v
+                .try_into()
+                .map_err(|_| E::invalid_length(v.len(), &self))?;
+            Ok(i128::from_be_bytes(b))
+        }
     }
 }
 
@@ -402,6 +456,51 @@ mod tests {
         assert_eq!(s.count, 2);
         let json = serde_json::to_string(&AggJson(&a)).unwrap();
         assert!(json.contains("18446744073709551614"), "{json}");
+    }
+
+    #[test]
+    fn stored_sums_are_integers_when_they_fit_and_rows_of_the_old_encoding_still_load() {
+        let mut small = Agg::default();
+        small.add_event(&[m("x", -5)]);
+        let mut big = Agg::default();
+        big.add_event(&[m("x", i64::MAX)]);
+        big.add_event(&[m("x", i64::MAX)]);
+        for a in [&small, &big] {
+            let bytes = rmp_serde::to_vec(a).unwrap();
+            assert_eq!(&rmp_serde::from_slice::<Agg>(&bytes).unwrap(), a);
+        }
+        // The compact form is smaller by the 16-byte i128 it no longer writes.
+        #[derive(Serialize)]
+        struct OldStat {
+            count: u64,
+            sum: i128,
+            min: i64,
+            max: i64,
+        }
+        let s = small.metrics[0].1;
+        let old = rmp_serde::to_vec(&OldStat {
+            count: s.count,
+            sum: s.sum,
+            min: s.min,
+            max: s.max,
+        })
+        .unwrap();
+        let new = rmp_serde::to_vec(&s).unwrap();
+        assert!(
+            new.len() + 16 <= old.len(),
+            "{} vs {}",
+            new.len(),
+            old.len()
+        );
+        // A row written with the old encoding decodes to the same numbers.
+        assert_eq!(rmp_serde::from_slice::<Stat>(&old).unwrap(), s);
+        // JSON keeps the exact number, beyond 64 bits too.
+        let json = serde_json::to_string(&big.metrics[0].1).unwrap();
+        assert!(json.contains("18446744073709551614"), "{json}");
+        assert_eq!(
+            serde_json::from_str::<Stat>(&json).unwrap(),
+            big.metrics[0].1
+        );
     }
 
     #[test]

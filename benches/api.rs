@@ -3,7 +3,8 @@
 //! target being p99 ≤ 5 ms) and then flat out.
 //!
 //! `cargo bench --bench api`. `CANOPY_BENCH_API_RATE`, `CANOPY_BENCH_API_SECS` and
-//! `CANOPY_BENCH_API_CLIENTS` change the offered rate, the duration and the client count.
+//! `CANOPY_BENCH_API_CLIENTS` change the offered rate, the duration and the client count;
+//! `CANOPY_BENCH_CACHE_MB` the embedded store's page cache (`store.embedded_cache_mb`).
 //! The store holds a generated stream (3 tenants, 6 levels, fanout 5: ~11,700 nodes per
 //! hierarchy) ingested by the real engine first.
 
@@ -105,7 +106,11 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let store = Arc::new(EmbeddedStore::open(&dir.path().join("data")).unwrap());
+    let cache_mb = std::env::var("CANOPY_BENCH_CACHE_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(canopy::store::embedded::DEFAULT_CACHE_MB);
+    let store = Arc::new(EmbeddedStore::open_with(&dir.path().join("data"), cache_mb).unwrap());
     let opts = IngestOptions {
         input,
         dlq: None,

@@ -16,20 +16,14 @@ use std::time::Instant;
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 
+#[path = "support/cpu.rs"]
+mod cpu;
+use cpu::cpu_secs;
+
 const TENANTS: usize = 5;
 const DEPTH: usize = 7;
 const FANOUT: usize = 5;
 const ROUNDS: usize = 3;
-
-fn cpu_secs() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-        return 0.0;
-    };
-    let rest = stat.rsplit(')').next().unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
-}
 
 fn rss_mb() -> f64 {
     let s = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
@@ -42,7 +36,6 @@ fn rss_mb() -> f64 {
 }
 
 enum Msg {
-    SetParent(Option<ActorRef<Msg>>),
     Round { expect: u32 },
     Child,
 }
@@ -97,7 +90,6 @@ impl Actor for Node {
         s: &mut NodeState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            Msg::SetParent(p) => s.parent = p,
             Msg::Round { expect } => {
                 s.expect = Some(expect);
                 s.maybe_flush()?;

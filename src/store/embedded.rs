@@ -119,7 +119,8 @@ fn corrupt(e: impl std::fmt::Display) -> StoreError {
 
 /// The default page cache (`store.embedded_cache_mb`). redb's own default is 1 GiB, and a
 /// checkpoint of the ingest benchmark (~95,000 node rows) fills it: the process then held
-/// ~600 MB more than with 64 MiB, for no measurable gain in speed. On this kind of machine first
+/// ~600 MB more than with 64 MiB, for no measurable gain in speed (128 leaves room for the
+/// query API's reads). On this kind of machine first
 /// touching memory is slow (about a second per GB), so memory not held is time saved.
 pub const DEFAULT_CACHE_MB: usize = 128;
 

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use canopy::store::EmbeddedStore;
 use canopy_actors::agg::{Agg, Granularity, Stat};
+use canopy_actors::node::NodeState;
 use canopy_actors::record::Mode;
 use canopy_actors::store::{
     BucketKind, BucketRow, Checkpoint, DedupBatch, NodeHeader, NodeRow, Store, StoreRead,
@@ -88,6 +89,7 @@ fn node(
                 agg: e.map(|e| agg(e, 1)),
             })
             .collect(),
+        packed: None,
     }
 }
 
@@ -486,6 +488,125 @@ async fn children_follow_moves_back_and_recreation(b: Pair) {
     assert_eq!(names(&*r, Some("p")).await, ["c"]);
 }
 
+/// A node that sends its complete bucket set packed (see `Store::packed_buckets_max`): the
+/// stored set becomes exactly that set, also for a node whose buckets had outgrown the row,
+/// and later changed-bucket commits apply on top. A backend that takes no packed sets refuses
+/// one instead of storing half of it.
+async fn packed_sets_replace_what_was_stored_or_are_refused(b: Pair) {
+    let (w, r, _d) = b;
+    let minutes = |n: &NodeRow| -> Vec<(u64, u64)> {
+        let mut v: Vec<_> = n
+            .buckets
+            .iter()
+            .map(|b| (b.key, b.agg.as_ref().unwrap().events))
+            .collect();
+        v.sort();
+        v
+    };
+    let packed = |keys: &[(u64, u64)]| {
+        let mut st = NodeState::default();
+        for (k, e) in keys {
+            *st.subtree.buckets.0[0].entry(*k) = agg(*e, 1);
+        }
+        st.pack_buckets()
+    };
+    let many = w.packed_buckets_max().unwrap_or(8) as u64 + 5;
+    let first: Vec<(u64, Option<u64>)> = (0..many).map(|k| (k * 60, Some(1))).collect();
+    w.commit(cp(
+        1,
+        TenantChanges {
+            tenant: "t".into(),
+            row: Some(row(&["h"], &[])),
+            put_nodes: vec![
+                node("h", "p", None, 0, &[]),
+                node("h", "a", None, 3, &[(60, Some(2)), (120, Some(1))]),
+                node("h", "big", None, many, &first),
+            ],
+            ..Default::default()
+        },
+    ))
+    .await
+    .unwrap();
+    let mut a = node("h", "a", Some("p"), 6, &[]);
+    a.packed = Some(packed(&[(60, 5), (180, 1)]));
+    let mut big = node("h", "big", None, many, &[]);
+    big.packed = Some(packed(&[(0, 1), (600, 4)]));
+    let second = cp(
+        2,
+        TenantChanges {
+            tenant: "t".into(),
+            put_nodes: vec![a, big],
+            ..Default::default()
+        },
+    );
+    if w.packed_buckets_max().is_none() {
+        match w.commit(second).await {
+            Err(canopy_actors::store::StoreError::Unsupported(_)) => {}
+            other => panic!("a packed set must be refused here, got {other:?}"),
+        }
+        assert_eq!(
+            w.meta().await.unwrap().unwrap().seq,
+            1,
+            "nothing of it landed"
+        );
+        return;
+    }
+    w.commit(second).await.unwrap();
+    let a = w.load_node("t", "h", "a").await.unwrap().value.unwrap();
+    assert_eq!(minutes(&a), [(60, 5), (180, 1)], "120 is gone, 60 replaced");
+    assert_eq!(a.parent.as_deref(), Some("p"));
+    assert_eq!(a.header.subtree, agg(6, 1));
+    let big = w.load_node("t", "h", "big").await.unwrap().value.unwrap();
+    assert_eq!(
+        minutes(&big),
+        [(0, 1), (600, 4)],
+        "the spilled rows are gone"
+    );
+    let series = r
+        .series("t", "h", "big", Granularity::Minute)
+        .await
+        .unwrap()
+        .value
+        .unwrap();
+    assert_eq!(
+        series
+            .iter()
+            .map(|(k, a)| (*k, a.events))
+            .collect::<Vec<_>>(),
+        [(0, 1), (600, 4)]
+    );
+    let kids = r
+        .children("t", "h", Some("p"))
+        .await
+        .unwrap()
+        .value
+        .unwrap();
+    assert_eq!(
+        kids.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+        ["a"]
+    );
+    let roots = r.children("t", "h", None).await.unwrap().value.unwrap();
+    assert_eq!(
+        roots.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+        ["big", "p"]
+    );
+    // Changed buckets apply on top of a packed row.
+    w.commit(cp(
+        3,
+        TenantChanges {
+            tenant: "t".into(),
+            put_nodes: vec![node("h", "a", Some("p"), 7, &[(60, None), (240, Some(1))])],
+            ..Default::default()
+        },
+    ))
+    .await
+    .unwrap();
+    let a = w.load_node("t", "h", "a").await.unwrap().value.unwrap();
+    assert_eq!(minutes(&a), [(180, 1), (240, 1)]);
+    let hs = r.hierarchies("t").await.unwrap().value.unwrap();
+    assert_eq!(hs[0].nodes, 3);
+}
+
 macro_rules! suite {
     ($backend:ident: $($t:ident),* $(,)?) => {
         mod $backend {
@@ -502,7 +623,7 @@ macro_rules! suite {
 
 suite!(embedded: empty_store_reads_nothing, commit_then_load_and_read, moves_deletes_and_recreation,
     children_follow_moves_back_and_recreation, dedup_batches_expire, a_retried_commit_changes_nothing,
-    readers_never_see_half_a_checkpoint);
+    readers_never_see_half_a_checkpoint, packed_sets_replace_what_was_stored_or_are_refused);
 suite!(scylla_if_uri_set: empty_store_reads_nothing, commit_then_load_and_read, moves_deletes_and_recreation,
     children_follow_moves_back_and_recreation, dedup_batches_expire, a_retried_commit_changes_nothing,
-    readers_never_see_half_a_checkpoint);
+    readers_never_see_half_a_checkpoint, packed_sets_replace_what_was_stored_or_are_refused);

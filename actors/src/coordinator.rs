@@ -642,6 +642,7 @@ impl Coord {
             .settings
             .retention
             .prune_cutoffs(self.t.watermark.unwrap_or(0));
+        let packed_max = self.store.packed_buckets_max();
         let mut waits = Vec::with_capacity(self.dirty.len());
         for &n in &self.dirty {
             let (tx, rx) = oneshot();
@@ -650,6 +651,7 @@ impl Coord {
                 .send_message(NodeMsg::Snapshot {
                     seq,
                     prune,
+                    packed_max,
                     reply: tx.into(),
                 })
                 .is_err()
@@ -671,6 +673,7 @@ impl Coord {
                 parent: slot.parent.map(|p| self.t.slot(p).name.clone()),
                 header: snap.header,
                 buckets: snap.buckets,
+                packed: snap.packed,
             });
         }
         let dedup = if self.t.new_ids.is_empty() {

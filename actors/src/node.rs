@@ -12,7 +12,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::agg::{combine_extremes, Agg, Buckets, Delta, Granularity, MetricName, Scope};
 use crate::engine::Stats;
 use crate::record::Mode;
-use crate::store::{BucketKind, BucketRow, NodeHeader};
+use crate::store::{BucketKind, BucketRow, NodeHeader, PackedBuckets};
 use crate::tenant::NodeIx;
 
 /// The numbers a node owns. This is exactly what a checkpoint persists for the node.
@@ -59,6 +59,43 @@ impl NodeState {
         }
     }
 
+    /// How many buckets the node has, of both kinds.
+    pub fn bucket_count(&self) -> usize {
+        let own = self.own_buckets.as_ref();
+        self.subtree
+            .buckets
+            .0
+            .iter()
+            .map(|m| m.len())
+            .sum::<usize>()
+            + own.map_or(0, |b| b.0.iter().map(|m| m.len()).sum())
+    }
+
+    /// The complete bucket set, encoded as [`PackedBuckets`] describes.
+    pub fn pack_buckets(&self) -> PackedBuckets {
+        struct Set<'a>(&'a NodeState, usize);
+        impl Serialize for Set<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                use serde::ser::SerializeSeq;
+                let mut seq = s.serialize_seq(Some(self.1))?;
+                for kind in [BucketKind::Subtree, BucketKind::Own] {
+                    let Some(b) = self.0.buckets_of(kind) else {
+                        continue;
+                    };
+                    for (g, map) in b.0.iter().enumerate() {
+                        for (key, agg) in map.iter() {
+                            seq.serialize_element(&(kind as u8, g as u8, *key, agg))?;
+                        }
+                    }
+                }
+                seq.end()
+            }
+        }
+        let count = self.bucket_count();
+        let bytes = rmp_serde::to_vec(&Set(self, count)).expect("buckets encode");
+        PackedBuckets { count, bytes }
+    }
+
     fn buckets_of(&self, kind: BucketKind) -> Option<&Buckets> {
         match kind {
             BucketKind::Subtree => Some(&self.subtree.buckets),
@@ -91,6 +128,12 @@ impl DirtyBuckets {
         }
     }
 
+    fn clear(&mut self) {
+        for v in &mut self.0 {
+            v.clear();
+        }
+    }
+
     /// Emits the current value (or a deletion) of every dirty bucket, then forgets them.
     fn drain(&mut self, st: &NodeState) -> Vec<BucketRow> {
         let mut out = Vec::new();
@@ -117,11 +160,13 @@ impl DirtyBuckets {
     }
 }
 
-/// What a node answers to a snapshot: its header and the buckets that changed.
+/// What a node answers to a snapshot: its header and the buckets that changed, or all of
+/// them packed (see [`PackedBuckets`]).
 #[derive(Debug)]
 pub struct NodeSnapshot {
     pub header: NodeHeader,
     pub buckets: Vec<BucketRow>,
+    pub packed: Option<PackedBuckets>,
 }
 
 /// One accepted event as a node sees it: bucket keys already resolved in the tenant's zone.
@@ -265,10 +310,11 @@ pub enum NodeMsg {
     /// A child's coalesced delta for the current round.
     Child(Box<Delta>),
     /// The node's header and changed buckets for checkpoint `seq`, after dropping buckets
-    /// older than `prune`.
+    /// older than `prune`; all its buckets packed instead while it has at most `packed_max`.
     Snapshot {
         seq: u64,
         prune: [u64; 3],
+        packed_max: Option<usize>,
         reply: RpcReplyPort<NodeSnapshot>,
     },
     /// The node's whole state (tests and diagnostics).
@@ -436,7 +482,7 @@ impl Node {
             Entry::Snapshot { prune, .. } => {
                 self.prune(prune);
                 // Those rows went into that checkpoint.
-                self.dirty.drain(&self.state);
+                self.dirty.clear();
             }
         }
     }
@@ -511,7 +557,12 @@ impl Actor for NodeActor {
                 s.journal(Entry::Child(d));
                 s.maybe_flush()?;
             }
-            NodeMsg::Snapshot { seq, prune, reply } => {
+            NodeMsg::Snapshot {
+                seq,
+                prune,
+                packed_max,
+                reply,
+            } => {
                 s.prune(&prune);
                 {
                     // Checkpoint `seq` begins only once every earlier one is durable.
@@ -519,10 +570,17 @@ impl Actor for NodeActor {
                     j.settle();
                     j.push(Entry::Snapshot { seq, prune }, 0);
                 }
-                let buckets = s.dirty.drain(&s.state);
+                let (buckets, packed) = match packed_max {
+                    Some(max) if s.state.bucket_count() <= max => {
+                        s.dirty.clear();
+                        (Vec::new(), Some(s.state.pack_buckets()))
+                    }
+                    _ => (s.dirty.drain(&s.state), None),
+                };
                 let _ = reply.send(NodeSnapshot {
                     header: s.state.header(),
                     buckets,
+                    packed,
                 });
             }
             NodeMsg::State(reply) => {

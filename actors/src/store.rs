@@ -16,6 +16,9 @@ pub enum StoreError {
     Corrupt(String),
     #[error("store I/O: {0}")]
     Io(String),
+    /// The caller asked for something this backend does not do (a bug, not a fault to retry).
+    #[error("not supported by this store: {0}")]
+    Unsupported(String),
 }
 
 impl StoreError {
@@ -51,7 +54,8 @@ pub struct NodeHeader {
 }
 
 /// One node: its place in the topology, its totals, and bucket rows. In a checkpoint `buckets`
-/// holds only the buckets that changed since the previous checkpoint; loaded, it holds them all.
+/// holds only the buckets that changed since the previous checkpoint, unless `packed` is set;
+/// loaded, it holds them all.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeRow {
     pub hierarchy: String,
@@ -59,6 +63,50 @@ pub struct NodeRow {
     pub parent: Option<String>,
     pub header: NodeHeader,
     pub buckets: Vec<BucketRow>,
+    /// In a checkpoint, for a backend whose [`Store::packed_buckets_max`] is set: the node's
+    /// *complete* bucket set, already encoded (then `buckets` is empty, and a stored bucket
+    /// absent from the set is gone). Never set on a loaded row.
+    #[serde(default)]
+    pub packed: Option<PackedBuckets>,
+}
+
+/// A node's complete bucket set as one MessagePack array of `[kind, granularity, key, agg]`
+/// entries in (kind, granularity, key) order, exactly as `rmp_serde` encodes a
+/// `Vec<(u8, u8, u64, Agg)>`. The node actor encodes it while it answers a snapshot: the
+/// buckets are then neither cloned into [`BucketRow`]s nor merged into the stored row by
+/// reading and decoding it first, which made up most of a checkpoint's cost.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PackedBuckets {
+    pub count: usize,
+    #[serde(with = "serde_bytes")]
+    pub bytes: Vec<u8>,
+}
+
+impl PackedBuckets {
+    /// The set as bucket rows (for a backend path that needs them one by one).
+    pub fn rows(&self) -> Result<Vec<BucketRow>, StoreError> {
+        let set: Vec<(u8, u8, u64, Agg)> = rmp_serde::from_slice(&self.bytes)
+            .map_err(|e| StoreError::Corrupt(format!("packed buckets: {e}")))?;
+        set.into_iter()
+            .map(|(kd, g, key, agg)| {
+                let kind = match kd {
+                    0 => BucketKind::Subtree,
+                    1 => BucketKind::Own,
+                    _ => return Err(StoreError::Corrupt(format!("bucket kind {kd}"))),
+                };
+                let granularity = Granularity::ALL
+                    .get(g as usize)
+                    .copied()
+                    .ok_or_else(|| StoreError::Corrupt(format!("granularity {g}")))?;
+                Ok(BucketRow {
+                    kind,
+                    granularity,
+                    key,
+                    agg: Some(agg),
+                })
+            })
+            .collect()
+    }
 }
 
 /// Event ids accepted in one checkpoint interval, persisted as one row.
@@ -150,6 +198,13 @@ pub trait Store: Send + Sync + 'static {
     /// Commits `cp` atomically; returns the number of rows (or statements) the backend wrote,
     /// which is what `Stats::store_rows` counts.
     async fn commit(&self, cp: std::sync::Arc<Checkpoint>) -> Result<u64, StoreError>;
+    /// Up to how many buckets a node sends its complete set, packed ([`NodeRow::packed`]),
+    /// instead of its changed buckets. For a backend that keeps small bucket sets inside the
+    /// node's row: it can then write the row without reading it back. `None` (the default):
+    /// changed buckets only.
+    fn packed_buckets_max(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// An answer read from one committed checkpoint, named by its sequence number.

@@ -24,7 +24,7 @@ use canopy_actors::agg::Agg;
 use canopy_actors::agg::Granularity;
 use canopy_actors::store::{
     AsOf, BucketKind, BucketRow, Checkpoint, CheckpointMeta, DedupBatch, EntityView, HierarchyInfo,
-    NodeHeader, NodeRow, NodeView, Store, StoreError, StoreRead, TenantImage,
+    NodeHeader, NodeRow, NodeView, PackedBuckets, Store, StoreError, StoreRead, TenantImage,
 };
 use canopy_actors::tenant::TenantRow;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -69,6 +69,14 @@ struct StoredNode(Option<String>, NodeHeader, Option<Vec<InlineBucket>>);
 /// A stored node's parent and totals, without decoding its buckets.
 #[derive(serde::Deserialize)]
 struct StoredHeader(Option<String>, NodeHeader, serde::de::IgnoredAny);
+
+/// A stored node's parent and whether its buckets are spilled (`None`), decoding nothing else.
+#[derive(serde::Deserialize)]
+struct ParentAndSpill(
+    Option<String>,
+    serde::de::IgnoredAny,
+    Option<serde::de::IgnoredAny>,
+);
 
 /// A stored node's parent, without decoding its numbers.
 #[derive(serde::Deserialize)]
@@ -234,6 +242,18 @@ fn commit(db: &Database, cp: &Checkpoint) -> Result<u64, StoreError> {
             puts.sort_unstable_by(|a, b| (&a.hierarchy, &a.node).cmp(&(&b.hierarchy, &b.node)));
             for n in puts {
                 let (tn, h, node) = (t.tenant.as_str(), n.hierarchy.as_str(), n.node.as_str());
+                if let Some(packed) = &n.packed {
+                    rows += put_packed(
+                        &mut nodes,
+                        &mut buckets,
+                        &mut children,
+                        &mut counts,
+                        tn,
+                        n,
+                        packed,
+                    )?;
+                    continue;
+                }
                 let old = nodes
                     .get((tn, h, node))
                     .map_err(io)?
@@ -319,6 +339,83 @@ fn commit(db: &Database, cp: &Checkpoint) -> Result<u64, StoreError> {
     }
     tx.commit().map_err(io)?;
     Ok(rows)
+}
+
+/// Writes a node that sent its complete bucket set packed: the row is the stored parent and
+/// totals followed by the packed bytes, so the old row is read only for its parent (the
+/// children index) and whether its buckets were spilled, never decoded. Returns rows written.
+fn put_packed(
+    nodes: &mut redb::Table<(&str, &str, &str), &[u8]>,
+    buckets: &mut redb::Table<BucketKey, &[u8]>,
+    children: &mut redb::Table<ChildKey, ()>,
+    counts: &mut redb::Table<(&str, &str), u64>,
+    tn: &str,
+    n: &NodeRow,
+    packed: &PackedBuckets,
+) -> Result<u64, StoreError> {
+    let (h, node) = (n.hierarchy.as_str(), n.node.as_str());
+    if packed.count > INLINE_MAX {
+        return Err(StoreError::Unsupported(format!(
+            "node {node:?} sent {} packed buckets, more than the inline maximum {INLINE_MAX}",
+            packed.count
+        )));
+    }
+    let old = nodes
+        .get((tn, h, node))
+        .map_err(io)?
+        .map(|o| rmp_serde::from_slice::<ParentAndSpill>(o.value()).map_err(corrupt))
+        .transpose()?;
+    let mut rows = 1u64;
+    match &old {
+        Some(ParentAndSpill(p, _, _)) if *p == n.parent => {}
+        Some(ParentAndSpill(p, _, _)) => {
+            children.remove((tn, h, p.as_deref(), node)).map_err(io)?;
+            children
+                .insert((tn, h, n.parent.as_deref(), node), ())
+                .map_err(io)?;
+        }
+        None => {
+            children
+                .insert((tn, h, n.parent.as_deref(), node), ())
+                .map_err(io)?;
+            add_count(counts, tn, h, 1)?;
+        }
+    }
+    // A spilled node whose buckets fit inline again (pruned by retention): the packed set is
+    // complete, so its bucket rows all go and the set moves back into the row.
+    if let Some(ParentAndSpill(_, _, None)) = old {
+        let mut doomed = Vec::new();
+        for e in buckets
+            .range((tn, h, node, 0u8, 0u8, 0u64)..=(tn, h, node, u8::MAX, u8::MAX, u64::MAX))
+            .map_err(io)?
+        {
+            let (k, _) = e.map_err(io)?;
+            let (_, _, _, kd, g, key) = k.value();
+            doomed.push((kd, g, key));
+        }
+        rows += doomed.len() as u64;
+        for (kd, g, key) in doomed {
+            buckets.remove((tn, h, node, kd, g, key)).map_err(io)?;
+        }
+    }
+    let v = packed_value(&n.parent, &n.header, packed)?;
+    nodes.insert((tn, h, node), v.as_slice()).map_err(io)?;
+    Ok(rows)
+}
+
+/// Byte for byte what `rmp_serde` makes of `NodeValue(parent, header, Some(set))`, without
+/// decoding the packed set.
+fn packed_value(
+    parent: &Option<String>,
+    header: &NodeHeader,
+    packed: &PackedBuckets,
+) -> Result<Vec<u8>, StoreError> {
+    let mut v = Vec::with_capacity(packed.bytes.len() + 96);
+    rmp::encode::write_array_len(&mut v, 3).map_err(io)?;
+    rmp_serde::encode::write(&mut v, parent).map_err(io)?;
+    rmp_serde::encode::write(&mut v, header).map_err(io)?;
+    v.extend_from_slice(&packed.bytes);
+    Ok(v)
 }
 
 fn add_count(
@@ -411,6 +508,7 @@ impl Store for EmbeddedStore {
                     parent,
                     header,
                     buckets,
+                    packed: None,
                 });
             }
             // Bucket rows sort like node rows: attach them in one merge pass.
@@ -511,6 +609,7 @@ impl Store for EmbeddedStore {
                 parent,
                 header,
                 buckets,
+                packed: None,
             }))
         })
         .await
@@ -518,6 +617,10 @@ impl Store for EmbeddedStore {
 
     async fn commit(&self, cp: Arc<Checkpoint>) -> Result<u64, StoreError> {
         self.blocking(move |db| commit(db, &cp)).await
+    }
+
+    fn packed_buckets_max(&self) -> Option<usize> {
+        Some(INLINE_MAX)
     }
 }
 
@@ -796,6 +899,7 @@ mod tests {
                     agg: Some(agg(*k)),
                 })
                 .collect(),
+            packed: None,
         }
     }
 
@@ -974,6 +1078,68 @@ mod tests {
         assert!(
             err.contains("store format 1") && err.contains("new data directory"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn a_packed_row_is_byte_for_byte_the_row_the_bucket_path_writes() {
+        use canopy_actors::agg::{Buckets, Delta, Stat};
+        use canopy_actors::node::NodeState;
+        let big = |events: u64, sum: i128| Agg {
+            events,
+            metrics: vec![
+                (
+                    "amount".into(),
+                    Stat {
+                        count: events,
+                        sum,
+                        min: -3,
+                        max: 9,
+                    },
+                ),
+                ("zeta".into(), Stat::of(4)),
+            ],
+        };
+        let mut subtree = Buckets::default();
+        *subtree.0[0].entry(60) = big(2, 5);
+        *subtree.0[0].entry(120) = big(1, i128::from(i64::MAX) * 4);
+        *subtree.0[2].entry(7) = big(3, -11);
+        let mut own = Buckets::default();
+        *own.0[1].entry(1) = big(1, 1);
+        let st = NodeState {
+            own: big(1, 1),
+            own_buckets: Some(own),
+            subtree: Delta {
+                total: big(3, 2),
+                buckets: subtree,
+            },
+        };
+        let packed = st.pack_buckets();
+        assert_eq!(packed.count, 4);
+        let header = st.header();
+        let parent = Some("p".to_string());
+        let rows = packed.rows().unwrap();
+        let set: Vec<InlineBucket> = rows
+            .iter()
+            .map(|b| {
+                (
+                    b.kind as u8,
+                    b.granularity as u8,
+                    b.key,
+                    b.agg.clone().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            set.iter()
+                .map(|(k, g, key, _)| (*k, *g, *key))
+                .collect::<Vec<_>>(),
+            [(0, 0, 60), (0, 0, 120), (0, 2, 7), (1, 1, 1)],
+            "in (kind, granularity, key) order"
+        );
+        assert_eq!(
+            packed_value(&parent, &header, &packed).unwrap(),
+            rmp_serde::to_vec(&NodeValue(&parent, &header, &Some(set))).unwrap()
         );
     }
 }

@@ -662,6 +662,7 @@ impl Store for ScyllaStore {
                     parent,
                     header,
                     buckets,
+                    packed: None,
                 });
             }
         }
@@ -699,6 +700,7 @@ impl Store for ScyllaStore {
                 parent,
                 header,
                 buckets: self.node_buckets(tenant, hierarchy, node, at).await?,
+                packed: None,
             }),
             None => None,
         };
@@ -795,6 +797,13 @@ impl Store for ScyllaStore {
                 placed_now.insert(key, None);
             }
             for n in &tc.put_nodes {
+                // This store writes changed buckets one row each (`packed_buckets_max` is None).
+                if n.packed.is_some() {
+                    return Err(StoreError::Unsupported(format!(
+                        "node {:?} came with packed buckets; this store takes changed buckets",
+                        n.node
+                    )));
+                }
                 let header = rmp_serde::to_vec(&n.header).map_err(corrupt)?;
                 w.push(write(
                     s,

@@ -15,6 +15,10 @@
 //! - `node_counts`: (tenant, hierarchy) → number of nodes
 //!
 //! One checkpoint is one redb write transaction, so a reader sees all of it or none of it.
+//!
+//! Nodes within [`INLINE_MAX`] send their whole bucket set already encoded
+//! ([`PackedBuckets`], asked for by `packed_buckets_max`): their row is written without
+//! decoding the old one, whose parent alone is read for the `children` index.
 
 use std::path::Path;
 use std::sync::Arc;

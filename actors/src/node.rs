@@ -92,7 +92,10 @@ impl NodeState {
             }
         }
         let count = self.bucket_count();
-        let bytes = rmp_serde::to_vec(&Set(self, count)).expect("buckets encode");
+        // A one-metric bucket encodes in ~30–45 bytes: one allocation instead of a doubling
+        // series of them.
+        let mut bytes = Vec::with_capacity(8 + count * 48);
+        rmp_serde::encode::write(&mut bytes, &Set(self, count)).expect("buckets encode");
         PackedBuckets { count, bytes }
     }
 

@@ -226,19 +226,7 @@ fn commit(db: &Database, cp: &Checkpoint) -> Result<u64, StoreError> {
                     add_count(&mut counts, t, h, -1)?;
                     rows += 1;
                 }
-                let mut doomed = Vec::new();
-                for e in buckets
-                    .range((t, h, n, 0u8, 0u8, 0u64)..=(t, h, n, u8::MAX, u8::MAX, u64::MAX))
-                    .map_err(io)?
-                {
-                    let (k, _) = e.map_err(io)?;
-                    let (_, _, _, kd, g, key) = k.value();
-                    doomed.push((kd, g, key));
-                }
-                rows += doomed.len() as u64;
-                for (kd, g, key) in doomed {
-                    buckets.remove((t, h, n, kd, g, key)).map_err(io)?;
-                }
+                rows += delete_bucket_rows(&mut buckets, t, h, n)?;
             }
             // In key order: neighbouring inserts then share B-tree pages (the nodes arrive in
             // the coordinator's hash order).
@@ -388,23 +376,33 @@ fn put_packed(
     // A spilled node whose buckets fit inline again (pruned by retention): the packed set is
     // complete, so its bucket rows all go and the set moves back into the row.
     if let Some(ParentAndSpill(_, _, None)) = old {
-        let mut doomed = Vec::new();
-        for e in buckets
-            .range((tn, h, node, 0u8, 0u8, 0u64)..=(tn, h, node, u8::MAX, u8::MAX, u64::MAX))
-            .map_err(io)?
-        {
-            let (k, _) = e.map_err(io)?;
-            let (_, _, _, kd, g, key) = k.value();
-            doomed.push((kd, g, key));
-        }
-        rows += doomed.len() as u64;
-        for (kd, g, key) in doomed {
-            buckets.remove((tn, h, node, kd, g, key)).map_err(io)?;
-        }
+        rows += delete_bucket_rows(buckets, tn, h, node)?;
     }
     let v = packed_value(&n.parent, &n.header, packed)?;
     nodes.insert((tn, h, node), v.as_slice()).map_err(io)?;
     Ok(rows)
+}
+
+/// Deletes every `buckets` row of one node; returns how many there were.
+fn delete_bucket_rows(
+    buckets: &mut redb::Table<BucketKey, &[u8]>,
+    t: &str,
+    h: &str,
+    n: &str,
+) -> Result<u64, StoreError> {
+    let mut doomed = Vec::new();
+    for e in buckets
+        .range((t, h, n, 0u8, 0u8, 0u64)..=(t, h, n, u8::MAX, u8::MAX, u64::MAX))
+        .map_err(io)?
+    {
+        let (k, _) = e.map_err(io)?;
+        let (_, _, _, kd, g, key) = k.value();
+        doomed.push((kd, g, key));
+    }
+    for &(kd, g, key) in &doomed {
+        buckets.remove((t, h, n, kd, g, key)).map_err(io)?;
+    }
+    Ok(doomed.len() as u64)
 }
 
 /// Byte for byte what `rmp_serde` makes of `NodeValue(parent, header, Some(set))`, without

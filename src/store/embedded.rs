@@ -256,21 +256,7 @@ fn commit(db: &Database, cp: &Checkpoint) -> Result<u64, StoreError> {
                     Some(StoredNode(p, _, inline)) => (Some(p), inline),
                     None => (None, Some(Vec::new())),
                 };
-                match old_parent {
-                    Some(p) if p == n.parent => {}
-                    Some(p) => {
-                        children.remove((tn, h, p.as_deref(), node)).map_err(io)?;
-                        children
-                            .insert((tn, h, n.parent.as_deref(), node), ())
-                            .map_err(io)?;
-                    }
-                    None => {
-                        children
-                            .insert((tn, h, n.parent.as_deref(), node), ())
-                            .map_err(io)?;
-                        add_count(&mut counts, tn, h, 1)?;
-                    }
-                }
+                place(&mut children, &mut counts, tn, n, old_parent.as_ref())?;
                 // Spill: a node that outgrows the inline set moves all its buckets to rows.
                 let spill = match &mut inline {
                     Some(set) => {
@@ -358,21 +344,7 @@ fn put_packed(
         .map(|o| rmp_serde::from_slice::<ParentAndSpill>(o.value()).map_err(corrupt))
         .transpose()?;
     let mut rows = 1u64;
-    match &old {
-        Some(ParentAndSpill(p, _, _)) if *p == n.parent => {}
-        Some(ParentAndSpill(p, _, _)) => {
-            children.remove((tn, h, p.as_deref(), node)).map_err(io)?;
-            children
-                .insert((tn, h, n.parent.as_deref(), node), ())
-                .map_err(io)?;
-        }
-        None => {
-            children
-                .insert((tn, h, n.parent.as_deref(), node), ())
-                .map_err(io)?;
-            add_count(counts, tn, h, 1)?;
-        }
-    }
+    place(children, counts, tn, n, old.as_ref().map(|o| &o.0))?;
     // A spilled node whose buckets fit inline again (pruned by retention): the packed set is
     // complete, so its bucket rows all go and the set moves back into the row.
     if let Some(ParentAndSpill(_, _, None)) = old {
@@ -381,6 +353,29 @@ fn put_packed(
     let v = packed_value(&n.parent, &n.header, packed)?;
     nodes.insert((tn, h, node), v.as_slice()).map_err(io)?;
     Ok(rows)
+}
+
+/// Keeps the `children` index and `node_counts` in step with a node put, given the parent
+/// its stored row had (`None`: no stored row). Most puts are number updates and write nothing.
+fn place(
+    children: &mut redb::Table<ChildKey, ()>,
+    counts: &mut redb::Table<(&str, &str), u64>,
+    tn: &str,
+    n: &NodeRow,
+    old_parent: Option<&Option<String>>,
+) -> Result<(), StoreError> {
+    let (h, node) = (n.hierarchy.as_str(), n.node.as_str());
+    match old_parent {
+        Some(p) if *p == n.parent => return Ok(()),
+        Some(p) => {
+            children.remove((tn, h, p.as_deref(), node)).map_err(io)?;
+        }
+        None => add_count(counts, tn, h, 1)?,
+    }
+    children
+        .insert((tn, h, n.parent.as_deref(), node), ())
+        .map_err(io)?;
+    Ok(())
 }
 
 /// Deletes every `buckets` row of one node; returns how many there were.

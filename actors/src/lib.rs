@@ -9,6 +9,7 @@
 //! - [`node`]: the node actor that owns one node's numbers and coalesces its children's deltas.
 //! - [`coordinator`]: the tenant actor that drives rounds, moves, deletes and snapshots.
 //! - [`engine`]: batches from a source to the tenants, dead letters, checkpoints, recovery.
+//! - [`packed`]: the compact encoding of a node's bucket set, as checkpoints write it.
 //! - [`store`] and [`source`]: the ports the adapters of the `canopy` crate implement.
 //!
 //! ARCHITECTURE.md at the repository root explains how these fit together.
@@ -17,6 +18,7 @@ pub mod agg;
 pub mod coordinator;
 pub mod engine;
 pub mod node;
+pub mod packed;
 pub mod record;
 pub mod source;
 pub mod store;

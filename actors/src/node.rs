@@ -73,29 +73,18 @@ impl NodeState {
 
     /// The complete bucket set, encoded as [`PackedBuckets`] describes.
     pub fn pack_buckets(&self) -> PackedBuckets {
-        struct Set<'a>(&'a NodeState, usize);
-        impl Serialize for Set<'_> {
-            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                use serde::ser::SerializeSeq;
-                let mut seq = s.serialize_seq(Some(self.1))?;
-                for kind in [BucketKind::Subtree, BucketKind::Own] {
-                    let Some(b) = self.0.buckets_of(kind) else {
-                        continue;
-                    };
-                    for (g, map) in b.0.iter().enumerate() {
-                        for (key, agg) in map.iter() {
-                            seq.serialize_element(&(kind as u8, g as u8, *key, agg))?;
-                        }
-                    }
+        let mut e = crate::packed::Encoder::with_capacity(self.bucket_count());
+        for kind in [BucketKind::Subtree, BucketKind::Own] {
+            let Some(b) = self.buckets_of(kind) else {
+                continue;
+            };
+            for (g, map) in b.0.iter().enumerate() {
+                for (key, agg) in map.iter() {
+                    e.push(kind as u8, g as u8, *key, agg);
                 }
-                seq.end()
             }
         }
-        let count = self.bucket_count();
-        // A one-metric bucket encodes in ~30–45 bytes: one allocation instead of a doubling
-        // series of them.
-        let mut bytes = Vec::with_capacity(8 + count * 48);
-        rmp_serde::encode::write(&mut bytes, &Set(self, count)).expect("buckets encode");
+        let (bytes, count) = e.finish();
         PackedBuckets { count, bytes }
     }
 

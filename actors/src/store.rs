@@ -70,11 +70,10 @@ pub struct NodeRow {
     pub packed: Option<PackedBuckets>,
 }
 
-/// A node's complete bucket set as one MessagePack array of `[kind, granularity, key, agg]`
-/// entries in (kind, granularity, key) order, exactly as `rmp_serde` encodes a
-/// `Vec<(u8, u8, u64, Agg)>`. The node actor encodes it while it answers a snapshot: the
-/// buckets are then neither cloned into [`BucketRow`]s nor merged into the stored row by
-/// reading and decoding it first, which made up most of a checkpoint's cost.
+/// A node's complete bucket set, in (kind, granularity, key) order, in the compact encoding of
+/// [`crate::packed`]. The node actor encodes it while it answers a snapshot: the buckets are
+/// then neither cloned into [`BucketRow`]s nor merged into the stored row by reading and
+/// decoding it first, which made up most of a checkpoint's cost.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PackedBuckets {
     pub count: usize,
@@ -85,9 +84,8 @@ pub struct PackedBuckets {
 impl PackedBuckets {
     /// The set as bucket rows (for a backend path that needs them one by one).
     pub fn rows(&self) -> Result<Vec<BucketRow>, StoreError> {
-        let set: Vec<(u8, u8, u64, Agg)> = rmp_serde::from_slice(&self.bytes)
-            .map_err(|e| StoreError::Corrupt(format!("packed buckets: {e}")))?;
-        set.into_iter()
+        crate::packed::decode(&self.bytes)?
+            .into_iter()
             .map(|(kd, g, key, agg)| {
                 let kind = match kd {
                     0 => BucketKind::Subtree,

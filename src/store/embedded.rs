@@ -26,6 +26,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use canopy_actors::agg::Agg;
 use canopy_actors::agg::Granularity;
+use canopy_actors::packed::{self, SetBucket};
 use canopy_actors::store::{
     AsOf, BucketKind, BucketRow, Checkpoint, CheckpointMeta, DedupBatch, EntityView, HierarchyInfo,
     NodeHeader, NodeRow, NodeView, PackedBuckets, Store, StoreError, StoreRead, TenantImage,
@@ -47,8 +48,9 @@ pub const FILE_NAME: &str = "canopy.redb";
 
 /// The layout version, kept in `meta["format"]`: a data directory of another layout is refused
 /// with a clear error at open instead of failing to decode rows later. Format 1 (no marker)
-/// kept every bucket in its own row.
-const FORMAT: &str = "2";
+/// kept every bucket in its own row; format 2 kept inline sets as MessagePack arrays, about
+/// three times the bytes of the compact encoding ([`canopy_actors::packed`]).
+const FORMAT: &str = "3";
 
 /// A node keeps its buckets inside its own row while it has at most this many (all kinds and
 /// granularities together). Past it they move to `buckets` rows for good: rewriting a row of
@@ -57,18 +59,30 @@ const FORMAT: &str = "2";
 pub const INLINE_MAX: usize = 192;
 
 /// One inline bucket: (kind, granularity, key) sorts like the `buckets` table's key.
-type InlineBucket = (u8, u8, u64, Agg);
+type InlineBucket = SetBucket;
 
-/// A node row's value: `(parent, header, inline buckets or None when spilled)`.
+/// A node row's value: `(parent, header, inline buckets or None when spilled)`, the inline set
+/// as a MessagePack `bin` holding its compact encoding ([`canopy_actors::packed`]).
 #[derive(serde::Serialize)]
 struct NodeValue<'a>(
     &'a Option<String>,
     &'a NodeHeader,
-    &'a Option<Vec<InlineBucket>>,
+    Option<&'a serde_bytes::Bytes>,
 );
 
 #[derive(serde::Deserialize)]
-struct StoredNode(Option<String>, NodeHeader, Option<Vec<InlineBucket>>);
+struct StoredNode(Option<String>, NodeHeader, Option<serde_bytes::ByteBuf>);
+
+impl StoredNode {
+    fn decode(v: &[u8]) -> Result<Self, StoreError> {
+        rmp_serde::from_slice(v).map_err(corrupt)
+    }
+
+    /// The inline set, decoded (`None`: the buckets are spilled to rows).
+    fn inline(&self) -> Result<Option<Vec<InlineBucket>>, StoreError> {
+        self.2.as_ref().map(|b| packed::decode(b)).transpose()
+    }
+}
 
 /// What most uses of a node row need: its parent, its header (decoded, or skipped with
 /// `IgnoredAny`) and whether its buckets are inline. The inline set, ~2 KB on the benchmark, is
@@ -94,10 +108,10 @@ fn row_prefix<H: serde::de::DeserializeOwned>(mut v: &[u8]) -> Result<RowPrefix<
     drop(de);
     let inline = match v.first() {
         Some(0xc0) => false,
-        Some(0x90..=0x9f | 0xdc | 0xdd) => true,
+        Some(0xc4..=0xc6) => true,
         other => {
             return Err(StoreError::Corrupt(format!(
-                "a node row's bucket set starts with {other:?}, neither an array nor nil"
+                "a node row's bucket set starts with {other:?}, neither bytes nor nil"
             )))
         }
     };
@@ -189,7 +203,7 @@ impl EmbeddedStore {
                 other => {
                     return Err(StoreError::Corrupt(format!(
                         "{} was written in store format {} and this canopy reads format {FORMAT} \
-                         (node rows with inline buckets): ingest into a new data directory",
+                         (node rows with compact inline bucket sets): ingest into a new data directory",
                         dir.join(FILE_NAME).display(),
                         other.unwrap_or("1")
                     )))
@@ -272,11 +286,14 @@ fn commit(db: &Database, cp: &Checkpoint) -> Result<u64, StoreError> {
                 let old = nodes
                     .get((tn, h, node))
                     .map_err(io)?
-                    .map(|o| rmp_serde::from_slice::<StoredNode>(o.value()).map_err(corrupt))
+                    .map(|o| StoredNode::decode(o.value()))
                     .transpose()?;
                 // The index changes only when a node appears or moves: most puts are number updates.
                 let (old_parent, mut inline) = match old {
-                    Some(StoredNode(p, _, inline)) => (Some(p), inline),
+                    Some(o) => {
+                        let inline = o.inline()?;
+                        (Some(o.0), inline)
+                    }
                     None => (None, Some(Vec::new())),
                 };
                 place(&mut children, &mut counts, tn, n, old_parent.as_ref())?;
@@ -312,7 +329,9 @@ fn commit(db: &Database, cp: &Checkpoint) -> Result<u64, StoreError> {
                     }
                 }
                 rows += 1 + to_rows.len() as u64;
-                let v = rmp_serde::to_vec(&NodeValue(&n.parent, &n.header, &inline)).map_err(io)?;
+                let set = inline.as_deref().map(packed::encode);
+                let set = set.as_ref().map(|(b, _)| serde_bytes::Bytes::new(b));
+                let v = rmp_serde::to_vec(&NodeValue(&n.parent, &n.header, set)).map_err(io)?;
                 nodes.insert((tn, h, node), v.as_slice()).map_err(io)?;
             }
             if let Some(b) = &t.dedup {
@@ -434,6 +453,8 @@ fn packed_value(
     rmp::encode::write_array_len(&mut v, 3).map_err(io)?;
     rmp_serde::encode::write(&mut v, parent).map_err(io)?;
     rmp_serde::encode::write(&mut v, header).map_err(io)?;
+    let len = u32::try_from(packed.bytes.len()).map_err(io)?;
+    rmp::encode::write_bin_len(&mut v, len).map_err(io)?;
     v.extend_from_slice(&packed.bytes);
     Ok(v)
 }
@@ -519,9 +540,9 @@ impl Store for EmbeddedStore {
                 if t != tenant {
                     break;
                 }
-                let StoredNode(parent, header, inline) =
-                    rmp_serde::from_slice(v.value()).map_err(corrupt)?;
-                let buckets = bucket_rows(inline.unwrap_or_default())?;
+                let row = StoredNode::decode(v.value())?;
+                let buckets = bucket_rows(row.inline()?.unwrap_or_default())?;
+                let StoredNode(parent, header, _) = row;
                 image.nodes.push(NodeRow {
                     hierarchy: h.to_string(),
                     node: n.to_string(),
@@ -599,8 +620,9 @@ impl Store for EmbeddedStore {
             else {
                 return Ok(None);
             };
-            let StoredNode(parent, header, inline) =
-                rmp_serde::from_slice(v.value()).map_err(corrupt)?;
+            let row = StoredNode::decode(v.value())?;
+            let inline = row.inline()?;
+            let StoredNode(parent, header, _) = row;
             let buckets = match inline {
                 Some(set) => bucket_rows(set)?,
                 None => {
@@ -828,7 +850,7 @@ impl StoreRead for EmbeddedStore {
             else {
                 return Ok(None);
             };
-            let StoredNode(_, _, inline) = rmp_serde::from_slice(v.value()).map_err(corrupt)?;
+            let inline = StoredNode::decode(v.value())?.inline()?;
             let (kd, g) = (BucketKind::Subtree as u8, granularity as u8);
             if let Some(set) = inline {
                 return Ok(Some(
@@ -1098,6 +1120,21 @@ mod tests {
             err.contains("store format 1") && err.contains("new data directory"),
             "{err}"
         );
+        // A format-2 store: inline sets as MessagePack arrays.
+        {
+            let db = Database::create(dir.path().join(FILE_NAME)).unwrap();
+            let tx = db.begin_write().unwrap();
+            tx.open_table(META)
+                .unwrap()
+                .insert("format", "2".as_bytes())
+                .unwrap();
+            tx.commit().unwrap();
+        }
+        let err = EmbeddedStore::open(dir.path())
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(err.contains("store format 2"), "{err}");
     }
 
     #[test]
@@ -1112,7 +1149,7 @@ mod tests {
             subtree: agg(-7),
             own_buckets: true,
         };
-        // Sets of every array-length encoding: fixarray, array16 and array32 (past 65,535).
+        // Sets of every bin-length encoding: bin8, bin16 and bin32 (past 65,535 bytes).
         for (parent, set) in [
             (None, Some(vec![])),
             (
@@ -1123,7 +1160,7 @@ mod tests {
             (None, Some(vec![(1, 2, 9, agg(5)); 70_000])),
             (Some("r".to_string()), None),
         ] {
-            let v = rmp_serde::to_vec(&NodeValue(&parent, &header, &set)).unwrap();
+            let v = value_of(&parent, &header, set.as_deref());
             let p = row_prefix::<NodeHeader>(&v).unwrap();
             assert_eq!(p.parent, parent);
             assert_eq!(p.header, header);
@@ -1135,7 +1172,8 @@ mod tests {
         for bad in [
             rmp_serde::to_vec(&("p", 1)).unwrap(),
             rmp_serde::to_vec(&(Some("p"), &header, 5u8)).unwrap(),
-            rmp_serde::to_vec(&NodeValue(&Some("p".into()), &header, &None)).unwrap()[..6].to_vec(),
+            rmp_serde::to_vec(&(Some("p"), &header, vec![1u8, 2])).unwrap(),
+            value_of(&Some("p".into()), &header, None)[..6].to_vec(),
         ] {
             assert!(matches!(
                 row_prefix::<NodeHeader>(&bad),
@@ -1202,7 +1240,18 @@ mod tests {
         );
         assert_eq!(
             packed_value(&parent, &header, &packed).unwrap(),
-            rmp_serde::to_vec(&NodeValue(&parent, &header, &Some(set))).unwrap()
+            value_of(&parent, &header, Some(&set))
         );
+    }
+
+    /// A node row as the bucket path writes it.
+    fn value_of(
+        parent: &Option<String>,
+        header: &NodeHeader,
+        set: Option<&[InlineBucket]>,
+    ) -> Vec<u8> {
+        let set = set.map(packed::encode);
+        let set = set.as_ref().map(|(b, _)| serde_bytes::Bytes::new(b));
+        rmp_serde::to_vec(&NodeValue(parent, header, set)).unwrap()
     }
 }

@@ -85,7 +85,7 @@ impl StoredNode {
 }
 
 /// What most uses of a node row need: its parent, its header (decoded, or skipped with
-/// `IgnoredAny`) and whether its buckets are inline. The inline set, ~2 KB on the benchmark, is
+/// `IgnoredAny`) and whether its buckets are inline. The inline set, ~1 KB on the benchmark, is
 /// not walked: a row is `[parent, header, set or nil]`, so the set's first byte says which.
 /// (Decoding the set as `IgnoredAny` walked every bucket: ~2% of an ingest's CPU.)
 struct RowPrefix<H> {

@@ -48,8 +48,8 @@ pub const FILE_NAME: &str = "canopy.redb";
 
 /// The layout version, kept in `meta["format"]`: a data directory of another layout is refused
 /// with a clear error at open instead of failing to decode rows later. Format 1 (no marker)
-/// kept every bucket in its own row; format 2 kept inline sets as MessagePack arrays, about
-/// three times the bytes of the compact encoding ([`canopy_actors::packed`]).
+/// kept every bucket in its own row; format 2 kept inline sets as MessagePack arrays, over
+/// twice the bytes of the compact encoding ([`canopy_actors::packed`]).
 const FORMAT: &str = "3";
 
 /// A node keeps its buckets inside its own row while it has at most this many (all kinds and
@@ -329,9 +329,7 @@ fn commit(db: &Database, cp: &Checkpoint) -> Result<u64, StoreError> {
                     }
                 }
                 rows += 1 + to_rows.len() as u64;
-                let set = inline.as_deref().map(packed::encode);
-                let set = set.as_ref().map(|(b, _)| serde_bytes::Bytes::new(b));
-                let v = rmp_serde::to_vec(&NodeValue(&n.parent, &n.header, set)).map_err(io)?;
+                let v = node_value(&n.parent, &n.header, inline.as_deref())?;
                 nodes.insert((tn, h, node), v.as_slice()).map_err(io)?;
             }
             if let Some(b) = &t.dedup {
@@ -442,8 +440,18 @@ fn delete_bucket_rows(
     Ok(doomed.len() as u64)
 }
 
-/// Byte for byte what `rmp_serde` makes of `NodeValue(parent, header, Some(set))`, without
-/// decoding the packed set.
+/// A node row as the changed-buckets path writes it: the inline set (if any) encoded here.
+fn node_value(
+    parent: &Option<String>,
+    header: &NodeHeader,
+    set: Option<&[InlineBucket]>,
+) -> Result<Vec<u8>, StoreError> {
+    let set = set.map(packed::encode);
+    let set = set.as_ref().map(|(b, _)| serde_bytes::Bytes::new(b));
+    rmp_serde::to_vec(&NodeValue(parent, header, set)).map_err(io)
+}
+
+/// Byte for byte what [`node_value`] makes of the same set, from the set already encoded.
 fn packed_value(
     parent: &Option<String>,
     header: &NodeHeader,
@@ -1160,7 +1168,7 @@ mod tests {
             (None, Some(vec![(1, 2, 9, agg(5)); 70_000])),
             (Some("r".to_string()), None),
         ] {
-            let v = value_of(&parent, &header, set.as_deref());
+            let v = node_value(&parent, &header, set.as_deref()).unwrap();
             let p = row_prefix::<NodeHeader>(&v).unwrap();
             assert_eq!(p.parent, parent);
             assert_eq!(p.header, header);
@@ -1173,7 +1181,7 @@ mod tests {
             rmp_serde::to_vec(&("p", 1)).unwrap(),
             rmp_serde::to_vec(&(Some("p"), &header, 5u8)).unwrap(),
             rmp_serde::to_vec(&(Some("p"), &header, vec![1u8, 2])).unwrap(),
-            value_of(&Some("p".into()), &header, None)[..6].to_vec(),
+            node_value(&Some("p".into()), &header, None).unwrap()[..6].to_vec(),
         ] {
             assert!(matches!(
                 row_prefix::<NodeHeader>(&bad),
@@ -1240,18 +1248,7 @@ mod tests {
         );
         assert_eq!(
             packed_value(&parent, &header, &packed).unwrap(),
-            value_of(&parent, &header, Some(&set))
+            node_value(&parent, &header, Some(&set)).unwrap()
         );
-    }
-
-    /// A node row as the bucket path writes it.
-    fn value_of(
-        parent: &Option<String>,
-        header: &NodeHeader,
-        set: Option<&[InlineBucket]>,
-    ) -> Vec<u8> {
-        let set = set.map(packed::encode);
-        let set = set.as_ref().map(|(b, _)| serde_bytes::Bytes::new(b));
-        rmp_serde::to_vec(&NodeValue(parent, header, set)).unwrap()
     }
 }

@@ -52,7 +52,7 @@ async fn scylla_if_uri_set() -> Option<Pair> {
 fn agg(events: u64, amount: i64) -> Agg {
     Agg {
         events,
-        metrics: vec![(
+        metrics: [(
             "amount".into(),
             Stat {
                 count: events,
@@ -60,7 +60,9 @@ fn agg(events: u64, amount: i64) -> Agg {
                 min: amount,
                 max: amount,
             },
-        )],
+        )]
+        .into_iter()
+        .collect(),
     }
 }
 

@@ -8,9 +8,15 @@ use std::sync::Arc;
 
 use serde::ser::{SerializeMap, Serializer};
 use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
 
 /// Statistics of one metric inside an aggregate.
+///
+/// Packed to 8-byte alignment: an `i128` would align the struct to 16 bytes and pad it from
+/// 40 to 48, and every bucket holds up to two of these inline (see [`Metrics`]). Fields are
+/// read and written by value (a reference to `sum` is not allowed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[repr(C, packed(8))]
 pub struct Stat {
     pub count: u64,
     #[serde(with = "sum_codec")]
@@ -99,12 +105,17 @@ mod sum_codec {
 
 pub type MetricName = Arc<str>;
 
+/// An aggregate's metrics, sorted by name. The first two live inside the aggregate itself:
+/// most aggregates are buckets, most buckets carry one or two metrics, and a heap vector
+/// cost every bucket an allocation of its own (and a cache miss when a round merges into it).
+pub type Metrics = SmallVec<[(MetricName, Stat); 2]>;
+
 /// One aggregate. Metrics are kept sorted by name in a small vector: a node rarely has more
 /// than a handful of metrics, and a sorted vec beats a map for that size.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Agg {
     pub events: u64,
-    pub metrics: Vec<(MetricName, Stat)>,
+    pub metrics: Metrics,
 }
 
 fn find(metrics: &[(MetricName, Stat)], name: &MetricName) -> Result<usize, usize> {
@@ -270,13 +281,53 @@ impl BucketMap {
     }
 
     pub fn merge(&mut self, o: &BucketMap) {
-        if self.0.is_empty() {
+        let (Some((first, _)), Some((last, _))) = (o.0.first(), self.0.last()) else {
             // Deltas mostly carry one bucket per granularity; a first push would reserve 4.
             self.0.reserve_exact(o.0.len());
+            self.0.extend(o.0.iter().cloned());
+            return;
+        };
+        // Event time mostly moves forward: `o` starts at or after the newest bucket here.
+        if first >= last {
+            let mut rest = &o.0[..];
+            if first == last {
+                let n = self.0.len();
+                self.0[n - 1].1.merge(&o.0[0].1);
+                rest = &o.0[1..];
+            }
+            self.0.reserve_exact(rest.len());
+            self.0.extend(rest.iter().cloned());
+            return;
         }
+        // Interleaved keys (a parent merging its children's deltas): one pass over both sorted
+        // lists, instead of an insert (and a shift of everything after it) per new key.
+        let fresh = count_missing(&self.0, &o.0);
+        if fresh == 0 {
+            let mut i = 0;
+            for (k, a) in &o.0 {
+                while self.0[i].0 < *k {
+                    i += 1;
+                }
+                self.0[i].1.merge(a);
+            }
+            return;
+        }
+        let mut out = Vec::with_capacity(self.0.len() + fresh);
+        let mut mine = std::mem::take(&mut self.0).into_iter().peekable();
         for (k, a) in &o.0 {
-            self.entry(*k).merge(a);
+            while let Some(m) = mine.next_if(|(mk, _)| mk < k) {
+                out.push(m);
+            }
+            match mine.next_if(|(mk, _)| mk == k) {
+                Some((mk, mut ma)) => {
+                    ma.merge(a);
+                    out.push((mk, ma));
+                }
+                None => out.push((*k, a.clone())),
+            }
         }
+        out.extend(mine);
+        self.0 = out;
     }
 
     /// Drops buckets with keys below `cut`; returns their keys.
@@ -284,6 +335,20 @@ impl BucketMap {
         let n = self.0.partition_point(|(k, _)| *k < cut);
         self.0.drain(..n).map(|(k, _)| k).collect()
     }
+}
+
+/// How many keys of `theirs` are not in `mine` (both sorted by key).
+fn count_missing(mine: &[(u64, Agg)], theirs: &[(u64, Agg)]) -> usize {
+    let (mut i, mut missing) = (0, 0);
+    for (k, _) in theirs {
+        while i < mine.len() && mine[i].0 < *k {
+            i += 1;
+        }
+        if i == mine.len() || mine[i].0 != *k {
+            missing += 1;
+        }
+    }
+    missing
 }
 
 /// The three bucket granularities of SPEC.md section 2.
@@ -452,7 +517,7 @@ mod tests {
         a.add_event(&[m("big", i64::MAX)]);
         a.add_event(&[m("big", i64::MAX)]);
         let s = a.stat("big").unwrap();
-        assert_eq!(s.sum, 2 * i64::MAX as i128);
+        assert_eq!({ s.sum }, 2 * i64::MAX as i128);
         assert_eq!(s.count, 2);
         let json = serde_json::to_string(&AggJson(&a)).unwrap();
         assert!(json.contains("18446744073709551614"), "{json}");
@@ -501,6 +566,40 @@ mod tests {
             serde_json::from_str::<Stat>(&json).unwrap(),
             big.metrics[0].1
         );
+    }
+
+    #[test]
+    fn bucket_merges_equal_one_insert_per_key_whatever_the_key_order() {
+        use std::collections::BTreeMap;
+        let map = |keys: &[u64], v: i64| {
+            let mut b = BucketMap::default();
+            for &k in keys {
+                b.entry(k).add_event(&[m("x", v + k as i64)]);
+            }
+            b
+        };
+        // The key sets of both sides hit every path: empty, appended after, starting on the
+        // newest key, interleaved with only known keys, interleaved with fresh ones.
+        let cases: [(&[u64], &[u64]); 8] = [
+            (&[], &[3, 5]),
+            (&[3, 5], &[]),
+            (&[1, 2], &[4, 9]),
+            (&[1, 2], &[2, 7]),
+            (&[1, 4, 9], &[4, 9]),
+            (&[1, 4, 9], &[0, 4, 5, 9, 12]),
+            (&[5], &[1, 2, 3]),
+            (&[2, 4, 6, 8], &[1, 3, 5, 7, 9]),
+        ];
+        for (mine, theirs) in cases {
+            let mut got = map(mine, 1);
+            got.merge(&map(theirs, 100));
+            let mut want: BTreeMap<u64, Agg> = BTreeMap::new();
+            for (k, a) in map(mine, 1).iter().chain(map(theirs, 100).iter()) {
+                want.entry(*k).or_default().merge(a);
+            }
+            let want: Vec<(u64, Agg)> = want.into_iter().collect();
+            assert_eq!(got.0, want, "{mine:?} + {theirs:?}");
+        }
     }
 
     #[test]

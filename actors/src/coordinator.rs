@@ -626,7 +626,9 @@ impl Coord {
 
     async fn snapshot(&mut self, seq: u64) -> Result<TenantChanges, TenantError> {
         self.check().await?;
+        let t0 = Instant::now();
         self.round().await?;
+        let round_ms = t0.elapsed().as_millis() as u64;
         // Checkpoint `seq` begins only once every earlier one is durable: the journals of nodes
         // snapshotted last time and quiet since can let go of what they hold (the dirty ones
         // do it themselves at their snapshot).
@@ -676,6 +678,7 @@ impl Coord {
                 packed: snap.packed,
             });
         }
+        debug!(round_ms, snap_ms = t0.elapsed().as_millis() as u64 - round_ms, nodes = put_nodes.len(), "tenant snapshot");
         let dedup = if self.t.new_ids.is_empty() {
             None
         } else {

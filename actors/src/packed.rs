@@ -171,7 +171,7 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<SetBucket>, StoreError> {
             prev = key;
             let events = r.u64()?;
             let m = r.u64()? as usize;
-            let mut metrics = Vec::with_capacity(m.min(64));
+            let mut metrics = crate::agg::Metrics::with_capacity(m.min(64));
             for _ in 0..m {
                 let i = r.u64()? as usize;
                 let name = match i.cmp(&names.len()) {

@@ -929,7 +929,7 @@ mod tests {
     fn agg(n: u64) -> Agg {
         Agg {
             events: n,
-            metrics: Vec::new(),
+            metrics: Default::default(),
         }
     }
 
@@ -1150,7 +1150,7 @@ mod tests {
         use canopy_actors::agg::Stat;
         let agg = |v: i64| Agg {
             events: 1,
-            metrics: vec![("amount".into(), Stat::of(v))],
+            metrics: [("amount".into(), Stat::of(v))].into_iter().collect(),
         };
         let header = NodeHeader {
             own: agg(3),
@@ -1196,7 +1196,7 @@ mod tests {
         use canopy_actors::node::NodeState;
         let big = |events: u64, sum: i128| Agg {
             events,
-            metrics: vec![
+            metrics: [
                 (
                     "amount".into(),
                     Stat {
@@ -1207,7 +1207,9 @@ mod tests {
                     },
                 ),
                 ("zeta".into(), Stat::of(4)),
-            ],
+            ]
+            .into_iter()
+            .collect(),
         };
         let mut subtree = Buckets::default();
         *subtree.0[0].entry(60) = big(2, 5);

@@ -138,3 +138,24 @@ impl Shards {
         }
     }
 }
+
+/// Closes `store` once this is its last handle (an embedded store then releases its file
+/// lock and marks the file cleanly closed, so the next open needs no repair). Returns false if
+/// other handles remain after `within`: the caller then lets the runtime drop them in order.
+pub async fn close(store: Arc<dyn Backend>, within: std::time::Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    // Nothing can take a new handle from the stopped actors that still hold one, so a count of
+    // one cannot grow again before the drop below.
+    while Arc::strong_count(&store) > 1 {
+        if tokio::time::Instant::now() >= deadline {
+            tracing::debug!(
+                handles = Arc::strong_count(&store),
+                "store still shared at exit"
+            );
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    drop(store);
+    true
+}

@@ -29,7 +29,16 @@ fn stream(dir: &Path, events: &str) -> std::path::PathBuf {
     loadgen(
         &input,
         &[
-            "--seed", "3", "--tenants", "3", "--depth", "5", "--fanout", "4", "--events", events,
+            "--seed",
+            "3",
+            "--tenants",
+            "3",
+            "--depth",
+            "5",
+            "--fanout",
+            "4",
+            "--events",
+            events,
         ],
     );
     input
@@ -72,7 +81,10 @@ fn the_repair_check_sees_a_store_left_open_by_a_killed_ingest() {
             child.try_wait().unwrap().is_none(),
             "ingest finished before it could be killed: make the stream longer"
         );
-        assert!(started.elapsed() < Duration::from_secs(120), "no checkpoint");
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no checkpoint"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     child.kill().unwrap();

@@ -332,6 +332,12 @@ impl BucketMap {
 
     /// Drops buckets with keys below `cut`; returns their keys.
     pub fn prune_before(&mut self, cut: u64) -> Vec<u64> {
+        // Nearly always nothing is old enough: one look at the oldest bucket, not a binary
+        // search through a map that is cold in the cache (every dirty node is pruned at every
+        // checkpoint).
+        if self.0.first().is_none_or(|(k, _)| *k >= cut) {
+            return Vec::new();
+        }
         let n = self.0.partition_point(|(k, _)| *k < cut);
         self.0.drain(..n).map(|(k, _)| k).collect()
     }
@@ -566,6 +572,20 @@ mod tests {
             serde_json::from_str::<Stat>(&json).unwrap(),
             big.metrics[0].1
         );
+    }
+
+    #[test]
+    fn two_metrics_fit_inside_an_aggregate() {
+        // Stat packed to 8-byte alignment: 40 bytes, not 48.
+        assert_eq!(std::mem::size_of::<Stat>(), 40);
+        // events + two inline (name, stat) pairs + the small vector's length/capacity word.
+        assert_eq!(std::mem::size_of::<Agg>(), 8 + 2 * (16 + 40) + 8);
+        let mut a = Agg::default();
+        a.add_event(&[m("amount", 5), m("items", 2)]);
+        assert!(!a.metrics.spilled(), "two metrics stay inline");
+        a.add_event(&[m("zeta", 1)]);
+        assert!(a.metrics.spilled());
+        assert_eq!(a.metrics.len(), 3);
     }
 
     #[test]

@@ -678,7 +678,12 @@ impl Coord {
                 packed: snap.packed,
             });
         }
-        debug!(round_ms, snap_ms = t0.elapsed().as_millis() as u64 - round_ms, nodes = put_nodes.len(), "tenant snapshot");
+        debug!(
+            round_ms,
+            snap_ms = t0.elapsed().as_millis() as u64 - round_ms,
+            nodes = put_nodes.len(),
+            "tenant snapshot"
+        );
         let dedup = if self.t.new_ids.is_empty() {
             None
         } else {

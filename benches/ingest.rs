@@ -98,4 +98,10 @@ fn main() {
         rep.store_rows as f64 / rep.accepted.max(1) as f64,
         rep.checkpoints
     );
+    println!(
+        "checkpoints: processing stopped {:.2} s for snapshots (rounds included), waited {:.2} s for commits; commits took {:.2} s in the background",
+        rep.snapshot.as_secs_f64(),
+        rep.commit_wait.as_secs_f64(),
+        rep.commit.as_secs_f64()
+    );
 }

@@ -37,6 +37,11 @@ pub struct IngestReport {
     pub tenant_restarts: u64,
     pub node_restarts: u64,
     pub chaos_kills: u64,
+    /// Processing stopped for snapshots (rounds included).
+    pub snapshot: Duration,
+    /// Background commits, and the part of them the engine waited for.
+    pub commit: Duration,
+    pub commit_wait: Duration,
     pub elapsed: Duration,
 }
 
@@ -53,6 +58,9 @@ impl IngestReport {
             tenant_restarts: s.tenant_restarts.load(Ordering::Relaxed),
             node_restarts: s.node_restarts.load(Ordering::Relaxed),
             chaos_kills: s.chaos_kills.load(Ordering::Relaxed),
+            snapshot: Duration::from_micros(s.snapshot_micros.load(Ordering::Relaxed)),
+            commit: Duration::from_micros(s.commit_micros.load(Ordering::Relaxed)),
+            commit_wait: Duration::from_micros(s.commit_wait_micros.load(Ordering::Relaxed)),
             elapsed,
         }
     }
@@ -107,6 +115,9 @@ pub async fn ingest(
         chaos_kills = rep.chaos_kills,
         node_restarts = rep.node_restarts,
         tenant_restarts = rep.tenant_restarts,
+        snapshot_ms = rep.snapshot.as_millis() as u64,
+        commit_ms = rep.commit.as_millis() as u64,
+        commit_wait_ms = rep.commit_wait.as_millis() as u64,
         elapsed_ms = rep.elapsed.as_millis() as u64,
         "ingest complete; everything is durable"
     );

@@ -84,6 +84,18 @@ pub struct Stats {
     /// does (`last_checkpoint_seq` follows when the engine awaits the commit). Node journals
     /// drop what it covers.
     pub durable_seq: AtomicU64,
+    /// Time the engine stood still taking snapshots (each tenant's round and its dirty nodes'
+    /// answers), in µs: where a checkpoint costs processing time.
+    pub snapshot_micros: AtomicU64,
+    /// Time the store spent committing checkpoints in the background, in µs.
+    pub commit_micros: AtomicU64,
+    /// Time the engine waited for a background commit to land (before the next checkpoint, a
+    /// rebuild or the end of the run), in µs.
+    pub commit_wait_micros: AtomicU64,
+}
+
+fn micros(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 fn parked_message(parked: &[(String, String)]) -> String {
@@ -694,6 +706,9 @@ impl Engine {
             }
         }
         let snapshot_ms = started.elapsed().as_millis() as u64;
+        self.stats
+            .snapshot_micros
+            .fetch_add(micros(started.elapsed()), Ordering::Relaxed);
         let flush = self.dead.sync().await?;
         let dead_letters_durable = flush.durable;
         let mut behind = self.behind.clone();
@@ -736,6 +751,9 @@ impl Engine {
                 })
                 .await?;
                 stats.durable_seq.fetch_max(seq, Ordering::Release);
+                stats
+                    .commit_micros
+                    .fetch_add(micros(t.elapsed()), Ordering::Relaxed);
                 debug!(
                     seq,
                     changes,
@@ -771,7 +789,11 @@ impl Engine {
         let Some(running) = self.inflight.as_mut() else {
             return Ok(());
         };
+        let waited = Instant::now();
         let done = (&mut running.task).await;
+        self.stats
+            .commit_wait_micros
+            .fetch_add(micros(waited.elapsed()), Ordering::Relaxed);
         let inf = self.inflight.take().expect("in-flight commit");
         let rows = match done {
             Ok(r) => r?,

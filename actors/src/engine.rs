@@ -705,10 +705,11 @@ impl Engine {
                 }
             }
         }
-        let snapshot_ms = started.elapsed().as_millis() as u64;
+        let snapshot_time = started.elapsed();
+        let snapshot_ms = snapshot_time.as_millis() as u64;
         self.stats
             .snapshot_micros
-            .fetch_add(micros(started.elapsed()), Ordering::Relaxed);
+            .fetch_add(micros(snapshot_time), Ordering::Relaxed);
         let flush = self.dead.sync().await?;
         let dead_letters_durable = flush.durable;
         let mut behind = self.behind.clone();

@@ -20,7 +20,8 @@ use tracing::{debug, info, warn};
 
 use crate::engine::Stats;
 use crate::node::{
-    Journal, JournalRef, NodeActor, NodeArgs, NodeEvent, NodeMsg, NodeState, TenantSignal,
+    Journal, JournalRef, NodeActor, NodeArgs, NodeEvent, NodeMsg, NodeSnapshot, NodeState,
+    SnapshotCall, TenantSignal,
 };
 use crate::record::{Mode, Record, Refusal};
 use crate::store::{DedupBatch, NodeRow, Store, StoreError, TenantChanges};
@@ -392,9 +393,20 @@ impl Coord {
 
     /// Sends every node its pending events and waits until the coalesced deltas reached the roots.
     async fn round(&mut self) -> Result<(), TenantError> {
+        self.run_round(None).await.map(drop)
+    }
+
+    /// A round; with `snap` (a checkpoint's), every involved node also snapshots itself right
+    /// after its flush. Returns `None` if no node had events, else the involved nodes'
+    /// snapshots (empty without `snap`); the involved nodes are those marked with the new
+    /// `generation`.
+    async fn run_round(
+        &mut self,
+        snap: Option<(u64, [u64; 3], Option<usize>)>,
+    ) -> Result<Option<Vec<(NodeIx, NodeSnapshot)>>, TenantError> {
         self.started().await?;
         if self.touched.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         // Every pending event ends up in one delta per ancestor: the coalescing ratio is
         // events coalesced / deltas sent.
@@ -426,6 +438,19 @@ impl Coord {
             }
         }
         let mut roots = 0usize;
+        let (call, mut replies) = match snap {
+            Some((seq, prune, packed_max)) => {
+                let (tx, rx) = unbounded_channel();
+                let call = SnapshotCall {
+                    seq,
+                    prune,
+                    packed_max,
+                    replies: tx,
+                };
+                (Some(Arc::new(call)), Some(rx))
+            }
+            None => (None, None),
+        };
         for &n in &involved {
             if self.t.slot(n).parent.is_none() {
                 roots += 1;
@@ -434,6 +459,7 @@ impl Coord {
             let msg = NodeMsg::Round {
                 events,
                 expect: self.expect[n as usize],
+                snapshot: call.clone(),
             };
             if self.actor(n).send_message(msg).is_err() {
                 return Err(self.fail(format!("node {n} is gone")));
@@ -452,7 +478,19 @@ impl Coord {
                 None => return Err(self.fail("signal channel closed".into())),
             }
         }
-        Ok(())
+        // The nodes hold the only senders now: if one dies before answering, the channel closes.
+        drop(call);
+        let mut snaps = Vec::new();
+        if let Some(rx) = &mut replies {
+            snaps.reserve_exact(involved.len());
+            while snaps.len() < involved.len() {
+                match rx.recv().await {
+                    Some(s) => snaps.push(s),
+                    None => return Err(self.fail("a node did not answer a snapshot".into())),
+                }
+            }
+        }
+        Ok(Some(snaps))
     }
 
     async fn call<T: Send + 'static>(
@@ -627,7 +665,15 @@ impl Coord {
     async fn snapshot(&mut self, seq: u64) -> Result<TenantChanges, TenantError> {
         self.check().await?;
         let t0 = Instant::now();
-        self.round().await?;
+        let prune = self
+            .t
+            .settings
+            .retention
+            .prune_cutoffs(self.t.watermark.unwrap_or(0));
+        let packed_max = self.store.packed_buckets_max();
+        // The round's nodes answer the checkpoint as they flush; only dirty nodes without
+        // events in it (moved, grown, created) are asked separately below.
+        let in_round = self.run_round(Some((seq, prune, packed_max))).await?;
         let round_ms = t0.elapsed().as_millis() as u64;
         // Checkpoint `seq` begins only once every earlier one is durable: the journals of nodes
         // snapshotted last time and quiet since can let go of what they hold (the dirty ones
@@ -639,14 +685,13 @@ impl Coord {
                 }
             }
         }
-        let prune = self
-            .t
-            .settings
-            .retention
-            .prune_cutoffs(self.t.watermark.unwrap_or(0));
-        let packed_max = self.store.packed_buckets_max();
-        let mut waits = Vec::with_capacity(self.dirty.len());
+        let g = self.generation;
+        let answered = |n: NodeIx| in_round.is_some() && self.mark[n as usize] == g;
+        let mut waits = Vec::new();
         for &n in &self.dirty {
+            if answered(n) {
+                continue;
+            }
             let (tx, rx) = oneshot();
             if self
                 .actor(n)
@@ -662,12 +707,16 @@ impl Coord {
             }
             waits.push((n, rx));
         }
-        let mut put_nodes = Vec::with_capacity(waits.len());
+        let mut snaps = in_round.unwrap_or_default();
+        snaps.reserve_exact(waits.len());
         for (n, rx) in waits {
-            let snap = match rx.await {
-                Ok(s) => s,
+            match rx.await {
+                Ok(s) => snaps.push((n, s)),
                 Err(_) => return Err(self.fail(format!("node {n} did not answer a snapshot"))),
-            };
+            }
+        }
+        let mut put_nodes = Vec::with_capacity(snaps.len());
+        for (n, snap) in snaps {
             let slot = self.t.slot(n);
             put_nodes.push(NodeRow {
                 hierarchy: self.t.hierarchies[slot.hierarchy as usize].name.clone(),

@@ -293,11 +293,22 @@ impl Journal {
     }
 }
 
+/// A checkpoint's request to every node of its round: each snapshots itself right after its
+/// flush and sends the answer to `replies`, so the checkpoint costs no second message per node.
+pub struct SnapshotCall {
+    pub seq: u64,
+    pub prune: [u64; 3],
+    pub packed_max: Option<usize>,
+    pub replies: UnboundedSender<(NodeIx, NodeSnapshot)>,
+}
+
 pub enum NodeMsg {
     /// The tenant's part of a round: this node's events, and how many children will send a delta.
+    /// With `snapshot`, the round is a checkpoint's, and the node answers it once flushed.
     Round {
         events: Vec<NodeEvent>,
         expect: u32,
+        snapshot: Option<Arc<SnapshotCall>>,
     },
     /// A child's coalesced delta for the current round.
     Child(Box<Delta>),
@@ -365,6 +376,8 @@ pub struct Node {
     pending: Delta,
     expect: Option<u32>,
     received: u32,
+    /// The checkpoint to answer at this round's flush, if the round is a checkpoint's.
+    snap: Option<Arc<SnapshotCall>>,
     dirty: DirtyBuckets,
     journal: JournalRef,
     stats: Arc<Stats>,
@@ -413,7 +426,36 @@ impl Node {
             Some(p) => p.send_message(NodeMsg::Child(Box::new(d)))?,
             None => self.signals.send(TenantSignal::RoundDone)?,
         }
+        if let Some(c) = self.snap.take() {
+            let snap = self.snapshot(c.seq, &c.prune, c.packed_max);
+            // A closed channel means the checkpoint already failed; the tenant is rebuilt.
+            let _ = c.replies.send((self.ix, snap));
+        }
         Ok(())
+    }
+
+    /// The node's part of checkpoint `seq`: drops buckets older than `prune`, marks the journal,
+    /// and returns the header with the changed buckets (or all of them packed).
+    fn snapshot(&mut self, seq: u64, prune: &[u64; 3], packed_max: Option<usize>) -> NodeSnapshot {
+        self.prune(prune);
+        {
+            // Checkpoint `seq` begins only once every earlier one is durable.
+            let mut j = self.journal.lock().expect("journal lock");
+            j.settle();
+            j.push(Entry::Snapshot { seq, prune: *prune }, 0);
+        }
+        let (buckets, packed) = match packed_max {
+            Some(max) if self.state.bucket_count() <= max => {
+                self.dirty.clear();
+                (Vec::new(), Some(self.state.pack_buckets()))
+            }
+            _ => (self.dirty.drain(&self.state), None),
+        };
+        NodeSnapshot {
+            header: self.state.header(),
+            buckets,
+            packed,
+        }
     }
 
     fn prune(&mut self, prune: &[u64; 3]) {
@@ -511,6 +553,7 @@ impl Actor for NodeActor {
             pending: Delta::default(),
             expect: None,
             received: 0,
+            snap: None,
             dirty: DirtyBuckets::default(),
             journal: a.journal,
             stats: a.stats,
@@ -535,11 +578,16 @@ impl Actor for NodeActor {
             // Each input is journaled once it took effect; nothing awaits in between, so a kill
             // cannot fall between the two. A panic while applying leaves it out, but then the
             // round fails and the tenant is rebuilt instead (see ARCHITECTURE.md).
-            NodeMsg::Round { events, expect } => {
+            NodeMsg::Round {
+                events,
+                expect,
+                snapshot,
+            } => {
                 for e in &events {
                     s.apply(e);
                 }
                 s.expect = Some(expect);
+                s.snap = snapshot;
                 s.journal(Entry::Round { events, expect });
                 s.maybe_flush()?;
             }
@@ -555,25 +603,7 @@ impl Actor for NodeActor {
                 packed_max,
                 reply,
             } => {
-                s.prune(&prune);
-                {
-                    // Checkpoint `seq` begins only once every earlier one is durable.
-                    let mut j = s.journal.lock().expect("journal lock");
-                    j.settle();
-                    j.push(Entry::Snapshot { seq, prune }, 0);
-                }
-                let (buckets, packed) = match packed_max {
-                    Some(max) if s.state.bucket_count() <= max => {
-                        s.dirty.clear();
-                        (Vec::new(), Some(s.state.pack_buckets()))
-                    }
-                    _ => (s.dirty.drain(&s.state), None),
-                };
-                let _ = reply.send(NodeSnapshot {
-                    header: s.state.header(),
-                    buckets,
-                    packed,
-                });
+                let _ = reply.send(s.snapshot(seq, &prune, packed_max));
             }
             NodeMsg::State(reply) => {
                 let _ = reply.send(s.state.clone());

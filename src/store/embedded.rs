@@ -34,14 +34,17 @@ use canopy_actors::store::{
 use canopy_actors::tenant::TenantRow;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
+use super::pages::{self, KeyBuf, KeyReader};
+
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const TENANTS: TableDefinition<&str, &[u8]> = TableDefinition::new("tenants");
-const NODES: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinition::new("nodes");
+/// Node rows, many to a table row: key [`node_key`] → the node row (see [`pages`]).
+const NODE_PAGES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("node_pages");
 const DEDUP: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("dedup");
 type BucketKey<'a> = (&'a str, &'a str, &'a str, u8, u8, u64);
 const BUCKETS: TableDefinition<BucketKey, &[u8]> = TableDefinition::new("buckets");
-type ChildKey<'a> = (&'a str, &'a str, Option<&'a str>, &'a str);
-const CHILDREN: TableDefinition<ChildKey, ()> = TableDefinition::new("children");
+/// The children index, many entries to a table row: key [`child_key`] → nothing.
+const CHILD_PAGES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("child_pages");
 const COUNTS: TableDefinition<(&str, &str), u64> = TableDefinition::new("node_counts");
 
 pub const FILE_NAME: &str = "canopy.redb";
@@ -50,7 +53,20 @@ pub const FILE_NAME: &str = "canopy.redb";
 /// with a clear error at open instead of failing to decode rows later. Format 1 (no marker)
 /// kept every bucket in its own row; format 2 kept inline sets as MessagePack arrays, over
 /// twice the bytes of the compact encoding ([`canopy_actors::packed`]).
-const FORMAT: &str = "3";
+/// Format 3 kept one table row per node and per `children` index entry.
+const FORMAT: &str = "4";
+
+fn node_key(t: &str, h: &str, n: &str) -> Vec<u8> {
+    KeyBuf::new().str(t).str(h).str(n).0
+}
+
+fn children_prefix(t: &str, h: &str, parent: Option<&str>) -> Vec<u8> {
+    KeyBuf::new().str(t).str(h).opt(parent).0
+}
+
+fn child_key(t: &str, h: &str, parent: Option<&str>, child: &str) -> Vec<u8> {
+    KeyBuf::new().str(t).str(h).opt(parent).str(child).0
+}
 
 /// A node keeps its buckets inside its own row while it has at most this many (all kinds and
 /// granularities together). Past it they move to `buckets` rows for good: rewriting a row of
@@ -203,7 +219,7 @@ impl EmbeddedStore {
                 other => {
                     return Err(StoreError::Corrupt(format!(
                         "{} was written in store format {} and this canopy reads format {FORMAT} \
-                         (node rows with compact inline bucket sets): ingest into a new data directory",
+                         (node rows in pages, with compact inline bucket sets): ingest into a new data directory",
                         dir.join(FILE_NAME).display(),
                         other.unwrap_or("1")
                     )))
@@ -211,10 +227,10 @@ impl EmbeddedStore {
             }
         }
         tx.open_table(TENANTS).map_err(io)?;
-        tx.open_table(NODES).map_err(io)?;
+        tx.open_table(NODE_PAGES).map_err(io)?;
         tx.open_table(DEDUP).map_err(io)?;
         tx.open_table(BUCKETS).map_err(io)?;
-        tx.open_table(CHILDREN).map_err(io)?;
+        tx.open_table(CHILD_PAGES).map_err(io)?;
         tx.open_table(COUNTS).map_err(io)?;
         tx.commit().map_err(io)?;
         Ok(EmbeddedStore { db: Arc::new(db) })
@@ -238,112 +254,67 @@ fn commit(db: &Database, cp: &Checkpoint) -> Result<u64, StoreError> {
     let mut rows = 0u64;
     {
         let mut tenants = tx.open_table(TENANTS).map_err(io)?;
-        let mut nodes = tx.open_table(NODES).map_err(io)?;
+        let mut nodes = tx.open_table(NODE_PAGES).map_err(io)?;
         let mut dedup = tx.open_table(DEDUP).map_err(io)?;
         let mut buckets = tx.open_table(BUCKETS).map_err(io)?;
-        let mut children = tx.open_table(CHILDREN).map_err(io)?;
+        let mut children = tx.open_table(CHILD_PAGES).map_err(io)?;
         let mut counts = tx.open_table(COUNTS).map_err(io)?;
         for t in &cp.tenants {
+            let tn = t.tenant.as_str();
             if let Some(row) = &t.row {
                 rows += 1;
                 tenants
-                    .insert(
-                        t.tenant.as_str(),
-                        rmp_serde::to_vec(row).map_err(io)?.as_slice(),
-                    )
+                    .insert(tn, rmp_serde::to_vec(row).map_err(io)?.as_slice())
                     .map_err(io)?;
             }
-            // Deletes first: a node deleted and created again in one interval ends up present.
+            // Deletes before puts of the same key (a stable sort): a node deleted and created
+            // again in one interval ends up present.
+            let mut ops: Vec<(Vec<u8>, NodeOp)> =
+                Vec::with_capacity(t.delete_nodes.len() + t.put_nodes.len());
             for (h, n) in &t.delete_nodes {
-                let (t, h, n) = (t.tenant.as_str(), h.as_str(), n.as_str());
-                if let Some(old) = nodes.remove((t, h, n)).map_err(io)? {
-                    let parent = row_prefix::<Skip>(old.value())?.parent;
-                    drop(old);
-                    children.remove((t, h, parent.as_deref(), n)).map_err(io)?;
-                    add_count(&mut counts, t, h, -1)?;
-                    rows += 1;
-                }
-                rows += delete_bucket_rows(&mut buckets, t, h, n)?;
+                ops.push((node_key(tn, h, n), NodeOp::Delete(h, n)));
             }
-            // In key order: neighbouring inserts then share B-tree pages (the nodes arrive in
-            // the coordinator's hash order).
-            let mut puts: Vec<&NodeRow> = t.put_nodes.iter().collect();
-            puts.sort_unstable_by(|a, b| (&a.hierarchy, &a.node).cmp(&(&b.hierarchy, &b.node)));
-            for n in puts {
-                let (tn, h, node) = (t.tenant.as_str(), n.hierarchy.as_str(), n.node.as_str());
-                if let Some(packed) = &n.packed {
-                    rows += put_packed(
-                        &mut nodes,
-                        &mut buckets,
-                        &mut children,
-                        &mut counts,
-                        tn,
-                        n,
-                        packed,
-                    )?;
-                    continue;
+            for n in &t.put_nodes {
+                ops.push((node_key(tn, &n.hierarchy, &n.node), NodeOp::Put(n)));
+            }
+            ops.sort_by(|a, b| a.0.cmp(&b.0));
+            let mut ix = IndexChanges::default();
+            rows += pages::apply(&mut nodes, &ops, |_, old, op| match op {
+                NodeOp::Delete(h, n) => {
+                    if let Some(old) = old {
+                        let parent = row_prefix::<Skip>(old)?.parent;
+                        ix.children
+                            .push((child_key(tn, h, parent.as_deref(), n), false));
+                        *ix.counts.entry(h).or_default() -= 1;
+                    }
+                    ix.rows += delete_bucket_rows(&mut buckets, tn, h, n)?;
+                    Ok(None)
                 }
-                let old = nodes
-                    .get((tn, h, node))
-                    .map_err(io)?
-                    .map(|o| StoredNode::decode(o.value()))
-                    .transpose()?;
-                // The index changes only when a node appears or moves: most puts are number updates.
-                let (old_parent, mut inline) = match old {
-                    Some(o) => {
-                        let inline = o.inline()?;
-                        (Some(o.0), inline)
-                    }
-                    None => (None, Some(Vec::new())),
-                };
-                place(&mut children, &mut counts, tn, n, old_parent.as_ref())?;
-                // Spill: a node that outgrows the inline set moves all its buckets to rows.
-                let spill = match &mut inline {
-                    Some(set) => {
-                        apply_inline(set, &n.buckets);
-                        (set.len() > INLINE_MAX).then(|| std::mem::take(set))
-                    }
-                    None => None,
-                };
-                let spilled_rows: Vec<BucketRow>;
-                let to_rows: &[BucketRow] = if let Some(all) = spill {
-                    inline = None;
-                    spilled_rows = bucket_rows(all)?;
-                    &spilled_rows
-                } else if inline.is_some() {
-                    &[]
-                } else {
-                    &n.buckets
-                };
-                for b in to_rows {
-                    let k = (tn, h, node, b.kind as u8, b.granularity as u8, b.key);
-                    match &b.agg {
-                        Some(a) => {
-                            buckets
-                                .insert(k, rmp_serde::to_vec(a).map_err(io)?.as_slice())
-                                .map_err(io)?;
-                        }
-                        None => {
-                            buckets.remove(k).map_err(io)?;
-                        }
-                    }
+                NodeOp::Put(n) => put_node(&mut buckets, &mut ix, tn, n, old).map(Some),
+            })?;
+            rows += ix.rows;
+            ix.children.sort_by(|a, b| a.0.cmp(&b.0));
+            rows += pages::apply(&mut children, &ix.children, |_, _, add| {
+                Ok(add.then(Vec::new))
+            })?;
+            for (h, d) in ix.counts {
+                if d != 0 {
+                    rows += 1;
+                    add_count(&mut counts, tn, h, d)?;
                 }
-                rows += 1 + to_rows.len() as u64;
-                let v = node_value(&n.parent, &n.header, inline.as_deref())?;
-                nodes.insert((tn, h, node), v.as_slice()).map_err(io)?;
             }
             if let Some(b) = &t.dedup {
                 rows += 1;
                 dedup
                     .insert(
-                        (t.tenant.as_str(), b.seq),
+                        (tn, b.seq),
                         rmp_serde::to_vec(&b.ids).map_err(io)?.as_slice(),
                     )
                     .map_err(io)?;
             }
             rows += t.expire_dedup.len() as u64;
             for seq in &t.expire_dedup {
-                dedup.remove((t.tenant.as_str(), *seq)).map_err(io)?;
+                dedup.remove((tn, *seq)).map_err(io)?;
             }
         }
         let mut meta = tx.open_table(META).map_err(io)?;
@@ -359,63 +330,111 @@ fn commit(db: &Database, cp: &Checkpoint) -> Result<u64, StoreError> {
     Ok(rows)
 }
 
-/// Writes a node that sent its complete bucket set packed: the row is the stored parent and
-/// totals followed by the packed bytes, so the old row is read only for its parent (the
-/// children index) and whether its buckets were spilled, never decoded further. Returns rows written.
-fn put_packed(
-    nodes: &mut redb::Table<(&str, &str, &str), &[u8]>,
+/// One node change of a checkpoint, by node key.
+enum NodeOp<'a> {
+    Delete(&'a str, &'a str),
+    Put(&'a NodeRow),
+}
+
+/// What a checkpoint's node changes do to the index tables, applied after the node pages.
+#[derive(Default)]
+struct IndexChanges<'a> {
+    /// `children` entries to add (true) or remove, in the order they arose.
+    children: Vec<(Vec<u8>, bool)>,
+    /// Node count change per hierarchy.
+    counts: std::collections::BTreeMap<&'a str, i64>,
+    /// `buckets` rows written.
+    rows: u64,
+}
+
+/// The new row of a put node, given its stored row. A node that sent its complete bucket set
+/// packed is written without decoding the old row, whose parent alone is read (`row_prefix`).
+fn put_node<'a>(
     buckets: &mut redb::Table<BucketKey, &[u8]>,
-    children: &mut redb::Table<ChildKey, ()>,
-    counts: &mut redb::Table<(&str, &str), u64>,
+    ix: &mut IndexChanges<'a>,
     tn: &str,
-    n: &NodeRow,
-    packed: &PackedBuckets,
-) -> Result<u64, StoreError> {
+    n: &'a NodeRow,
+    old: Option<&[u8]>,
+) -> Result<Vec<u8>, StoreError> {
     let (h, node) = (n.hierarchy.as_str(), n.node.as_str());
-    if packed.count > INLINE_MAX {
-        return Err(StoreError::Unsupported(format!(
-            "node {node:?} sent {} packed buckets, more than the inline maximum {INLINE_MAX}",
-            packed.count
-        )));
+    if let Some(packed) = &n.packed {
+        if packed.count > INLINE_MAX {
+            return Err(StoreError::Unsupported(format!(
+                "node {node:?} sent {} packed buckets, more than the inline maximum {INLINE_MAX}",
+                packed.count
+            )));
+        }
+        let old = old.map(row_prefix::<Skip>).transpose()?;
+        place(ix, tn, n, old.as_ref().map(|o| &o.parent));
+        // A spilled node whose buckets fit inline again (pruned by retention): the packed set is
+        // complete, so its bucket rows all go and the set moves back into the row.
+        if old.is_some_and(|o| !o.inline) {
+            ix.rows += delete_bucket_rows(buckets, tn, h, node)?;
+        }
+        return packed_value(&n.parent, &n.header, packed);
     }
-    let v = packed_value(&n.parent, &n.header, packed)?;
-    // `insert` hands back the old row: one B-tree descent instead of a `get` and an `insert`.
-    let old = nodes
-        .insert((tn, h, node), v.as_slice())
-        .map_err(io)?
-        .map(|o| row_prefix::<Skip>(o.value()))
-        .transpose()?;
-    let mut rows = 1u64;
-    place(children, counts, tn, n, old.as_ref().map(|o| &o.parent))?;
-    // A spilled node whose buckets fit inline again (pruned by retention): the packed set is
-    // complete, so its bucket rows all go and the set moves back into the row.
-    if old.is_some_and(|o| !o.inline) {
-        rows += delete_bucket_rows(buckets, tn, h, node)?;
+    let old = old.map(StoredNode::decode).transpose()?;
+    let (old_parent, mut inline) = match old {
+        Some(o) => {
+            let inline = o.inline()?;
+            (Some(o.0), inline)
+        }
+        None => (None, Some(Vec::new())),
+    };
+    place(ix, tn, n, old_parent.as_ref());
+    // Spill: a node that outgrows the inline set moves all its buckets to rows.
+    let spill = match &mut inline {
+        Some(set) => {
+            apply_inline(set, &n.buckets);
+            (set.len() > INLINE_MAX).then(|| std::mem::take(set))
+        }
+        None => None,
+    };
+    let spilled_rows: Vec<BucketRow>;
+    let to_rows: &[BucketRow] = if let Some(all) = spill {
+        inline = None;
+        spilled_rows = bucket_rows(all)?;
+        &spilled_rows
+    } else if inline.is_some() {
+        &[]
+    } else {
+        &n.buckets
+    };
+    for b in to_rows {
+        let k = (tn, h, node, b.kind as u8, b.granularity as u8, b.key);
+        match &b.agg {
+            Some(a) => {
+                buckets
+                    .insert(k, rmp_serde::to_vec(a).map_err(io)?.as_slice())
+                    .map_err(io)?;
+            }
+            None => {
+                buckets.remove(k).map_err(io)?;
+            }
+        }
     }
-    Ok(rows)
+    ix.rows += to_rows.len() as u64;
+    node_value(&n.parent, &n.header, inline.as_deref())
 }
 
 /// Keeps the `children` index and `node_counts` in step with a node put, given the parent
-/// its stored row had (`None`: no stored row). Most puts are number updates and write nothing.
-fn place(
-    children: &mut redb::Table<ChildKey, ()>,
-    counts: &mut redb::Table<(&str, &str), u64>,
+/// its stored row had (`None`: no stored row). Most puts are number updates and change nothing.
+fn place<'a>(
+    ix: &mut IndexChanges<'a>,
     tn: &str,
-    n: &NodeRow,
+    n: &'a NodeRow,
     old_parent: Option<&Option<String>>,
-) -> Result<(), StoreError> {
+) {
     let (h, node) = (n.hierarchy.as_str(), n.node.as_str());
     match old_parent {
-        Some(p) if *p == n.parent => return Ok(()),
-        Some(p) => {
-            children.remove((tn, h, p.as_deref(), node)).map_err(io)?;
-        }
-        None => add_count(counts, tn, h, 1)?,
+        Some(p) if *p == n.parent => return,
+        Some(p) => ix
+            .children
+            .push((child_key(tn, h, p.as_deref(), node), false)),
+        None => *ix.counts.entry(h).or_default() += 1,
     }
-    children
-        .insert((tn, h, n.parent.as_deref(), node), ())
-        .map_err(io)?;
-    Ok(())
+    ix.children
+        .push((child_key(tn, h, n.parent.as_deref(), node), true));
 }
 
 /// Deletes every `buckets` row of one node; returns how many there were.
@@ -541,25 +560,24 @@ impl Store for EmbeddedStore {
             if let Some(v) = tenants.get(tenant.as_str()).map_err(io)? {
                 image.row = Some(rmp_serde::from_slice::<TenantRow>(v.value()).map_err(corrupt)?);
             }
-            let nodes = tx.open_table(NODES).map_err(io)?;
-            for e in nodes.range((tenant.as_str(), "", "")..).map_err(io)? {
-                let (k, v) = e.map_err(io)?;
-                let (t, h, n) = k.value();
-                if t != tenant {
-                    break;
-                }
-                let row = StoredNode::decode(v.value())?;
+            let nodes = tx.open_table(NODE_PAGES).map_err(io)?;
+            let prefix = KeyBuf::new().str(&tenant).0;
+            pages::scan_prefix(&nodes, &prefix, |k, v| {
+                let mut key = KeyReader::new(&k[prefix.len()..]);
+                let (hierarchy, node) = (key.str()?, key.str()?);
+                let row = StoredNode::decode(v)?;
                 let buckets = bucket_rows(row.inline()?.unwrap_or_default())?;
                 let StoredNode(parent, header, _) = row;
                 image.nodes.push(NodeRow {
-                    hierarchy: h.to_string(),
-                    node: n.to_string(),
+                    hierarchy,
+                    node,
                     parent,
                     header,
                     buckets,
                     packed: None,
                 });
-            }
+                Ok(())
+            })?;
             // Bucket rows sort like node rows: attach them in one merge pass.
             let buckets = tx.open_table(BUCKETS).map_err(io)?;
             let mut i = 0;
@@ -621,14 +639,11 @@ impl Store for EmbeddedStore {
     ) -> Result<AsOf<Option<NodeRow>>, StoreError> {
         let (t, h, n) = (tenant.to_string(), hierarchy.to_string(), node.to_string());
         self.read(move |tx| {
-            let nodes = tx.open_table(NODES).map_err(io)?;
-            let Some(v) = nodes
-                .get((t.as_str(), h.as_str(), n.as_str()))
-                .map_err(io)?
-            else {
+            let nodes = tx.open_table(NODE_PAGES).map_err(io)?;
+            let Some(v) = pages::get(&nodes, &node_key(&t, &h, &n))? else {
                 return Ok(None);
             };
-            let row = StoredNode::decode(v.value())?;
+            let row = StoredNode::decode(&v)?;
             let inline = row.inline()?;
             let StoredNode(parent, header, _) = row;
             let buckets = match inline {
@@ -691,12 +706,14 @@ fn tenant_row(tx: &redb::ReadTransaction, tenant: &str) -> Result<Option<TenantR
         .transpose()
 }
 
+type PageTable = redb::ReadOnlyTable<&'static [u8], &'static [u8]>;
+
 fn stored_header(
-    nodes: &redb::ReadOnlyTable<(&str, &str, &str), &[u8]>,
-    key: (&str, &str, &str),
+    nodes: &PageTable,
+    (t, h, n): (&str, &str, &str),
 ) -> Result<Option<RowPrefix<NodeHeader>>, StoreError> {
-    let v = nodes.get(key).map_err(io)?;
-    v.map(|v| row_prefix(v.value())).transpose()
+    let v = pages::get(nodes, &node_key(t, h, n))?;
+    v.map(|v| row_prefix(&v)).transpose()
 }
 
 fn child_ids(
@@ -705,16 +722,13 @@ fn child_ids(
     h: &str,
     parent: Option<&str>,
 ) -> Result<Vec<String>, StoreError> {
-    let children = tx.open_table(CHILDREN).map_err(io)?;
+    let children = tx.open_table(CHILD_PAGES).map_err(io)?;
+    let prefix = children_prefix(t, h, parent);
     let mut out = Vec::new();
-    for e in children.range((t, h, parent, "")..).map_err(io)? {
-        let (k, _) = e.map_err(io)?;
-        let (kt, kh, kp, c) = k.value();
-        if (kt, kh, kp) != (t, h, parent) {
-            break;
-        }
-        out.push(c.to_string());
-    }
+    pages::scan_prefix(&children, &prefix, |k, _| {
+        out.push(KeyReader::new(&k[prefix.len()..]).str()?);
+        Ok(())
+    })?;
     Ok(out)
 }
 
@@ -786,7 +800,7 @@ impl StoreRead for EmbeddedStore {
     ) -> Result<AsOf<Option<NodeView>>, StoreError> {
         let (t, h, n) = (tenant.to_string(), hierarchy.to_string(), node.to_string());
         self.read(move |tx| {
-            let nodes = tx.open_table(NODES).map_err(io)?;
+            let nodes = tx.open_table(NODE_PAGES).map_err(io)?;
             let Some(RowPrefix { parent, header, .. }) = stored_header(&nodes, (&t, &h, &n))?
             else {
                 return Ok(None);
@@ -809,14 +823,10 @@ impl StoreRead for EmbeddedStore {
         let (t, h) = (tenant.to_string(), hierarchy.to_string());
         let p = parent.map(str::to_string);
         self.read(move |tx| {
-            let nodes = tx.open_table(NODES).map_err(io)?;
+            let nodes = tx.open_table(NODE_PAGES).map_err(io)?;
             match &p {
                 Some(p) => {
-                    if nodes
-                        .get((t.as_str(), h.as_str(), p.as_str()))
-                        .map_err(io)?
-                        .is_none()
-                    {
+                    if pages::get(&nodes, &node_key(&t, &h, p))?.is_none() {
                         return Ok(None);
                     }
                 }
@@ -851,14 +861,11 @@ impl StoreRead for EmbeddedStore {
     ) -> Result<AsOf<Option<Vec<(u64, Agg)>>>, StoreError> {
         let (t, h, n) = (tenant.to_string(), hierarchy.to_string(), node.to_string());
         self.read(move |tx| {
-            let nodes = tx.open_table(NODES).map_err(io)?;
-            let Some(v) = nodes
-                .get((t.as_str(), h.as_str(), n.as_str()))
-                .map_err(io)?
-            else {
+            let nodes = tx.open_table(NODE_PAGES).map_err(io)?;
+            let Some(v) = pages::get(&nodes, &node_key(&t, &h, &n))? else {
                 return Ok(None);
             };
-            let inline = StoredNode::decode(v.value())?.inline()?;
+            let inline = StoredNode::decode(&v)?.inline()?;
             let (kd, g) = (BucketKind::Subtree as u8, granularity as u8);
             if let Some(set) = inline {
                 return Ok(Some(
@@ -896,14 +903,11 @@ impl StoreRead for EmbeddedStore {
             let Some(row) = tenant_row(tx, &t)? else {
                 return Ok(None);
             };
-            let nodes = tx.open_table(NODES).map_err(io)?;
+            let nodes = tx.open_table(NODE_PAGES).map_err(io)?;
             let mut hierarchies = Vec::new();
             for (h, _) in &row.hierarchies {
-                let v = nodes
-                    .get((t.as_str(), h.as_str(), e.as_str()))
-                    .map_err(io)?;
-                if let Some(v) = v {
-                    hierarchies.push((h.clone(), row_prefix::<Skip>(v.value())?.parent));
+                if let Some(v) = pages::get(&nodes, &node_key(&t, h, &e))? {
+                    hierarchies.push((h.clone(), row_prefix::<Skip>(&v)?.parent));
                 }
             }
             hierarchies.sort();
@@ -1054,7 +1058,10 @@ mod tests {
             .commit(put(1, vec![node("small", &[1, 2, 3])]))
             .await
             .unwrap();
-        assert_eq!(written, 2, "node row + meta");
+        assert_eq!(
+            written, 4,
+            "node page, children index page, node count, meta"
+        );
         assert_eq!(bucket_rows(&s), 0);
         assert_eq!(keys_of(&s, "small").await, [1, 2, 3]);
 

@@ -3,6 +3,7 @@
 
 pub mod embedded;
 pub mod multi;
+mod pages;
 pub mod scylla;
 
 pub use embedded::EmbeddedStore;

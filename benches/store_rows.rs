@@ -1,8 +1,9 @@
 //! Store rows written per checkpoint and per accepted event for the public conformance
-//! workload (`../shared/conformance/input.ndjson`), at several checkpoint cadences. The row
-//! count is the same for every backend (the embedded store and Scylla write one row per dirty
-//! node, changed bucket, changed tenant row and dedup batch, plus the pointer; Scylla adds the
-//! next commit's range deletes of superseded versions, as many as the rows it wrote).
+//! workload (`../shared/conformance/input.ndjson`), at several checkpoint cadences, on the
+//! embedded store. It writes one row per page of dirty nodes (many nodes to a page), per page of
+//! changed `children` index entries and per changed node count, plus spilled bucket rows, the
+//! changed tenant rows, the dedup batch and the pointer. Scylla writes more: one row per dirty
+//! node and per changed bucket, plus the next commit's range deletes of superseded versions.
 //!
 //! `cargo bench --bench store_rows`
 

@@ -41,8 +41,8 @@ const TENANTS: TableDefinition<&str, &[u8]> = TableDefinition::new("tenants");
 /// Node rows, many to a table row: key [`node_key`] → the node row (see [`pages`]).
 const NODE_PAGES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("node_pages");
 const DEDUP: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("dedup");
-type BucketKey<'a> = (&'a str, &'a str, &'a str, u8, u8, u64);
-const BUCKETS: TableDefinition<BucketKey, &[u8]> = TableDefinition::new("buckets");
+/// Spilled buckets, many to a table row: key [`bucket_key`] → one bucket's `Agg`.
+const BUCKET_PAGES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("bucket_pages");
 /// The children index, many entries to a table row: key [`child_key`] → nothing.
 const CHILD_PAGES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("child_pages");
 const COUNTS: TableDefinition<(&str, &str), u64> = TableDefinition::new("node_counts");
@@ -58,6 +58,52 @@ const FORMAT: &str = "4";
 
 fn node_key(t: &str, h: &str, n: &str) -> Vec<u8> {
     KeyBuf::new().str(t).str(h).str(n).0
+}
+
+/// A spilled bucket's key: the node's key, then kind, granularity and the big-endian key, so
+/// that a node's buckets, and those of one kind and granularity, are contiguous and in key order.
+fn bucket_key(t: &str, h: &str, n: &str, kind: u8, g: u8, key: u64) -> Vec<u8> {
+    let mut k = node_key(t, h, n);
+    k.extend_from_slice(&[kind, g]);
+    k.extend_from_slice(&key.to_be_bytes());
+    k
+}
+
+/// The `(kind, granularity, key)` that follows the node's key in a bucket key.
+fn bucket_suffix(rest: &[u8]) -> Result<(u8, u8, u64), StoreError> {
+    match rest {
+        [kd, g, key @ ..] if key.len() == 8 => {
+            Ok((*kd, *g, u64::from_be_bytes(key.try_into().expect("8 bytes"))))
+        }
+        _ => Err(StoreError::Corrupt("a bucket key of the wrong length".into())),
+    }
+}
+
+/// A spilled bucket as a row.
+fn spilled_row(rest: &[u8], v: &[u8]) -> Result<BucketRow, StoreError> {
+    let (kd, g, key) = bucket_suffix(rest)?;
+    Ok(BucketRow {
+        kind: kind(kd)?,
+        granularity: granularity(g)?,
+        key,
+        agg: Some(rmp_serde::from_slice(v).map_err(corrupt)?),
+    })
+}
+
+/// A spilled node's buckets, in key order.
+fn spilled_rows<T: ReadableTable<&'static [u8], &'static [u8]>>(
+    buckets: &T,
+    t: &str,
+    h: &str,
+    n: &str,
+) -> Result<Vec<BucketRow>, StoreError> {
+    let prefix = node_key(t, h, n);
+    let mut out = Vec::new();
+    pages::scan_prefix(buckets, &prefix, |k, v| {
+        out.push(spilled_row(&k[prefix.len()..], v)?);
+        Ok(())
+    })?;
+    Ok(out)
 }
 
 fn children_prefix(t: &str, h: &str, parent: Option<&str>) -> Vec<u8> {
@@ -229,7 +275,7 @@ impl EmbeddedStore {
         tx.open_table(TENANTS).map_err(io)?;
         tx.open_table(NODE_PAGES).map_err(io)?;
         tx.open_table(DEDUP).map_err(io)?;
-        tx.open_table(BUCKETS).map_err(io)?;
+        tx.open_table(BUCKET_PAGES).map_err(io)?;
         tx.open_table(CHILD_PAGES).map_err(io)?;
         tx.open_table(COUNTS).map_err(io)?;
         tx.commit().map_err(io)?;
@@ -256,7 +302,7 @@ fn commit(db: &Database, cp: &Checkpoint) -> Result<u64, StoreError> {
         let mut tenants = tx.open_table(TENANTS).map_err(io)?;
         let mut nodes = tx.open_table(NODE_PAGES).map_err(io)?;
         let mut dedup = tx.open_table(DEDUP).map_err(io)?;
-        let mut buckets = tx.open_table(BUCKETS).map_err(io)?;
+        let mut buckets = tx.open_table(BUCKET_PAGES).map_err(io)?;
         let mut children = tx.open_table(CHILD_PAGES).map_err(io)?;
         let mut counts = tx.open_table(COUNTS).map_err(io)?;
         for t in &cp.tenants {
@@ -287,12 +333,13 @@ fn commit(db: &Database, cp: &Checkpoint) -> Result<u64, StoreError> {
                             .push((child_key(tn, h, parent.as_deref(), n), false));
                         *ix.counts.entry(h).or_default() -= 1;
                     }
-                    ix.rows += delete_bucket_rows(&mut buckets, tn, h, n)?;
+                    delete_bucket_rows(&buckets, &mut ix, tn, h, n)?;
                     Ok(None)
                 }
-                NodeOp::Put(n) => put_node(&mut buckets, &mut ix, tn, n, old).map(Some),
+                NodeOp::Put(n) => put_node(&buckets, &mut ix, tn, n, old).map(Some),
             })?;
-            rows += ix.rows;
+            ix.buckets.sort_by(|a, b| a.0.cmp(&b.0));
+            rows += pages::apply(&mut buckets, &ix.buckets, |_, _, v| Ok(v.clone()))?;
             ix.children.sort_by(|a, b| a.0.cmp(&b.0));
             rows += pages::apply(&mut children, &ix.children, |_, _, add| {
                 Ok(add.then(Vec::new))
@@ -343,14 +390,14 @@ struct IndexChanges<'a> {
     children: Vec<(Vec<u8>, bool)>,
     /// Node count change per hierarchy.
     counts: std::collections::BTreeMap<&'a str, i64>,
-    /// `buckets` rows written.
-    rows: u64,
+    /// Spilled buckets to write (`None`: delete), in the order they arose.
+    buckets: Vec<(Vec<u8>, Option<Vec<u8>>)>,
 }
 
 /// The new row of a put node, given its stored row. A node that sent its complete bucket set
 /// packed is written without decoding the old row, whose parent alone is read (`row_prefix`).
 fn put_node<'a>(
-    buckets: &mut redb::Table<BucketKey, &[u8]>,
+    buckets: &redb::Table<&'static [u8], &'static [u8]>,
     ix: &mut IndexChanges<'a>,
     tn: &str,
     n: &'a NodeRow,
@@ -369,7 +416,7 @@ fn put_node<'a>(
         // A spilled node whose buckets fit inline again (pruned by retention): the packed set is
         // complete, so its bucket rows all go and the set moves back into the row.
         if old.is_some_and(|o| !o.inline) {
-            ix.rows += delete_bucket_rows(buckets, tn, h, node)?;
+            delete_bucket_rows(buckets, ix, tn, h, node)?;
         }
         return packed_value(&n.parent, &n.header, packed);
     }
@@ -401,19 +448,10 @@ fn put_node<'a>(
         &n.buckets
     };
     for b in to_rows {
-        let k = (tn, h, node, b.kind as u8, b.granularity as u8, b.key);
-        match &b.agg {
-            Some(a) => {
-                buckets
-                    .insert(k, rmp_serde::to_vec(a).map_err(io)?.as_slice())
-                    .map_err(io)?;
-            }
-            None => {
-                buckets.remove(k).map_err(io)?;
-            }
-        }
+        let k = bucket_key(tn, h, node, b.kind as u8, b.granularity as u8, b.key);
+        let v = b.agg.as_ref().map(rmp_serde::to_vec).transpose().map_err(io)?;
+        ix.buckets.push((k, v));
     }
-    ix.rows += to_rows.len() as u64;
     node_value(&n.parent, &n.header, inline.as_deref())
 }
 
@@ -437,26 +475,19 @@ fn place<'a>(
         .push((child_key(tn, h, n.parent.as_deref(), node), true));
 }
 
-/// Deletes every `buckets` row of one node; returns how many there were.
+/// Deletes every spilled bucket of one node (as stored before this checkpoint).
 fn delete_bucket_rows(
-    buckets: &mut redb::Table<BucketKey, &[u8]>,
+    buckets: &redb::Table<&'static [u8], &'static [u8]>,
+    ix: &mut IndexChanges,
     t: &str,
     h: &str,
     n: &str,
-) -> Result<u64, StoreError> {
-    let mut doomed = Vec::new();
-    for e in buckets
-        .range((t, h, n, 0u8, 0u8, 0u64)..=(t, h, n, u8::MAX, u8::MAX, u64::MAX))
-        .map_err(io)?
-    {
-        let (k, _) = e.map_err(io)?;
-        let (_, _, _, kd, g, key) = k.value();
-        doomed.push((kd, g, key));
-    }
-    for &(kd, g, key) in &doomed {
-        buckets.remove((t, h, n, kd, g, key)).map_err(io)?;
-    }
-    Ok(doomed.len() as u64)
+) -> Result<(), StoreError> {
+    let prefix = node_key(t, h, n);
+    pages::scan_prefix(buckets, &prefix, |k, _| {
+        ix.buckets.push((k.to_vec(), None));
+        Ok(())
+    })
 }
 
 /// A node row as the changed-buckets path writes it: the inline set (if any) encoded here.
@@ -579,17 +610,13 @@ impl Store for EmbeddedStore {
                 Ok(())
             })?;
             // Bucket rows sort like node rows: attach them in one merge pass.
-            let buckets = tx.open_table(BUCKETS).map_err(io)?;
+            let buckets = tx.open_table(BUCKET_PAGES).map_err(io)?;
             let mut i = 0;
-            for e in buckets
-                .range((tenant.as_str(), "", "", 0u8, 0u8, 0u64)..)
-                .map_err(io)?
-            {
-                let (k, v) = e.map_err(io)?;
-                let (t, h, n, kd, g, key) = k.value();
-                if t != tenant {
-                    break;
-                }
+            pages::scan_prefix(&buckets, &prefix, |k, v| {
+                let mut key = KeyReader::new(&k[prefix.len()..]);
+                let (h, n) = (key.str()?, key.str()?);
+                let (h, n) = (h.as_str(), n.as_str());
+                let t = &tenant;
                 while i < image.nodes.len()
                     && (
                         image.nodes[i].hierarchy.as_str(),
@@ -607,13 +634,9 @@ impl Store for EmbeddedStore {
                         "bucket row of unknown node {t}/{h}/{n}"
                     )));
                 };
-                node.buckets.push(BucketRow {
-                    kind: kind(kd)?,
-                    granularity: granularity(g)?,
-                    key,
-                    agg: Some(rmp_serde::from_slice(v.value()).map_err(corrupt)?),
-                });
-            }
+                node.buckets.push(spilled_row(key.rest(), v)?);
+                Ok(())
+            })?;
             let dedup = tx.open_table(DEDUP).map_err(io)?;
             for e in dedup.range((tenant.as_str(), 0u64)..).map_err(io)? {
                 let (k, v) = e.map_err(io)?;
@@ -649,23 +672,8 @@ impl Store for EmbeddedStore {
             let buckets = match inline {
                 Some(set) => bucket_rows(set)?,
                 None => {
-                    let table = tx.open_table(BUCKETS).map_err(io)?;
-                    let (t, h, n) = (t.as_str(), h.as_str(), n.as_str());
-                    let mut out = Vec::new();
-                    for e in table
-                        .range((t, h, n, 0u8, 0u8, 0u64)..=(t, h, n, u8::MAX, u8::MAX, u64::MAX))
-                        .map_err(io)?
-                    {
-                        let (k, v) = e.map_err(io)?;
-                        let (_, _, _, kd, g, key) = k.value();
-                        out.push(BucketRow {
-                            kind: kind(kd)?,
-                            granularity: granularity(g)?,
-                            key,
-                            agg: Some(rmp_serde::from_slice(v.value()).map_err(corrupt)?),
-                        });
-                    }
-                    out
+                    let table = tx.open_table(BUCKET_PAGES).map_err(io)?;
+                    spilled_rows(&table, &t, &h, &n)?
                 }
             };
             Ok(Some(NodeRow {
@@ -875,19 +883,15 @@ impl StoreRead for EmbeddedStore {
                         .collect(),
                 ));
             }
-            let buckets = tx.open_table(BUCKETS).map_err(io)?;
-            let (t, h, n) = (t.as_str(), h.as_str(), n.as_str());
+            let buckets = tx.open_table(BUCKET_PAGES).map_err(io)?;
+            let mut prefix = node_key(&t, &h, &n);
+            prefix.extend_from_slice(&[kd, g]);
             let mut out = Vec::new();
-            for e in buckets
-                .range((t, h, n, kd, g, 0u64)..=(t, h, n, kd, g, u64::MAX))
-                .map_err(io)?
-            {
-                let (k, v) = e.map_err(io)?;
-                out.push((
-                    k.value().5,
-                    rmp_serde::from_slice(v.value()).map_err(corrupt)?,
-                ));
-            }
+            pages::scan_prefix(&buckets, &prefix, |k, v| {
+                let (_, _, key) = bucket_suffix(&k[prefix.len() - 2..])?;
+                out.push((key, rmp_serde::from_slice(v).map_err(corrupt)?));
+                Ok(())
+            })?;
             Ok(Some(out))
         })
         .await
@@ -1023,9 +1027,19 @@ mod tests {
         )
     }
 
+    fn bucket_pages(s: &EmbeddedStore) -> usize {
+        let tx = s.db.begin_read().unwrap();
+        redb::ReadableTableMetadata::len(&tx.open_table(BUCKET_PAGES).unwrap()).unwrap() as usize
+    }
+
     fn bucket_rows(s: &EmbeddedStore) -> usize {
         let tx = s.db.begin_read().unwrap();
-        redb::ReadableTableMetadata::len(&tx.open_table(BUCKETS).unwrap()).unwrap() as usize
+        let t = tx.open_table(BUCKET_PAGES).unwrap();
+        let mut n = 0;
+        for e in t.iter().unwrap() {
+            n += pages::entries(e.unwrap().1.value()).unwrap().len();
+        }
+        n
     }
 
     async fn keys_of(s: &EmbeddedStore, name: &str) -> Vec<u64> {
@@ -1065,15 +1079,17 @@ mod tests {
         assert_eq!(bucket_rows(&s), 0);
         assert_eq!(keys_of(&s, "small").await, [1, 2, 3]);
 
-        // Growing past INLINE_MAX moves every bucket to rows.
-        let many: Vec<u64> = (1..=INLINE_MAX as u64 + 1).collect();
+        // Growing past INLINE_MAX moves every bucket to rows, which take several pages.
+        let many: Vec<u64> = (1..=INLINE_MAX as u64 * 10).collect();
         let written = s.commit(put(2, vec![node("small", &many)])).await.unwrap();
-        assert_eq!(written, 1 + many.len() as u64 + 1);
+        let pages = bucket_pages(&s);
+        assert!(pages > 1, "{} buckets in {pages} page", many.len());
+        assert_eq!(written, 1 + pages as u64 + 1, "node page, bucket pages, meta");
         assert_eq!(bucket_rows(&s), many.len());
         assert_eq!(keys_of(&s, "small").await, many);
 
         // Spilled: only the changed buckets are written; a `None` deletes one.
-        let mut change = node("small", &[5, 1000]);
+        let mut change = node("small", &[5, 10_000]);
         change.buckets.push(BucketRow {
             kind: BucketKind::Subtree,
             granularity: Granularity::Minute,
@@ -1082,9 +1098,12 @@ mod tests {
         });
         change.buckets.sort_by_key(|b| b.key);
         let written = s.commit(put(3, vec![change])).await.unwrap();
-        assert_eq!(written, 1 + 3 + 1);
+        assert_eq!(
+            written, 4,
+            "node page, the first bucket page (5 and 7), the last (10,000), meta"
+        );
         let mut want: Vec<u64> = many.iter().copied().filter(|k| *k != 7).collect();
-        want.push(1000);
+        want.push(10_000);
         assert_eq!(keys_of(&s, "small").await, want);
 
         // Deleted and created again in one checkpoint: small again, inline again.

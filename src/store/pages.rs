@@ -100,6 +100,11 @@ impl<'a> KeyReader<'a> {
         String::from_utf8(out).map_err(|_| corrupt("key is not UTF-8"))
     }
 
+    /// The bytes after the components read so far.
+    pub fn rest(&self) -> &'a [u8] {
+        self.0
+    }
+
     #[cfg(test)]
     pub fn opt(&mut self) -> Result<Option<String>, StoreError> {
         let (&tag, rest) = self.0.split_first().ok_or_else(|| corrupt("short key"))?;

@@ -727,9 +727,10 @@ impl Coord {
                 packed: snap.packed,
             });
         }
+        // `round_ms` includes the snapshots of the round's nodes; `rest_ms` is the other dirty nodes'.
         debug!(
             round_ms,
-            snap_ms = t0.elapsed().as_millis() as u64 - round_ms,
+            rest_ms = t0.elapsed().as_millis() as u64 - round_ms,
             nodes = put_nodes.len(),
             "tenant snapshot"
         );

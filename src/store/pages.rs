@@ -147,8 +147,14 @@ fn take<'a>(b: &mut &'a [u8], n: usize) -> Result<&'a [u8], StoreError> {
     Ok(x)
 }
 
-/// A page's entries, in order: `(key, value)` slices into the page.
-pub fn entries(page: &[u8]) -> Result<Vec<(&[u8], &[u8])>, StoreError> {
+/// One entry of a page: `(key, value)`.
+pub type Entry<'a> = (&'a [u8], &'a [u8]);
+
+/// A page read out of the table: `(first key, page bytes)`.
+type OwnedPage = (Vec<u8>, Vec<u8>);
+
+/// A page's entries, in order, as slices into the page.
+pub fn entries(page: &[u8]) -> Result<Vec<Entry<'_>>, StoreError> {
     Entries(page).collect()
 }
 
@@ -156,7 +162,7 @@ pub fn entries(page: &[u8]) -> Result<Vec<(&[u8], &[u8])>, StoreError> {
 struct Entries<'a>(&'a [u8]);
 
 impl<'a> Iterator for Entries<'a> {
-    type Item = Result<(&'a [u8], &'a [u8]), StoreError>;
+    type Item = Result<Entry<'a>, StoreError>;
 
     fn next(&mut self) -> Option<Self::Item> {
         if self.0.is_empty() {
@@ -189,7 +195,7 @@ fn push_entry(page: &mut Vec<u8>, k: &[u8], v: &[u8]) {
 fn floor_page<T: ReadableTable<&'static [u8], &'static [u8]>>(
     t: &T,
     key: &[u8],
-) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
+) -> Result<Option<OwnedPage>, StoreError> {
     let mut r = t
         .range::<&[u8]>((Bound::Unbounded, Bound::Included(key)))
         .map_err(io)?;
@@ -198,6 +204,20 @@ fn floor_page<T: ReadableTable<&'static [u8], &'static [u8]>>(
             let (k, v) = e.map_err(io)?;
             Ok(Some((k.value().to_vec(), v.value().to_vec())))
         }
+        None => Ok(None),
+    }
+}
+
+/// The first key of the page that holds `key` if any page does (without copying the page).
+fn floor_key<T: ReadableTable<&'static [u8], &'static [u8]>>(
+    t: &T,
+    key: &[u8],
+) -> Result<Option<Vec<u8>>, StoreError> {
+    let mut r = t
+        .range::<&[u8]>((Bound::Unbounded, Bound::Included(key)))
+        .map_err(io)?;
+    match r.next_back() {
+        Some(e) => Ok(Some(e.map_err(io)?.0.value().to_vec())),
         None => Ok(None),
     }
 }
@@ -232,7 +252,7 @@ pub fn scan_prefix<T: ReadableTable<&'static [u8], &'static [u8]>>(
     mut f: impl FnMut(&[u8], &[u8]) -> Result<(), StoreError>,
 ) -> Result<(), StoreError> {
     // The page holding the prefix's first entry starts at or below it (or at the prefix).
-    let start = floor_page(t, prefix)?.map(|(k, _)| k);
+    let start = floor_key(t, prefix)?;
     let from = start.as_deref().unwrap_or(prefix);
     for e in t.range::<&[u8]>(from..).map_err(io)? {
         let (pk, page) = e.map_err(io)?;
@@ -297,6 +317,7 @@ pub fn apply<C>(
         let old = entries(&bytes)?;
         // The new value of each changed key, folding several changes of one key in order.
         let mut news: Vec<(&[u8], Option<Vec<u8>>)> = Vec::new();
+        let mut changed = false;
         let mut c = i;
         while c < j {
             let k = changes[c].0.as_slice();
@@ -310,7 +331,13 @@ pub fn apply<C>(
                 cur = f(k, cur.as_deref(), &changes[c].1)?;
                 c += 1;
             }
+            changed |= cur.as_deref() != before;
             news.push((k, cur));
+        }
+        if !changed {
+            // Deletes of absent keys, or values rewritten as they were: the page stays.
+            i = j;
+            continue;
         }
         // Merge the old entries with the new values, cutting pages as they fill.
         let mut merged: Vec<(&[u8], &[u8])> = Vec::with_capacity(old.len() + news.len());
@@ -490,6 +517,15 @@ mod tests {
             })
             .unwrap();
             assert_eq!(olds, vec![Some(b"y".to_vec()), Some(vec![1])]);
+            // Nothing changes (an absent key deleted, a value written as it was): no page is written.
+            let same = |_: &[u8], _: Option<&[u8]>, v: &Option<Vec<u8>>| Ok(v.clone());
+            assert_eq!(apply(&mut t, &[(k("zz", "9"), None)], same).unwrap(), 0);
+            let again = [(k("a", "1"), Some(b"x".to_vec()))];
+            assert_eq!(apply(&mut t, &again, same).unwrap(), 0);
+            let changed = [(k("a", "1"), Some(b"w".to_vec()))];
+            assert_eq!(apply(&mut t, &changed, same).unwrap(), 1);
+            let back = [(k("a", "1"), Some(b"x".to_vec()))];
+            assert_eq!(apply(&mut t, &back, same).unwrap(), 1);
         }
         tx.commit().unwrap();
         let tx = db.begin_read().unwrap();

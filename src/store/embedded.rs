@@ -1,17 +1,18 @@
 //! The embedded store: a redb database file in the data directory (the default backend).
 //!
-//! Layout (all values MessagePack):
+//! Layout (all values MessagePack). `node_pages`, `bucket_pages` and `child_pages` are sorted
+//! maps kept many entries to a table row ([`super::pages`]): a checkpoint writes one row per
+//! page it changes, not one per node, which is what keeps store writes per event low.
 //! - `meta`: `"checkpoint"` → the last checkpoint's sequence number and source position
 //! - `tenants`: tenant → [`TenantRow`]
-//! - `nodes`: (tenant, hierarchy, node) → (parent, totals: own and subtree, and the node's
+//! - `node_pages`: (tenant, hierarchy, node) → (parent, totals: own and subtree, and the node's
 //!   buckets inline while it has at most [`INLINE_MAX`] of them)
-//! - `buckets`: (tenant, hierarchy, node, kind, granularity, key) → one bucket's aggregate, for
-//!   nodes whose buckets outgrew the inline set ("spilled"): a checkpoint then writes only the
-//!   buckets that changed, so a busy root does not rewrite its history. Most nodes (leaves with a
-//!   few buckets) cost one row per checkpoint, however many of their buckets changed.
+//! - `bucket_pages`: (tenant, hierarchy, node, kind, granularity, key) → one bucket's aggregate,
+//!   for nodes whose buckets outgrew the inline set ("spilled"): a checkpoint then writes only
+//!   the pages of the buckets that changed, so a busy root does not rewrite its history.
 //! - `dedup`: (tenant, checkpoint seq) → the event ids accepted in that checkpoint interval
-//! - `children`: (tenant, hierarchy, parent or None for roots, child) → (): the query API's
-//!   children and roots reads, kept in step with `nodes` inside the same transaction
+//! - `child_pages`: (tenant, hierarchy, parent or None for roots, child) → (): the query API's
+//!   children and roots reads, kept in step with `node_pages` inside the same transaction
 //! - `node_counts`: (tenant, hierarchy) → number of nodes
 //!
 //! One checkpoint is one redb write transaction, so a reader sees all of it or none of it.

@@ -4,10 +4,9 @@
 //! overflow for any realistic stream of i64 values. Metric names are `Arc<str>` interned per tenant,
 //! so the hot path compares pointers before bytes.
 
-use std::sync::Arc;
 
 use serde::ser::{SerializeMap, Serializer};
-use serde::{Deserialize, Serialize};
+use serde::{de, Deserialize, Deserializer, Serialize};
 use smallvec::SmallVec;
 
 /// Statistics of one metric inside an aggregate.
@@ -103,7 +102,94 @@ mod sum_codec {
     }
 }
 
-pub type MetricName = Arc<str>;
+/// A metric name, interned once for the life of the process.
+///
+/// Every bucket of every node carries its metrics' names. As `Arc<str>` (until 2026-12-06)
+/// each bucket created, merged into a new key or dropped changed the reference count of the
+/// same few names, from both worker threads at once: one contended cache line under every
+/// round. An interned name is a pointer: copying it costs nothing and equal names are equal
+/// pointers. The cost is that a name, once seen, is never freed; names are short and a tenant
+/// has a handful, and every name seen is also in some aggregate and in the store.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MetricName(&'static str);
+
+impl MetricName {
+    /// The interned name equal to `s` (interned now if it is new).
+    pub fn intern(s: &str) -> MetricName {
+        static NAMES: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<&'static str>>> =
+            std::sync::LazyLock::new(Default::default);
+        let mut names = NAMES.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = names.get(s) {
+            return MetricName(n);
+        }
+        let n: &'static str = Box::leak(s.into());
+        names.insert(n);
+        MetricName(n)
+    }
+
+    /// Whether both are the same interned name (a pointer comparison).
+    pub fn same(self, o: MetricName) -> bool {
+        std::ptr::eq(self.0, o.0)
+    }
+}
+
+impl std::ops::Deref for MetricName {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.0
+    }
+}
+
+impl From<&str> for MetricName {
+    fn from(s: &str) -> MetricName {
+        MetricName::intern(s)
+    }
+}
+
+impl std::borrow::Borrow<str> for MetricName {
+    fn borrow(&self) -> &str {
+        self.0
+    }
+}
+
+impl std::fmt::Debug for MetricName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.0, f)
+    }
+}
+
+impl std::fmt::Display for MetricName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl Serialize for MetricName {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for MetricName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl de::Visitor<'_> for V {
+            type Value = MetricName;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a metric name")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<MetricName, E> {
+                Ok(MetricName::intern(v))
+            }
+            fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<MetricName, E> {
+                std::str::from_utf8(v)
+                    .map(MetricName::intern)
+                    .map_err(|_| E::invalid_value(de::Unexpected::Bytes(v), &self))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
 
 /// An aggregate's metrics, sorted by name. The first two live inside the aggregate itself:
 /// most aggregates are buckets, most buckets carry one or two metrics, and a heap vector
@@ -120,7 +206,7 @@ pub struct Agg {
 
 fn find(metrics: &[(MetricName, Stat)], name: &MetricName) -> Result<usize, usize> {
     // Fast path: interned pointer equality on a short linear scan.
-    if let Some(i) = metrics.iter().position(|(n, _)| Arc::ptr_eq(n, name)) {
+    if let Some(i) = metrics.iter().position(|(n, _)| n.same(*name)) {
         return Ok(i);
     }
     metrics.binary_search_by(|(n, _)| (**n).cmp(&**name))
@@ -312,22 +398,31 @@ impl BucketMap {
             }
             return;
         }
-        let mut out = Vec::with_capacity(self.0.len() + fresh);
-        let mut mine = std::mem::take(&mut self.0).into_iter().peekable();
-        for (k, a) in &o.0 {
-            while let Some(m) = mine.next_if(|(mk, _)| mk < k) {
-                out.push(m);
+        // Fresh keys: grow by exactly that many slots and merge from the back, so every bucket
+        // moves at most once and no second vector is allocated (a new vector per merge was
+        // most of the memory a round touched, and first-touched memory is slow here).
+        let n = self.0.len();
+        self.0.reserve_exact(fresh);
+        self.0.resize_with(n + fresh, Default::default);
+        // Invariant: slots `m..w` hold placeholders; `..m` are this map's unmoved buckets and
+        // `w..` the merged tail.
+        let (mut m, mut w) = (n, n + fresh);
+        for (k, a) in o.0.iter().rev() {
+            while m > 0 && self.0[m - 1].0 > *k {
+                m -= 1;
+                w -= 1;
+                self.0.swap(m, w);
             }
-            match mine.next_if(|(mk, _)| mk == k) {
-                Some((mk, mut ma)) => {
-                    ma.merge(a);
-                    out.push((mk, ma));
-                }
-                None => out.push((*k, a.clone())),
+            w -= 1;
+            if m > 0 && self.0[m - 1].0 == *k {
+                m -= 1;
+                self.0[m].1.merge(a);
+                self.0.swap(m, w);
+            } else {
+                self.0[w] = (*k, a.clone());
             }
         }
-        out.extend(mine);
-        self.0 = out;
+        debug_assert_eq!(m, w, "count_missing counted the fresh keys");
     }
 
     /// Drops buckets with keys below `cut`; returns their keys.
@@ -514,7 +609,7 @@ mod tests {
     use super::*;
 
     fn m(name: &str, v: i64) -> (MetricName, i64) {
-        (Arc::from(name), v)
+        (MetricName::intern(name), v)
     }
 
     #[test]
@@ -619,6 +714,33 @@ mod tests {
             }
             let want: Vec<(u64, Agg)> = want.into_iter().collect();
             assert_eq!(got.0, want, "{mine:?} + {theirs:?}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Random sorted key sets on both sides, merged in place, against a `BTreeMap`.
+        #[test]
+        fn bucket_merge_matches_a_sorted_map(
+            mine in proptest::collection::btree_set(0u64..64, 0..24),
+            theirs in proptest::collection::btree_set(0u64..64, 0..24),
+        ) {
+            use std::collections::BTreeMap;
+            let map = |keys: &std::collections::BTreeSet<u64>, v: i64| {
+                let mut b = BucketMap::default();
+                for &k in keys {
+                    b.entry(k).add_event(&[m("x", v + k as i64)]);
+                }
+                b
+            };
+            let (a, b) = (map(&mine, 1), map(&theirs, 100));
+            let mut got = a.clone();
+            got.merge(&b);
+            let mut want: BTreeMap<u64, Agg> = BTreeMap::new();
+            for (k, x) in a.iter().chain(b.iter()) {
+                want.entry(*k).or_default().merge(x);
+            }
+            let want: Vec<(u64, Agg)> = want.into_iter().collect();
+            proptest::prop_assert_eq!(got.0, want);
         }
     }
 

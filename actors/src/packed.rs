@@ -21,7 +21,6 @@
 //! Keys are delta-coded per section (wrapping, so any order round-trips); the offset bits of a
 //! [`crate::time::BucketKey`] are written only when they change (a DST switch).
 
-use std::sync::Arc;
 
 use crate::agg::{Agg, MetricName, Stat};
 use crate::store::StoreError;
@@ -180,7 +179,7 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<SetBucket>, StoreError> {
                         let len = r.u64()? as usize;
                         let s = std::str::from_utf8(r.take(len)?)
                             .map_err(|e| r.corrupt(format!("metric name: {e}")))?;
-                        let name: MetricName = Arc::from(s);
+                        let name = MetricName::intern(s);
                         names.push(name.clone());
                         name
                     }
@@ -294,7 +293,7 @@ mod tests {
         let mut a = Agg::default();
         for (name, vals) in metrics {
             for v in *vals {
-                a.add_event(&[(Arc::from(*name), *v)]);
+                a.add_event(&[(MetricName::intern(name), *v)]);
             }
         }
         a

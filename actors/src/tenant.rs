@@ -315,7 +315,7 @@ impl Tenant {
         if let Some(n) = self.metric_names.get(name) {
             return n.clone();
         }
-        let n: MetricName = Arc::from(name);
+        let n = MetricName::intern(name);
         self.metric_names.insert(n.clone());
         n
     }

@@ -191,21 +191,31 @@ fn push_entry(page: &mut Vec<u8>, k: &[u8], v: &[u8]) {
     page.extend_from_slice(v);
 }
 
-/// The page that holds `key` if any page does: the one with the greatest first key at or below it.
-fn floor_page<T: ReadableTable<&'static [u8], &'static [u8]>>(
+/// Calls `f` with the key and bytes of the page that holds `key`, if any page does: the one
+/// stored under the greatest first key at or below `key`.
+fn with_floor<T: ReadableTable<&'static [u8], &'static [u8]>, R>(
     t: &T,
     key: &[u8],
-) -> Result<Option<OwnedPage>, StoreError> {
+    f: impl FnOnce(&[u8], &[u8]) -> R,
+) -> Result<Option<R>, StoreError> {
     let mut r = t
         .range::<&[u8]>((Bound::Unbounded, Bound::Included(key)))
         .map_err(io)?;
     match r.next_back() {
         Some(e) => {
             let (k, v) = e.map_err(io)?;
-            Ok(Some((k.value().to_vec(), v.value().to_vec())))
+            Ok(Some(f(k.value(), v.value())))
         }
         None => Ok(None),
     }
+}
+
+/// The page that holds `key` if any page does, copied out: its first key and its bytes.
+fn floor_page<T: ReadableTable<&'static [u8], &'static [u8]>>(
+    t: &T,
+    key: &[u8],
+) -> Result<Option<OwnedPage>, StoreError> {
+    with_floor(t, key, |k, v| (k.to_vec(), v.to_vec()))
 }
 
 /// The first key of the page that holds `key` if any page does (without copying the page).
@@ -213,13 +223,7 @@ fn floor_key<T: ReadableTable<&'static [u8], &'static [u8]>>(
     t: &T,
     key: &[u8],
 ) -> Result<Option<Vec<u8>>, StoreError> {
-    let mut r = t
-        .range::<&[u8]>((Bound::Unbounded, Bound::Included(key)))
-        .map_err(io)?;
-    match r.next_back() {
-        Some(e) => Ok(Some(e.map_err(io)?.0.value().to_vec())),
-        None => Ok(None),
-    }
+    with_floor(t, key, |k, _| k.to_vec())
 }
 
 /// The value stored under `key`.
@@ -227,22 +231,18 @@ pub fn get<T: ReadableTable<&'static [u8], &'static [u8]>>(
     t: &T,
     key: &[u8],
 ) -> Result<Option<Vec<u8>>, StoreError> {
-    let mut r = t
-        .range::<&[u8]>((Bound::Unbounded, Bound::Included(key)))
-        .map_err(io)?;
-    let Some(e) = r.next_back() else {
-        return Ok(None);
-    };
-    let (_, page) = e.map_err(io)?;
-    for e in Entries(page.value()) {
-        let (k, v) = e?;
-        match k.cmp(key) {
-            std::cmp::Ordering::Less => continue,
-            std::cmp::Ordering::Equal => return Ok(Some(v.to_vec())),
-            std::cmp::Ordering::Greater => break,
+    let found = with_floor(t, key, |_, page| {
+        for e in Entries(page) {
+            let (k, v) = e?;
+            match k.cmp(key) {
+                std::cmp::Ordering::Less => continue,
+                std::cmp::Ordering::Equal => return Ok(Some(v.to_vec())),
+                std::cmp::Ordering::Greater => break,
+            }
         }
-    }
-    Ok(None)
+        Ok(None)
+    })?;
+    found.unwrap_or(Ok(None))
 }
 
 /// Calls `f` with every entry whose key starts with `prefix`, in key order.

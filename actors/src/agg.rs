@@ -1,9 +1,8 @@
 //! Aggregates: the numbers every node owns (SPEC.md section 2).
 //!
 //! `Agg` is `{"events", "metrics": {name: {count, sum, min, max}}}`. Sums are i128 so they never
-//! overflow for any realistic stream of i64 values. Metric names are `Arc<str>` interned per tenant,
-//! so the hot path compares pointers before bytes.
-
+//! overflow for any realistic stream of i64 values. Metric names are interned once per process
+//! ([`MetricName`]), so the hot path compares pointers before bytes.
 
 use serde::ser::{SerializeMap, Serializer};
 use serde::{de, Deserialize, Deserializer, Serialize};
@@ -116,8 +115,9 @@ pub struct MetricName(&'static str);
 impl MetricName {
     /// The interned name equal to `s` (interned now if it is new).
     pub fn intern(s: &str) -> MetricName {
-        static NAMES: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<&'static str>>> =
-            std::sync::LazyLock::new(Default::default);
+        static NAMES: std::sync::LazyLock<
+            std::sync::Mutex<std::collections::HashSet<&'static str>>,
+        > = std::sync::LazyLock::new(Default::default);
         let mut names = NAMES.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(n) = names.get(s) {
             return MetricName(n);

@@ -21,7 +21,6 @@
 //! Keys are delta-coded per section (wrapping, so any order round-trips); the offset bits of a
 //! [`crate::time::BucketKey`] are written only when they change (a DST switch).
 
-
 use crate::agg::{Agg, MetricName, Stat};
 use crate::store::StoreError;
 

@@ -227,7 +227,7 @@ impl Agg {
         for (name, v) in metrics {
             match find(&self.metrics, name) {
                 Ok(i) => self.metrics[i].1.add(*v),
-                Err(i) => self.metrics.insert(i, (name.clone(), Stat::of(*v))),
+                Err(i) => self.metrics.insert(i, (*name, Stat::of(*v))),
             }
         }
     }
@@ -240,7 +240,7 @@ impl Agg {
         for (name, s) in &o.metrics {
             match find(&self.metrics, name) {
                 Ok(i) => self.metrics[i].1.merge(s),
-                Err(i) => self.metrics.insert(i, (name.clone(), *s)),
+                Err(i) => self.metrics.insert(i, (*name, *s)),
             }
         }
     }
@@ -266,7 +266,7 @@ impl Agg {
                 if mine.count == 0 {
                     self.metrics.remove(i);
                 } else if mine.min == s.min || mine.max == s.max {
-                    tainted.push(name.clone());
+                    tainted.push(*name);
                 }
             }
         }

@@ -639,7 +639,7 @@ impl Actor for NodeActor {
                     for ((sc, m), mm) in wanted.iter().zip(acc) {
                         if let Some(mm) = mm {
                             s.state.subtree.set_extremes(*sc, m, mm);
-                            resolved.push((*sc, m.clone(), mm));
+                            resolved.push((*sc, *m, mm));
                         }
                     }
                 }

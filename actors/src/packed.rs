@@ -173,13 +173,13 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<SetBucket>, StoreError> {
             for _ in 0..m {
                 let i = r.u64()? as usize;
                 let name = match i.cmp(&names.len()) {
-                    std::cmp::Ordering::Less => names[i].clone(),
+                    std::cmp::Ordering::Less => names[i],
                     std::cmp::Ordering::Equal => {
                         let len = r.u64()? as usize;
                         let s = std::str::from_utf8(r.take(len)?)
                             .map_err(|e| r.corrupt(format!("metric name: {e}")))?;
                         let name = MetricName::intern(s);
-                        names.push(name.clone());
+                        names.push(name);
                         name
                     }
                     std::cmp::Ordering::Greater => {

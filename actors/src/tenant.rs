@@ -313,10 +313,10 @@ impl Tenant {
 
     fn intern(&mut self, name: &str) -> MetricName {
         if let Some(n) = self.metric_names.get(name) {
-            return n.clone();
+            return *n;
         }
         let n = MetricName::intern(name);
-        self.metric_names.insert(n.clone());
+        self.metric_names.insert(n);
         n
     }
 

@@ -6,14 +6,28 @@
 //! phase and the resident memory, so a reader can tell how much of `ingest`'s time is the actor
 //! runtime itself.
 //!
-//! `CANOPY_FLOOR_INSTANT=1` spawns with `spawn_linked_instant` (no wait for `pre_start`) instead
-//! of awaiting each spawn.
+//! It also measures the other fixed cost, decoding the benchmark's NDJSON stream on one thread
+//! (`record::decode`, as the file reader does), and then prints the **budget**: the CPU seconds
+//! that 2 cores have for the benchmark's records at the target rate (`CANOPY_FLOOR_TARGET`,
+//! 500,000 records/s by default), and which share of it these floors take before canopy
+//! aggregates a number, checks a duplicate or writes a row.
+//!
+//! The rounds follow the checkpoint cadence of a run at the target rate
+//! (`CANOPY_FLOOR_CHECKPOINT_MS`, 1000 by default; 100 is issue #3's): a run of the benchmark at
+//! 500,000 records/s lasts 2.2 s, so at 1 s checkpoints it takes 3 rounds (two in the run, one at
+//! the end) and at 100 ms 22, each carrying its share of the benchmark's events on uniformly
+//! chosen nodes (as `canopy loadgen` chooses them). Only nodes with events and their ancestors
+//! take part in a round, as in the engine.
+//!
+//! Spawns use `spawn_linked_instant` (no wait for `pre_start`), as the coordinator does;
+//! `CANOPY_FLOOR_AWAIT=1` awaits each spawn instead, as it did until 2026-12-02.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
+use rand::{Rng, SeedableRng};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 
 #[path = "support/cpu.rs"]
@@ -23,7 +37,6 @@ use cpu::cpu_secs;
 const TENANTS: usize = 5;
 const DEPTH: usize = 7;
 const FANOUT: usize = 5;
-const ROUNDS: usize = 3;
 
 fn rss_mb() -> f64 {
     let s = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
@@ -126,17 +139,86 @@ impl Actor for Supervisor {
     }
 }
 
+fn env_or<T: std::str::FromStr>(k: &str, d: T) -> T {
+    std::env::var(k)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(d)
+}
+
+/// Decodes every line of the benchmark stream on this thread, as the file reader does.
+/// Returns (records, events, CPU seconds).
+fn decode_floor() -> (usize, usize, f64) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("stream.ndjson");
+    let cfg = canopy::loadgen::LoadgenConfig::default();
+    canopy::loadgen::generate_file(&cfg, &path).expect("generate the stream");
+    let text = std::fs::read(&path).expect("read the stream");
+    let c = cpu_secs();
+    let (mut records, mut ok) = (0usize, 0usize);
+    for line in text.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+        records += 1;
+        ok += usize::from(std::hint::black_box(canopy_actors::record::decode(line)).is_ok());
+    }
+    let cpu = cpu_secs() - c;
+    // The decoder must have seen real records, or this would be the floor of a blank loop.
+    assert!(ok * 2 > records, "only {ok} of {records} lines decoded");
+    (records, cfg.events, cpu)
+}
+
+/// Nodes of one round and the number of involved children of each (`None`: not involved),
+/// for `events` uniformly chosen nodes of one tenant's tree (node i's parent is (i - 1) / FANOUT).
+fn plan_round(rng: &mut impl Rng, events: usize, per_tenant: usize) -> Vec<Option<u32>> {
+    let mut expect: Vec<Option<u32>> = vec![None; per_tenant];
+    for _ in 0..events {
+        let mut i = rng.random_range(0..per_tenant);
+        if expect[i].is_some() {
+            continue;
+        }
+        expect[i] = Some(0);
+        // Each newly involved node adds one expected delta to its parent; the walk stops at
+        // the first parent that was already involved (its own parent counted it then).
+        while i != 0 {
+            let p = (i - 1) / FANOUT;
+            match &mut expect[p] {
+                Some(e) => {
+                    *e += 1;
+                    break;
+                }
+                None => {
+                    expect[p] = Some(1);
+                    i = p;
+                }
+            }
+        }
+    }
+    expect
+}
+
 fn main() {
     canopy::tune_allocator();
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let instant = std::env::var("CANOPY_FLOOR_INSTANT").is_ok_and(|v| v == "1");
+    let await_spawns = std::env::var("CANOPY_FLOOR_AWAIT").is_ok_and(|v| v == "1");
+    let target: f64 = env_or("CANOPY_FLOOR_TARGET", 500_000.0);
+    let checkpoint_ms: f64 = env_or("CANOPY_FLOOR_CHECKPOINT_MS", 1000.0);
+
+    let (records, events, decode_cpu) = decode_floor();
+    println!(
+        "decode: {records} records in {decode_cpu:.2} s cpu on one thread ({:.2} µs per record)",
+        decode_cpu * 1e6 / records as f64
+    );
+    // A run at the target rate, and the checkpoints it takes (each one's round, and the last).
+    let run_secs = records as f64 / target;
+    let rounds = (run_secs * 1000.0 / checkpoint_ms).floor() as usize + 1;
+    let per_round = events / rounds;
+
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(async move {
+    let (spawn_cpu, rounds_cpu) = rt.block_on(async move {
         let per_tenant: usize = (0..DEPTH).map(|l| FANOUT.pow(l as u32)).sum();
         let rss0 = rss_mb();
         let (t, c) = (Instant::now(), cpu_secs());
@@ -152,16 +234,21 @@ fn main() {
             for i in 0..per_tenant {
                 let parent = (i > 0).then(|| nodes[(i - 1) / FANOUT].clone());
                 let args = (parent, done_tx.clone());
-                let a = if instant {
-                    let (a, h) =
-                        ractor::ActorRuntime::spawn_linked_instant(None, Node, args, sup.get_cell()).unwrap();
-                    starts.push(h);
-                    a
-                } else {
+                let a = if await_spawns {
                     Actor::spawn_linked(None, Node, args, sup.get_cell())
                         .await
                         .unwrap()
                         .0
+                } else {
+                    let (a, h) = ractor::ActorRuntime::spawn_linked_instant(
+                        None,
+                        Node,
+                        args,
+                        sup.get_cell(),
+                    )
+                    .unwrap();
+                    starts.push(h);
+                    a
                 };
                 nodes.push(a);
             }
@@ -171,42 +258,59 @@ fn main() {
             tenants.push((sup, nodes));
         }
         let n = TENANTS * per_tenant;
+        let spawn_cpu = cpu_secs() - c;
         println!(
-            "spawn: {n} actors in {:.2} s ({:.2} s cpu, {:.1} µs cpu per actor), rss +{:.0} MB ({:.1} KB per actor){}",
+            "spawn: {n} actors in {:.2} s ({spawn_cpu:.2} s cpu, {:.1} µs cpu per actor), rss +{:.0} MB ({:.1} KB per actor){}",
             t.elapsed().as_secs_f64(),
-            cpu_secs() - c,
-            (cpu_secs() - c) * 1e6 / n as f64,
+            spawn_cpu * 1e6 / n as f64,
             rss_mb() - rss0,
             (rss_mb() - rss0) * 1e3 / n as f64,
-            if instant { " [instant]" } else { "" }
+            if await_spawns { " [awaited]" } else { "" }
         );
-        let leaves_from = per_tenant - FANOUT.pow(DEPTH as u32 - 1);
-        for r in 0..ROUNDS {
-            let (t, c) = (Instant::now(), cpu_secs());
-            for (_, nodes) in &tenants {
-                for (i, a) in nodes.iter().enumerate() {
-                    let expect = if i >= leaves_from { 0 } else { FANOUT as u32 };
-                    a.send_message(Msg::Round { expect }).unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let (t, c) = (Instant::now(), cpu_secs());
+        let mut msgs = 0usize;
+        for _ in 0..rounds {
+            let plans: Vec<Vec<Option<u32>>> = (0..TENANTS)
+                .map(|_| plan_round(&mut rng, per_round / TENANTS, per_tenant))
+                .collect();
+            let mut roots = 0;
+            for ((_, nodes), plan) in tenants.iter().zip(&plans) {
+                roots += usize::from(plan[0].is_some());
+                for (a, e) in nodes.iter().zip(plan) {
+                    if let Some(expect) = e {
+                        a.send_message(Msg::Round { expect: *expect }).unwrap();
+                        // Its Round, and its delta up (or the root's done signal).
+                        msgs += 2;
+                    }
                 }
             }
-            for _ in 0..TENANTS {
+            for _ in 0..roots {
                 done_rx.recv().await.unwrap();
             }
-            let cpu = cpu_secs() - c;
-            // Every node gets its Round, and every non-root node sends one Child.
-            let msgs = 2 * n - TENANTS;
-            println!(
-                "round {r}: {msgs} messages in {:.3} s ({:.2} s cpu, {:.2} µs cpu per message)",
-                t.elapsed().as_secs_f64(),
-                cpu,
-                cpu * 1e6 / msgs as f64
-            );
         }
+        let rounds_cpu = cpu_secs() - c;
+        println!(
+            "rounds: {rounds} of {per_round} events (checkpoints every {checkpoint_ms} ms at {target} records/s), {msgs} messages in {:.2} s ({rounds_cpu:.2} s cpu, {:.2} µs cpu per message)",
+            t.elapsed().as_secs_f64(),
+            rounds_cpu * 1e6 / msgs.max(1) as f64
+        );
         for (sup, nodes) in tenants {
             for a in nodes {
                 a.stop(None);
             }
             sup.stop(None);
         }
+        (spawn_cpu, rounds_cpu)
     });
+    let budget = 2.0 * run_secs;
+    let floor = decode_cpu + spawn_cpu + rounds_cpu;
+    println!(
+        "budget at {target} records/s on 2 cores: {budget:.2} s cpu for {records} records; \
+         these floors take {floor:.2} s ({:.0}%: decode {decode_cpu:.2}, spawn {spawn_cpu:.2}, rounds {rounds_cpu:.2}), \
+         leaving {:.2} s ({:.2} µs per record) for everything else",
+        100.0 * floor / budget,
+        budget - floor,
+        (budget - floor) * 1e6 / records as f64
+    );
 }

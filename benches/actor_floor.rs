@@ -1,7 +1,7 @@
 //! The floor under `ingest`: what one ractor actor per node costs on this machine before canopy
 //! does any work. It spawns the benchmark's tree shape (5 tenants × 7 levels × fanout 5 = 97,655
 //! actors, linked to one supervisor per tenant, as the engine does), then runs rounds in which
-//! every leaf gets one message and every node sends one message to its parent once all its
+//! every involved node gets one message and sends one to its parent once all its involved
 //! children have (canopy's round shape, with empty payloads). It prints the time and CPU of each
 //! phase and the resident memory, so a reader can tell how much of `ingest`'s time is the actor
 //! runtime itself.

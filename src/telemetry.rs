@@ -97,7 +97,7 @@ fn describe() {
     );
     describe_gauge!(
         "canopy_consumer_lag",
-        "Records of a partition not yet processed (high watermark - next offset)."
+        "Records of a partition not yet processed (high watermark - next offset); NaN while unknown (before the first fetch since the partition was assigned, and after it was revoked)."
     );
     describe_gauge!(
         "canopy_partition_owned",

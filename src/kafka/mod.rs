@@ -266,6 +266,9 @@ impl Runner {
         shard.engine.shutdown().await;
         self.reads.remove(&shard_name(p));
         metrics::gauge!("canopy_partition_owned", "partition" => p.to_string()).set(0.0);
+        // No longer this process's to measure; a value left from its ownership would be read
+        // as current if the partition came back.
+        metrics::gauge!("canopy_consumer_lag", "partition" => p.to_string()).set(f64::NAN);
         Ok(Some((p, shard.durable)))
     }
 
@@ -311,11 +314,13 @@ impl Runner {
 
     fn report_lag(&self) {
         let marks = self.watermarks.lock().expect("lock").clone();
-        for (p, high) in marks {
-            if let Some(s) = self.shards.get(&p) {
-                metrics::gauge!("canopy_consumer_lag", "partition" => p.to_string())
-                    .set((high - s.next_offset).max(0) as f64);
-            }
+        for (p, s) in &self.shards {
+            // Unknown (NaN), not 0, until a fetch since the assignment reported the partition's
+            // end: a stale 0 would say "caught up" before anything was read.
+            let lag = marks
+                .get(p)
+                .map_or(f64::NAN, |high| (high - s.next_offset).max(0) as f64);
+            metrics::gauge!("canopy_consumer_lag", "partition" => p.to_string()).set(lag);
         }
     }
 }
@@ -394,6 +399,9 @@ pub async fn run(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Resu
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", k.session_timeout_ms.to_string())
         .set("partition.assignment.strategy", "range")
+        // End-of-partition events tell the poller that a partition's cached high watermark is
+        // this assignment's (lag is unknown before that).
+        .set("enable.partition.eof", "true")
         // librdkafka's prefetch per partition is the other half of the memory bound.
         .set("queued.max.messages.kbytes", "16384")
         .create_with_context(RunContext {

@@ -7,7 +7,7 @@
 //! the runner to checkpoint and close the revoked partitions and waits for it, then commits
 //! the offsets those checkpoints made durable before the partitions are released.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
@@ -148,7 +148,8 @@ pub struct PollerConfig {
     pub linger: Duration,
 }
 
-/// Shared with the runner: the newest high watermark seen per partition (for lag).
+/// Shared with the runner: the newest high watermark seen per partition (for lag), only for
+/// partitions that a fetch has reported on since their assignment (see `poll_loop`).
 pub type Watermarks = Arc<Mutex<BTreeMap<i32, i64>>>;
 
 pub struct PollerHandles {
@@ -287,6 +288,12 @@ pub fn poll_loop(consumer: BaseConsumer<RunContext>, cfg: PollerConfig, h: Polle
     let mut held: Option<Batch> = None;
     let mut epoch = consumer.context().epoch.load(Ordering::SeqCst);
     let mut last_marks = Instant::now() - Duration::from_secs(10);
+    // Partitions a fetch has reported on (a record, or the end of the partition) since they
+    // were assigned. Only their cached high watermark belongs to this assignment: librdkafka
+    // keeps the one of an earlier assignment of the same partition until the first fetch, and
+    // lag computed from it read 0 for a partition that had not been fetched yet (a test saw a
+    // member report "caught up" 0.1 s after taking over a killed member's partition).
+    let mut fetched: BTreeSet<i32> = BTreeSet::new();
     let mut last_error_log = Instant::now() - Duration::from_secs(10);
     let mut origin = None;
     while !h.stop.load(Ordering::SeqCst) {
@@ -351,10 +358,12 @@ pub fn poll_loop(consumer: BaseConsumer<RunContext>, cfg: PollerConfig, h: Polle
             pending.clear();
             held = None;
             pauses.reset();
+            fetched.clear();
         }
         match polled {
             Some(Ok(m)) => {
                 let p = m.partition();
+                fetched.insert(p);
                 pauses.delivered(p, &consumer, &cfg.topic);
                 let inp = input(&m, &mut origin);
                 let e = pending
@@ -362,6 +371,11 @@ pub fn poll_loop(consumer: BaseConsumer<RunContext>, cfg: PollerConfig, h: Polle
                     .or_insert_with(|| (Vec::with_capacity(cfg.batch_size), 0, Instant::now()));
                 e.1 = m.offset() + 1;
                 e.0.push(inp);
+            }
+            // Not an error: the fetch reached the end (`enable.partition.eof`), which makes the
+            // partition's cached high watermark this assignment's.
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                fetched.insert(p);
             }
             Some(Err(e)) => {
                 metrics::counter!("canopy_kafka_errors_total").increment(1);
@@ -391,6 +405,9 @@ pub fn poll_loop(consumer: BaseConsumer<RunContext>, cfg: PollerConfig, h: Polle
             if let Ok(a) = consumer.assignment() {
                 let mut marks = BTreeMap::new();
                 for e in a.elements_for_topic(&cfg.topic) {
+                    if !fetched.contains(&e.partition()) {
+                        continue;
+                    }
                     if let Some(high) = cached_high_watermark(&consumer, &cfg.topic, e.partition())
                     {
                         marks.insert(e.partition(), high);

@@ -18,6 +18,7 @@ use canopy_actors::source::{Input, Origin};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -54,6 +55,11 @@ pub struct RunContext {
 
 impl ClientContext for RunContext {
     fn error(&self, error: KafkaError, reason: &str) {
+        // End of a partition (`enable.partition.eof`) comes through here too; it is not an
+        // error, and `poll_loop` reads it from `poll`.
+        if matches!(error, KafkaError::Global(RDKafkaErrorCode::PartitionEOF)) {
+            return;
+        }
         // librdkafka reconnects by itself; say so, loudly enough to be seen.
         metrics::counter!("canopy_kafka_errors_total").increment(1);
         warn!(%error, reason, "kafka client error (librdkafka retries with backoff)");

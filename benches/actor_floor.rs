@@ -35,6 +35,10 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use rand::{Rng, SeedableRng};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 
+#[path = "support/env.rs"]
+mod env;
+use env::env_or;
+
 #[path = "support/cpu.rs"]
 mod cpu;
 use cpu::cpu_secs;
@@ -142,13 +146,6 @@ impl Actor for Supervisor {
         self.0.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
-}
-
-fn env_or<T: std::str::FromStr>(k: &str, d: T) -> T {
-    std::env::var(k)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(d)
 }
 
 /// Decodes every line of the benchmark stream on this thread, as the file reader does.

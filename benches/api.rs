@@ -23,12 +23,9 @@ use rand::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-fn env_or<T: std::str::FromStr>(k: &str, d: T) -> T {
-    std::env::var(k)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(d)
-}
+#[path = "support/env.rs"]
+mod env;
+use env::env_or;
 
 /// One keep-alive connection speaking just enough HTTP/1.1.
 struct Client {

@@ -15,16 +15,13 @@ use canopy::loadgen::{generate_file, LoadgenConfig};
 use canopy::store::EmbeddedStore;
 use canopy_actors::engine::EngineConfig;
 
+#[path = "support/env.rs"]
+mod env;
+use env::env_or;
+
 #[path = "support/cpu.rs"]
 mod cpu;
 use cpu::cpu_secs;
-
-fn env_or<T: std::str::FromStr>(k: &str, d: T) -> T {
-    std::env::var(k)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(d)
-}
 
 fn main() {
     // As the `canopy` binary does.

@@ -19,12 +19,9 @@ use std::time::{Duration, Instant};
 
 use canopy::loadgen::{generate_file, LoadgenConfig};
 
-fn env_or<T: std::str::FromStr>(k: &str, d: T) -> T {
-    std::env::var(k)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(d)
-}
+#[path = "support/env.rs"]
+mod env;
+use env::env_or;
 
 /// Starts `canopy ingest` and forwards its stderr lines (with arrival times) to a channel.
 fn start(

@@ -53,9 +53,25 @@ pub struct NodeHeader {
     pub own_buckets: bool,
 }
 
+/// How a checkpoint's bucket rows of one node apply to what the store holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BucketWrite {
+    /// Each row is the bucket's new value (`agg: None` deletes it). Sent by a node that holds
+    /// its complete buckets in memory for this interval (it was hydrated for a move).
+    #[default]
+    Replace,
+    /// Each row is a delta, merged into the stored bucket (events, counts and sums add, min/max
+    /// combine), or stored as is where there is none. With `copy_own`, the node got its first
+    /// child in this interval: *before* folding, the store sets the node's `own` buckets to a
+    /// copy of its stored `subtree` buckets (until then they were the same, see
+    /// [`NodeHeader::own_buckets`]), and the `own` rows then fold onto that copy.
+    Fold { copy_own: bool },
+}
+
 /// One node: its place in the topology, its totals, and bucket rows. In a checkpoint `buckets`
-/// holds only the buckets that changed since the previous checkpoint, unless `packed` is set;
-/// loaded, it holds them all.
+/// holds what changed since the previous checkpoint, applied as `write` says (and kept in
+/// (kind, granularity, key) order); loaded, it holds every stored bucket (or none, when the
+/// caller asked for headers only).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeRow {
     pub hierarchy: String,
@@ -63,48 +79,16 @@ pub struct NodeRow {
     pub parent: Option<String>,
     pub header: NodeHeader,
     pub buckets: Vec<BucketRow>,
-    /// In a checkpoint, for a backend whose [`Store::packed_buckets_max`] is set: the node's
-    /// *complete* bucket set, already encoded (then `buckets` is empty, and a stored bucket
-    /// absent from the set is gone). Never set on a loaded row.
     #[serde(default)]
-    pub packed: Option<PackedBuckets>,
+    pub write: BucketWrite,
 }
 
-/// A node's complete bucket set, in (kind, granularity, key) order, in the compact encoding of
-/// [`crate::packed`]. The node actor encodes it while it answers a snapshot: the buckets are
-/// then neither cloned into [`BucketRow`]s nor merged into the stored row by reading and
-/// decoding it first, which made up most of a checkpoint's cost.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PackedBuckets {
-    pub count: usize,
-    #[serde(with = "serde_bytes")]
-    pub bytes: Vec<u8>,
-}
-
-impl PackedBuckets {
-    /// The set as bucket rows (for a backend path that needs them one by one).
-    pub fn rows(&self) -> Result<Vec<BucketRow>, StoreError> {
-        crate::packed::decode(&self.bytes)?
-            .into_iter()
-            .map(|(kd, g, key, agg)| {
-                let kind = match kd {
-                    0 => BucketKind::Subtree,
-                    1 => BucketKind::Own,
-                    _ => return Err(StoreError::Corrupt(format!("bucket kind {kd}"))),
-                };
-                let granularity = Granularity::ALL
-                    .get(g as usize)
-                    .copied()
-                    .ok_or_else(|| StoreError::Corrupt(format!("granularity {g}")))?;
-                Ok(BucketRow {
-                    kind,
-                    granularity,
-                    key,
-                    agg: Some(agg),
-                })
-            })
-            .collect()
-    }
+/// What a store loads of a node: its header alone (a restart, a tenant restore: they replay
+/// onto totals), or its buckets too (a move, the dump, the audit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Load {
+    Headers,
+    Buckets,
 }
 
 /// Event ids accepted in one checkpoint interval, persisted as one row.
@@ -133,6 +117,11 @@ pub struct TenantChanges {
     pub delete_nodes: Vec<(String, String)>,
     pub dedup: Option<DedupBatch>,
     pub expire_dedup: Vec<u64>,
+    /// Retention, per granularity (minute, hour, day): bucket keys below these are out of
+    /// retention for this tenant. The store drops such buckets of every node it writes in this
+    /// checkpoint (0: keep all).
+    #[serde(default)]
+    pub retain_from: [u64; 3],
 }
 
 impl TenantChanges {
@@ -184,25 +173,22 @@ pub struct TenantImage {
 pub trait Store: Send + Sync + 'static {
     async fn meta(&self) -> Result<Option<CheckpointMeta>, StoreError>;
     async fn tenants(&self) -> Result<Vec<String>, StoreError>;
-    async fn load_tenant(&self, tenant: &str) -> Result<TenantImage, StoreError>;
-    /// One node with all its buckets, read from one committed checkpoint (`as_of`), for a node
-    /// actor that restarts (the journal since that checkpoint is replayed onto it).
+    async fn load_tenant(&self, tenant: &str, load: Load) -> Result<TenantImage, StoreError>;
+    /// One node, read from one committed checkpoint (`as_of`): its header for a node actor that
+    /// restarts (the journal since that checkpoint is replayed onto it), its buckets too for a
+    /// node that a move needs complete.
     async fn load_node(
         &self,
         tenant: &str,
         hierarchy: &str,
         node: &str,
+        load: Load,
     ) -> Result<AsOf<Option<NodeRow>>, StoreError>;
     /// Commits `cp` atomically; returns the number of rows (or statements) the backend wrote,
-    /// which is what `Stats::store_rows` counts.
+    /// which is what `Stats::store_rows` counts. Idempotent: committing a checkpoint whose seq
+    /// is already committed changes nothing (a retry after a commit that landed but reported
+    /// an error must not fold its deltas twice).
     async fn commit(&self, cp: std::sync::Arc<Checkpoint>) -> Result<u64, StoreError>;
-    /// Up to how many buckets a node sends its complete set, packed ([`NodeRow::packed`]),
-    /// instead of its changed buckets. For a backend that keeps small bucket sets inside the
-    /// node's row: it can then write the row without reading it back. `None` (the default):
-    /// changed buckets only.
-    fn packed_buckets_max(&self) -> Option<usize> {
-        None
-    }
 }
 
 /// An answer read from one committed checkpoint, named by its sequence number.

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use canopy_actors::agg::{Agg, BucketMap, Granularity};
 use canopy_actors::node::NodeState;
 use canopy_actors::record::Mode;
-use canopy_actors::store::{Store, StoreError};
+use canopy_actors::store::{Load, Store, StoreError};
 use canopy_actors::time::{BucketKey, Retention};
 
 #[derive(Debug, Default)]
@@ -28,7 +28,7 @@ pub async fn audit(store: &dyn Store) -> Result<AuditReport, StoreError> {
     let mut tenants = store.tenants().await?;
     tenants.sort();
     for t in tenants {
-        let img = store.load_tenant(&t).await?;
+        let img = store.load_tenant(&t, Load::Buckets).await?;
         let modes: HashMap<String, Mode> = img
             .row
             .as_ref()

@@ -4,7 +4,7 @@ use std::io::Write;
 
 use canopy_actors::agg::{AggJson, Granularity};
 use canopy_actors::node::NodeState;
-use canopy_actors::store::{NodeRow, Store, StoreError};
+use canopy_actors::store::{Load, NodeRow, Store, StoreError};
 use canopy_actors::time::BucketKey;
 use serde::ser::{SerializeMap, Serializer};
 use serde::Serialize;
@@ -78,7 +78,7 @@ pub async fn dump(stores: &[&dyn Store], out: &mut impl Write) -> Result<u64, Du
     tenants.sort();
     let mut n = 0;
     for (t, i) in tenants {
-        let mut image = stores[i].load_tenant(&t).await?;
+        let mut image = stores[i].load_tenant(&t, Load::Buckets).await?;
         image
             .nodes
             .sort_by(|a, b| (&a.hierarchy, &a.node).cmp(&(&b.hierarchy, &b.node)));

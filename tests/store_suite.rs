@@ -7,11 +7,10 @@ use std::sync::Arc;
 
 use canopy::store::EmbeddedStore;
 use canopy_actors::agg::{Agg, Granularity, Stat};
-use canopy_actors::node::NodeState;
 use canopy_actors::record::Mode;
 use canopy_actors::store::{
-    BucketKind, BucketRow, Checkpoint, DedupBatch, NodeHeader, NodeRow, Store, StoreRead,
-    TenantChanges,
+    BucketKind, BucketRow, BucketWrite, Checkpoint, DedupBatch, Load, NodeHeader, NodeRow, Store,
+    StoreRead, TenantChanges,
 };
 use canopy_actors::tenant::TenantRow;
 
@@ -91,7 +90,7 @@ fn node(
                 agg: e.map(|e| agg(e, 1)),
             })
             .collect(),
-        packed: None,
+        write: BucketWrite::Replace,
     }
 }
 
@@ -147,7 +146,7 @@ async fn commit_then_load_and_read(b: Pair) {
     let m = w.meta().await.unwrap().unwrap();
     assert_eq!((m.seq, m.source), (1, 1u64.to_le_bytes().to_vec()));
     assert_eq!(w.tenants().await.unwrap(), vec!["t".to_string()]);
-    let img = w.load_tenant("t").await.unwrap();
+    let img = w.load_tenant("t", Load::Buckets).await.unwrap();
     assert_eq!(img.row, Some(row(&["h", "g"], &["b"])));
     let mut names: Vec<_> = img
         .nodes
@@ -296,7 +295,7 @@ async fn moves_deletes_and_recreation(b: Pair) {
     ))
     .await
     .unwrap();
-    let img = w.load_tenant("t").await.unwrap();
+    let img = w.load_tenant("t", Load::Buckets).await.unwrap();
     let a = img.nodes.iter().find(|n| n.node == "a").unwrap();
     assert_eq!(
         a.buckets.iter().map(|b| b.key).collect::<Vec<_>>(),
@@ -325,7 +324,7 @@ async fn dedup_batches_expire(b: Pair) {
         .await
         .unwrap();
     }
-    let img = w.load_tenant("t").await.unwrap();
+    let img = w.load_tenant("t", Load::Buckets).await.unwrap();
     assert_eq!(img.dedup.iter().map(|d| d.seq).collect::<Vec<_>>(), [2, 3]);
 }
 
@@ -344,9 +343,9 @@ async fn a_retried_commit_changes_nothing(b: Pair) {
         },
     );
     w.commit(c.clone()).await.unwrap();
-    let first = w.load_tenant("t").await.unwrap();
+    let first = w.load_tenant("t", Load::Buckets).await.unwrap();
     w.commit(c).await.unwrap();
-    let again = w.load_tenant("t").await.unwrap();
+    let again = w.load_tenant("t", Load::Buckets).await.unwrap();
     assert_eq!(first.nodes, again.nodes);
     assert_eq!(first.row, again.row);
 }
@@ -490,123 +489,466 @@ async fn children_follow_moves_back_and_recreation(b: Pair) {
     assert_eq!(names(&*r, Some("p")).await, ["c"]);
 }
 
-/// A node that sends its complete bucket set packed (see `Store::packed_buckets_max`): the
-/// stored set becomes exactly that set, also for a node whose buckets had outgrown the row,
-/// and later changed-bucket commits apply on top. A backend that takes no packed sets refuses
-/// one instead of storing half of it.
-async fn packed_sets_replace_what_was_stored_or_are_refused(b: Pair) {
+// ---- Folded bucket rows, retention cutoffs, headers-only loads ----
+
+fn bucket(kind: BucketKind, g: Granularity, key: u64, a: Agg) -> BucketRow {
+    BucketRow {
+        kind,
+        granularity: g,
+        key,
+        agg: Some(a),
+    }
+}
+
+/// A node whose bucket rows are deltas (`BucketWrite::Fold`). Its header is not what these
+/// tests look at.
+fn fold_node(
+    h: &str,
+    n: &str,
+    parent: Option<&str>,
+    rows: Vec<BucketRow>,
+    copy_own: bool,
+) -> NodeRow {
+    NodeRow {
+        hierarchy: h.into(),
+        node: n.into(),
+        parent: parent.map(str::to_string),
+        header: NodeHeader {
+            own: agg(1, 1),
+            subtree: agg(1, 1),
+            own_buckets: copy_own,
+        },
+        buckets: rows,
+        write: BucketWrite::Fold { copy_own },
+    }
+}
+
+fn puts(seq: u64, put_nodes: Vec<NodeRow>) -> Arc<Checkpoint> {
+    cp(
+        seq,
+        TenantChanges {
+            tenant: "t".into(),
+            row: (seq == 1).then(|| row(&["h"], &[])),
+            put_nodes,
+            ..Default::default()
+        },
+    )
+}
+
+/// A node's stored buckets of one kind and granularity, as (key, events), in key order.
+async fn stored(w: &dyn Store, n: &str, kind: BucketKind, g: Granularity) -> Vec<(u64, u64)> {
+    let row = w
+        .load_node("t", "h", n, Load::Buckets)
+        .await
+        .unwrap()
+        .value
+        .unwrap_or_else(|| panic!("node {n} is stored"));
+    let mut v: Vec<_> = row
+        .buckets
+        .iter()
+        .filter(|b| b.kind == kind && b.granularity == g)
+        .map(|b| {
+            (
+                b.key,
+                b.agg.as_ref().expect("a loaded bucket has a value").events,
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// The stored bucket itself (to check the metrics merge, not only the event count).
+async fn stored_agg(
+    w: &dyn Store,
+    n: &str,
+    kind: BucketKind,
+    g: Granularity,
+    key: u64,
+) -> Option<Agg> {
+    let row = w
+        .load_node("t", "h", n, Load::Buckets)
+        .await
+        .unwrap()
+        .value?;
+    row.buckets
+        .into_iter()
+        .find(|b| b.kind == kind && b.granularity == g && b.key == key)
+        .and_then(|b| b.agg)
+}
+
+const SUB: BucketKind = BucketKind::Subtree;
+const OWN: BucketKind = BucketKind::Own;
+const MINUTE: Granularity = Granularity::Minute;
+const HOUR: Granularity = Granularity::Hour;
+
+async fn a_fold_adds_to_the_stored_buckets(b: Pair) {
     let (w, r, _d) = b;
-    let minutes = |n: &NodeRow| -> Vec<(u64, u64)> {
-        let mut v: Vec<_> = n
-            .buckets
+    w.commit(puts(
+        1,
+        vec![fold_node(
+            "h",
+            "a",
+            None,
+            vec![
+                bucket(SUB, MINUTE, 60, agg(2, 1)),
+                bucket(SUB, MINUTE, 120, agg(1, 1)),
+                bucket(SUB, HOUR, 0, agg(3, 1)),
+            ],
+            false,
+        )],
+    ))
+    .await
+    .unwrap();
+    w.commit(puts(
+        2,
+        vec![fold_node(
+            "h",
+            "a",
+            None,
+            vec![
+                bucket(SUB, MINUTE, 60, agg(1, 7)),
+                bucket(SUB, HOUR, 0, agg(1, 7)),
+            ],
+            false,
+        )],
+    ))
+    .await
+    .unwrap();
+    assert_eq!(stored(&*w, "a", SUB, MINUTE).await, [(60, 3), (120, 1)]);
+    assert_eq!(stored(&*w, "a", SUB, HOUR).await, [(0, 4)]);
+    // Events, counts and sums add; min and max combine.
+    let m = stored_agg(&*w, "a", SUB, MINUTE, 60).await.unwrap();
+    let s = m.stat("amount").copied().unwrap();
+    assert_eq!((m.events, s.count, s.sum, s.min, s.max), (3, 3, 9, 1, 7));
+    let series = r.series("t", "h", "a", MINUTE).await.unwrap();
+    assert_eq!(series.as_of, 2);
+    assert_eq!(
+        series
+            .value
+            .unwrap()
             .iter()
-            .map(|b| (b.key, b.agg.as_ref().unwrap().events))
-            .collect();
-        v.sort();
-        v
+            .map(|(k, a)| (*k, a.events))
+            .collect::<Vec<_>>(),
+        [(60, 3), (120, 1)]
+    );
+}
+
+async fn a_fold_creates_missing_buckets(b: Pair) {
+    let (w, _r, _d) = b;
+    // A new node: every delta is stored as is.
+    w.commit(puts(
+        1,
+        vec![fold_node(
+            "h",
+            "a",
+            None,
+            vec![bucket(SUB, MINUTE, 60, agg(2, 1))],
+            false,
+        )],
+    ))
+    .await
+    .unwrap();
+    assert_eq!(stored(&*w, "a", SUB, MINUTE).await, [(60, 2)]);
+    // A stored node: new keys, of either kind, appear beside the stored ones.
+    w.commit(puts(
+        2,
+        vec![fold_node(
+            "h",
+            "a",
+            None,
+            vec![
+                bucket(SUB, MINUTE, 180, agg(1, 1)),
+                bucket(SUB, HOUR, 0, agg(1, 1)),
+                bucket(OWN, MINUTE, 180, agg(1, 1)),
+            ],
+            false,
+        )],
+    ))
+    .await
+    .unwrap();
+    assert_eq!(stored(&*w, "a", SUB, MINUTE).await, [(60, 2), (180, 1)]);
+    assert_eq!(stored(&*w, "a", SUB, HOUR).await, [(0, 1)]);
+    assert_eq!(stored(&*w, "a", OWN, MINUTE).await, [(180, 1)]);
+}
+
+async fn copy_own_copies_the_subtree_buckets_then_folds(b: Pair) {
+    let (w, _r, _d) = b;
+    // `p` holds subtree buckets, and an own bucket left from an earlier time it had children.
+    w.commit(puts(
+        1,
+        vec![fold_node(
+            "h",
+            "p",
+            None,
+            vec![
+                bucket(SUB, MINUTE, 60, agg(2, 1)),
+                bucket(SUB, MINUTE, 120, agg(1, 1)),
+                bucket(SUB, HOUR, 0, agg(3, 1)),
+                bucket(OWN, MINUTE, 30, agg(4, 1)),
+            ],
+            false,
+        )],
+    ))
+    .await
+    .unwrap();
+    // `p` gets its first child `c`: the child's event goes to the subtree only, p's own
+    // event to both.
+    w.commit(puts(
+        2,
+        vec![
+            fold_node(
+                "h",
+                "p",
+                None,
+                vec![
+                    bucket(SUB, MINUTE, 60, agg(1, 1)),
+                    bucket(SUB, MINUTE, 120, agg(1, 1)),
+                    bucket(OWN, MINUTE, 120, agg(1, 1)),
+                ],
+                true,
+            ),
+            fold_node(
+                "h",
+                "c",
+                Some("p"),
+                vec![bucket(SUB, MINUTE, 60, agg(1, 1))],
+                false,
+            ),
+        ],
+    ))
+    .await
+    .unwrap();
+    assert_eq!(stored(&*w, "p", SUB, MINUTE).await, [(60, 3), (120, 2)]);
+    assert_eq!(stored(&*w, "p", SUB, HOUR).await, [(0, 3)]);
+    // own = the subtree as of checkpoint 1, plus the own deltas; the old own bucket 30 is gone.
+    assert_eq!(stored(&*w, "p", OWN, MINUTE).await, [(60, 2), (120, 2)]);
+    assert_eq!(stored(&*w, "p", OWN, HOUR).await, [(0, 3)]);
+    // From then on own buckets fold like subtree ones.
+    w.commit(puts(
+        3,
+        vec![fold_node(
+            "h",
+            "p",
+            None,
+            vec![bucket(OWN, MINUTE, 60, agg(1, 1))],
+            false,
+        )],
+    ))
+    .await
+    .unwrap();
+    assert_eq!(stored(&*w, "p", OWN, MINUTE).await, [(60, 3), (120, 2)]);
+}
+
+async fn retain_from_drops_old_buckets_of_written_nodes_only(b: Pair) {
+    let (w, r, _d) = b;
+    let rows = || {
+        vec![
+            bucket(SUB, MINUTE, 60, agg(1, 1)),
+            bucket(SUB, MINUTE, 120, agg(1, 1)),
+            bucket(SUB, MINUTE, 180, agg(1, 1)),
+            bucket(SUB, HOUR, 0, agg(3, 1)),
+            bucket(OWN, MINUTE, 60, agg(1, 1)),
+            bucket(OWN, MINUTE, 180, agg(1, 1)),
+        ]
     };
-    let packed = |keys: &[(u64, u64)]| {
-        let mut st = NodeState::default();
-        for (k, e) in keys {
-            *st.subtree.buckets.0[0].entry(*k) = agg(*e, 1);
-        }
-        st.pack_buckets()
-    };
-    let many = w.packed_buckets_max().unwrap_or(8) as u64 + 5;
-    let first: Vec<(u64, Option<u64>)> = (0..many).map(|k| (k * 60, Some(1))).collect();
+    w.commit(puts(
+        1,
+        vec![
+            fold_node("h", "a", None, rows(), false),
+            fold_node("h", "b", None, rows(), false),
+        ],
+    ))
+    .await
+    .unwrap();
+    // Minute buckets before 150 are out of retention; hour and day keep everything. Only `a`
+    // is written, with a delta inside retention and one (late) outside it.
+    w.commit(cp(
+        2,
+        TenantChanges {
+            tenant: "t".into(),
+            put_nodes: vec![fold_node(
+                "h",
+                "a",
+                None,
+                vec![
+                    bucket(SUB, MINUTE, 90, agg(1, 1)),
+                    bucket(SUB, MINUTE, 180, agg(1, 1)),
+                ],
+                false,
+            )],
+            retain_from: [150, 0, 0],
+            ..Default::default()
+        },
+    ))
+    .await
+    .unwrap();
+    assert_eq!(stored(&*w, "a", SUB, MINUTE).await, [(180, 2)]);
+    assert_eq!(
+        stored(&*w, "a", OWN, MINUTE).await,
+        [(180, 1)],
+        "own buckets too"
+    );
+    assert_eq!(stored(&*w, "a", SUB, HOUR).await, [(0, 3)]);
+    assert_eq!(
+        r.series("t", "h", "a", MINUTE)
+            .await
+            .unwrap()
+            .value
+            .unwrap()
+            .iter()
+            .map(|(k, _)| *k)
+            .collect::<Vec<_>>(),
+        [180]
+    );
+    // `b` was not written: it keeps its old buckets until it is.
+    assert_eq!(
+        stored(&*w, "b", SUB, MINUTE).await,
+        [(60, 1), (120, 1), (180, 1)]
+    );
+    // A later checkpoint with the same cutoffs writes `b`: now they go, and `a` stays as it is.
+    w.commit(cp(
+        3,
+        TenantChanges {
+            tenant: "t".into(),
+            put_nodes: vec![fold_node(
+                "h",
+                "b",
+                None,
+                vec![bucket(SUB, HOUR, 0, agg(1, 1))],
+                false,
+            )],
+            retain_from: [150, 0, 0],
+            ..Default::default()
+        },
+    ))
+    .await
+    .unwrap();
+    assert_eq!(stored(&*w, "b", SUB, MINUTE).await, [(180, 1)]);
+    assert_eq!(stored(&*w, "b", OWN, MINUTE).await, [(180, 1)]);
+    assert_eq!(stored(&*w, "b", SUB, HOUR).await, [(0, 4)]);
+    assert_eq!(stored(&*w, "a", SUB, MINUTE).await, [(180, 2)]);
+}
+
+async fn a_retried_commit_folds_once(b: Pair) {
+    let (w, _r, _d) = b;
+    w.commit(puts(
+        1,
+        vec![fold_node(
+            "h",
+            "a",
+            None,
+            vec![bucket(SUB, MINUTE, 60, agg(2, 1))],
+            false,
+        )],
+    ))
+    .await
+    .unwrap();
+    let second = puts(
+        2,
+        vec![fold_node(
+            "h",
+            "a",
+            None,
+            vec![
+                bucket(SUB, MINUTE, 60, agg(3, 1)),
+                bucket(SUB, MINUTE, 120, agg(1, 1)),
+            ],
+            false,
+        )],
+    );
+    w.commit(second.clone()).await.unwrap();
+    // Retried (the first commit landed but, say, its reply was lost): nothing folds again.
+    w.commit(second).await.unwrap();
+    assert_eq!(w.meta().await.unwrap().unwrap().seq, 2);
+    assert_eq!(stored(&*w, "a", SUB, MINUTE).await, [(60, 5), (120, 1)]);
+    // An older checkpoint committed again changes nothing either.
+    w.commit(puts(
+        1,
+        vec![fold_node(
+            "h",
+            "a",
+            None,
+            vec![bucket(SUB, MINUTE, 60, agg(2, 1))],
+            false,
+        )],
+    ))
+    .await
+    .unwrap();
+    assert_eq!(w.meta().await.unwrap().unwrap().seq, 2);
+    assert_eq!(stored(&*w, "a", SUB, MINUTE).await, [(60, 5), (120, 1)]);
+    // A copy_own checkpoint retried: the copy is taken once, its own deltas fold once.
+    let third = puts(
+        3,
+        vec![fold_node(
+            "h",
+            "a",
+            None,
+            vec![bucket(OWN, MINUTE, 60, agg(1, 1))],
+            true,
+        )],
+    );
+    w.commit(third.clone()).await.unwrap();
+    w.commit(third).await.unwrap();
+    assert_eq!(stored(&*w, "a", OWN, MINUTE).await, [(60, 6), (120, 1)]);
+    assert_eq!(stored(&*w, "a", SUB, MINUTE).await, [(60, 5), (120, 1)]);
+}
+
+async fn headers_only_loads_carry_no_buckets(b: Pair) {
+    let (w, _r, _d) = b;
     w.commit(cp(
         1,
         TenantChanges {
             tenant: "t".into(),
             row: Some(row(&["h"], &[])),
             put_nodes: vec![
-                node("h", "p", None, 0, &[]),
-                node("h", "a", None, 3, &[(60, Some(2)), (120, Some(1))]),
-                node("h", "big", None, many, &first),
+                fold_node(
+                    "h",
+                    "a",
+                    None,
+                    vec![bucket(SUB, MINUTE, 60, agg(2, 1))],
+                    false,
+                ),
+                fold_node(
+                    "h",
+                    "b",
+                    Some("a"),
+                    vec![bucket(SUB, MINUTE, 60, agg(1, 1))],
+                    false,
+                ),
             ],
+            dedup: Some(DedupBatch {
+                seq: 1,
+                ids: vec![("e1".into(), 5)],
+            }),
             ..Default::default()
         },
     ))
     .await
     .unwrap();
-    let mut a = node("h", "a", Some("p"), 6, &[]);
-    a.packed = Some(packed(&[(60, 5), (180, 1)]));
-    let mut big = node("h", "big", None, many, &[]);
-    big.packed = Some(packed(&[(0, 1), (600, 4)]));
-    let second = cp(
-        2,
-        TenantChanges {
-            tenant: "t".into(),
-            put_nodes: vec![a, big],
-            ..Default::default()
-        },
-    );
-    if w.packed_buckets_max().is_none() {
-        match w.commit(second).await {
-            Err(canopy_actors::store::StoreError::Unsupported(_)) => {}
-            other => panic!("a packed set must be refused here, got {other:?}"),
-        }
-        assert_eq!(
-            w.meta().await.unwrap().unwrap().seq,
-            1,
-            "nothing of it landed"
-        );
-        return;
-    }
-    w.commit(second).await.unwrap();
-    let a = w.load_node("t", "h", "a").await.unwrap().value.unwrap();
-    assert_eq!(minutes(&a), [(60, 5), (180, 1)], "120 is gone, 60 replaced");
-    assert_eq!(a.parent.as_deref(), Some("p"));
-    assert_eq!(a.header.subtree, agg(6, 1));
-    let big = w.load_node("t", "h", "big").await.unwrap().value.unwrap();
-    assert_eq!(
-        minutes(&big),
-        [(0, 1), (600, 4)],
-        "the spilled rows are gone"
-    );
-    let series = r
-        .series("t", "h", "big", Granularity::Minute)
+    let img = w.load_tenant("t", Load::Headers).await.unwrap();
+    assert_eq!(img.row, Some(row(&["h"], &[])));
+    assert_eq!(img.nodes.len(), 2);
+    assert!(img.nodes.iter().all(|n| n.buckets.is_empty()), "no buckets");
+    let b_row = img.nodes.iter().find(|n| n.node == "b").unwrap();
+    assert_eq!(b_row.parent.as_deref(), Some("a"));
+    assert_eq!(b_row.header.subtree, agg(1, 1));
+    assert_eq!(img.dedup.len(), 1, "the dedup batches still load");
+    let a = w.load_node("t", "h", "a", Load::Headers).await.unwrap();
+    assert_eq!(a.as_of, 1);
+    let a = a.value.unwrap();
+    assert!(a.buckets.is_empty());
+    assert_eq!(a.header.subtree, agg(1, 1));
+    // The same reads with buckets.
+    let img = w.load_tenant("t", Load::Buckets).await.unwrap();
+    assert!(img.nodes.iter().all(|n| n.buckets.len() == 1));
+    let a = w
+        .load_node("t", "h", "a", Load::Buckets)
         .await
         .unwrap()
         .value
         .unwrap();
-    assert_eq!(
-        series
-            .iter()
-            .map(|(k, a)| (*k, a.events))
-            .collect::<Vec<_>>(),
-        [(0, 1), (600, 4)]
-    );
-    let kids = r
-        .children("t", "h", Some("p"))
-        .await
-        .unwrap()
-        .value
-        .unwrap();
-    assert_eq!(
-        kids.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
-        ["a"]
-    );
-    let roots = r.children("t", "h", None).await.unwrap().value.unwrap();
-    assert_eq!(
-        roots.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
-        ["big", "p"]
-    );
-    // Changed buckets apply on top of a packed row.
-    w.commit(cp(
-        3,
-        TenantChanges {
-            tenant: "t".into(),
-            put_nodes: vec![node("h", "a", Some("p"), 7, &[(60, None), (240, Some(1))])],
-            ..Default::default()
-        },
-    ))
-    .await
-    .unwrap();
-    let a = w.load_node("t", "h", "a").await.unwrap().value.unwrap();
-    assert_eq!(minutes(&a), [(180, 1), (240, 1)]);
-    let hs = r.hierarchies("t").await.unwrap().value.unwrap();
-    assert_eq!(hs[0].nodes, 3);
+    assert_eq!(a.buckets.len(), 1);
 }
 
 macro_rules! suite {
@@ -625,7 +967,11 @@ macro_rules! suite {
 
 suite!(embedded: empty_store_reads_nothing, commit_then_load_and_read, moves_deletes_and_recreation,
     children_follow_moves_back_and_recreation, dedup_batches_expire, a_retried_commit_changes_nothing,
-    readers_never_see_half_a_checkpoint, packed_sets_replace_what_was_stored_or_are_refused);
+    readers_never_see_half_a_checkpoint, a_fold_adds_to_the_stored_buckets, a_fold_creates_missing_buckets,
+    copy_own_copies_the_subtree_buckets_then_folds, retain_from_drops_old_buckets_of_written_nodes_only,
+    a_retried_commit_folds_once, headers_only_loads_carry_no_buckets);
 suite!(scylla_if_uri_set: empty_store_reads_nothing, commit_then_load_and_read, moves_deletes_and_recreation,
     children_follow_moves_back_and_recreation, dedup_batches_expire, a_retried_commit_changes_nothing,
-    readers_never_see_half_a_checkpoint, packed_sets_replace_what_was_stored_or_are_refused);
+    readers_never_see_half_a_checkpoint, a_fold_adds_to_the_stored_buckets, a_fold_creates_missing_buckets,
+    copy_own_copies_the_subtree_buckets_then_folds, retain_from_drops_old_buckets_of_written_nodes_only,
+    a_retried_commit_folds_once, headers_only_loads_carry_no_buckets);

@@ -20,11 +20,11 @@ use tracing::{debug, info, warn};
 
 use crate::engine::Stats;
 use crate::node::{
-    Journal, JournalRef, NodeActor, NodeArgs, NodeEvent, NodeMsg, NodeSnapshot, NodeState,
-    SnapshotCall, TenantSignal,
+    FullBuckets, Journal, JournalRef, NodeActor, NodeArgs, NodeEvent, NodeMsg, NodeSnapshot,
+    NodeState, SnapshotCall, TenantSignal,
 };
 use crate::record::{Mode, Record, Refusal};
-use crate::store::{DedupBatch, NodeRow, Store, StoreError, TenantChanges};
+use crate::store::{DedupBatch, Load, NodeRow, Store, StoreError, TenantChanges};
 use crate::tenant::{Effect, NodeIx, Tenant, TenantSettings};
 
 /// Records of one tenant, tagged by their position in the source (line number, offset...).
@@ -122,6 +122,8 @@ pub struct Coord {
     snapshotted: Vec<NodeIx>,
     /// Nodes spawned but not yet known to have started (see [`Coord::spawn_node`]).
     starting: Vec<NodeStart>,
+    /// Nodes hydrated in this interval (they hold their complete buckets until the snapshot).
+    hydrated: HashSet<NodeIx>,
 }
 
 type NodeStart =
@@ -225,7 +227,11 @@ impl Coord {
                 slot.name.clone(),
             )
         };
-        let stored = match self.store.load_node(&self.t.id, &hierarchy, &name).await {
+        let stored = match self
+            .store
+            .load_node(&self.t.id, &hierarchy, &name, Load::Headers)
+            .await
+        {
             Ok(r) => r,
             Err(e) => {
                 return Err(self.fail(format!(
@@ -242,7 +248,7 @@ impl Coord {
             .base_is_stored(stored.as_of)
         {
             match stored.value {
-                Some(row) => NodeState::from_rows(row.header, &row.buckets),
+                Some(row) => NodeState::from_header(row.header),
                 None => {
                     return Err(self.fail(format!(
                         "node {name} is down ({reason}) and checkpoint {} has no row for it",
@@ -402,7 +408,7 @@ impl Coord {
     /// `generation`.
     async fn run_round(
         &mut self,
-        snap: Option<(u64, [u64; 3], Option<usize>)>,
+        snap: Option<u64>,
     ) -> Result<Option<Vec<(NodeIx, NodeSnapshot)>>, TenantError> {
         self.started().await?;
         if self.touched.is_empty() {
@@ -439,14 +445,9 @@ impl Coord {
         }
         let mut roots = 0usize;
         let (call, mut replies) = match snap {
-            Some((seq, prune, packed_max)) => {
+            Some(seq) => {
                 let (tx, rx) = unbounded_channel();
-                let call = SnapshotCall {
-                    seq,
-                    prune,
-                    packed_max,
-                    replies: tx,
-                };
+                let call = SnapshotCall { seq, replies: tx };
                 (Some(Arc::new(call)), Some(rx))
             }
             None => (None, None),
@@ -524,6 +525,10 @@ impl Coord {
         from: Option<NodeIx>,
         to: Option<NodeIx>,
     ) -> Result<(), TenantError> {
+        // The numbers that move are the stored buckets plus those in memory, and taking them out
+        // of the old chain needs exact extremes: those nodes and their children hold their
+        // complete buckets until the next snapshot. The new chain only adds, a delta like any other.
+        self.hydrate(node).await?;
         let gone = Arc::new(self.call(node, NodeMsg::Subtree).await?);
         if gone.is_empty() {
             return Ok(());
@@ -531,6 +536,12 @@ impl Coord {
         let mut old_chain: Vec<NodeIx> = from.into_iter().collect();
         if let Some(f) = from {
             old_chain.extend(self.t.ancestors(f));
+        }
+        for &a in &old_chain {
+            self.hydrate(a).await?;
+            for c in self.t.slot(a).children.clone() {
+                self.hydrate(c).await?;
+            }
         }
         for a in old_chain {
             let children: Vec<_> = self
@@ -559,6 +570,64 @@ impl Coord {
                 .await?;
             self.dirty.insert(a);
         }
+        Ok(())
+    }
+
+    /// Node `ix`'s stored buckets, and the checkpoint they were read from. A node created since
+    /// the last snapshot has none (a stored row of its name belongs to an earlier node).
+    async fn stored_buckets(&mut self, ix: NodeIx) -> Result<(FullBuckets, u64), TenantError> {
+        let journal = self.journals[ix as usize]
+            .clone()
+            .expect("live node has a journal");
+        if !journal.lock().expect("journal").base_is_stored(self.last_snap) {
+            return Ok((FullBuckets::default(), self.last_snap));
+        }
+        let (hierarchy, name) = {
+            let slot = self.t.slot(ix);
+            (
+                self.t.hierarchies[slot.hierarchy as usize].name.clone(),
+                slot.name.clone(),
+            )
+        };
+        let r = match self
+            .store
+            .load_node(&self.t.id, &hierarchy, &name, Load::Buckets)
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                return Err(self.fail(format!(
+                    "the stored buckets of node {name} could not be read: {e}"
+                )))
+            }
+        };
+        let stored = match r.value {
+            Some(row) if journal.lock().expect("journal").base_is_stored(r.as_of) => {
+                FullBuckets::from_rows(row.header.own_buckets, &row.buckets)
+            }
+            _ => FullBuckets::default(),
+        };
+        Ok((stored, r.as_of))
+    }
+
+    /// Makes node `ix` hold its complete buckets until the next snapshot (a move needs them).
+    /// Nothing runs on the node between the read and its `Hydrate`: it is between rounds, and
+    /// it combines what was read with what it sent last exactly as it was at the read.
+    async fn hydrate(&mut self, ix: NodeIx) -> Result<(), TenantError> {
+        if !self.hydrated.insert(ix) {
+            return Ok(());
+        }
+        let (stored, as_of) = self.stored_buckets(ix).await?;
+        if self
+            .actor(ix)
+            .send_message(NodeMsg::Hydrate { stored, as_of })
+            .is_err()
+        {
+            return Err(self.fail(format!("node {ix} is gone")));
+        }
+        // Its next snapshot returns it to deltas, even if nothing else changes it.
+        self.dirty.insert(ix);
+        metrics::counter!("canopy_node_hydrations_total").increment(1);
         Ok(())
     }
 
@@ -645,6 +714,7 @@ impl Coord {
                     self.journals[node as usize] = None;
                     self.restarts.remove(&node);
                     self.dirty.remove(&node);
+                    self.hydrated.remove(&node);
                     self.t.release(node);
                 }
             }
@@ -665,15 +735,14 @@ impl Coord {
     async fn snapshot(&mut self, seq: u64) -> Result<TenantChanges, TenantError> {
         self.check().await?;
         let t0 = Instant::now();
-        let prune = self
+        let retain_from = self
             .t
             .settings
             .retention
             .prune_cutoffs(self.t.watermark.unwrap_or(0));
-        let packed_max = self.store.packed_buckets_max();
         // The round's nodes answer the checkpoint as they flush; only dirty nodes without
-        // events in it (moved, grown, created) are asked separately below.
-        let in_round = self.run_round(Some((seq, prune, packed_max))).await?;
+        // events in it (moved, grown, created, hydrated) are asked separately below.
+        let in_round = self.run_round(Some(seq)).await?;
         let round_ms = t0.elapsed().as_millis() as u64;
         // Checkpoint `seq` begins only once every earlier one is durable: the journals of nodes
         // snapshotted last time and quiet since can let go of what they hold (the dirty ones
@@ -697,8 +766,6 @@ impl Coord {
                 .actor(n)
                 .send_message(NodeMsg::Snapshot {
                     seq,
-                    prune,
-                    packed_max,
                     reply: tx.into(),
                 })
                 .is_err()
@@ -724,7 +791,7 @@ impl Coord {
                 parent: slot.parent.map(|p| self.t.slot(p).name.clone()),
                 header: snap.header,
                 buckets: snap.buckets,
-                packed: snap.packed,
+                write: snap.write,
             });
         }
         // `round_ms` includes the snapshots of the round's nodes; `rest_ms` is the other dirty nodes'.
@@ -757,6 +824,7 @@ impl Coord {
         let row = self.t.row_dirty.then(|| self.t.row());
         self.t.row_dirty = false;
         self.snapshotted = self.dirty.drain().collect();
+        self.hydrated.clear();
         self.last_snap = seq;
         self.handled_down.clear();
         Ok(TenantChanges {
@@ -766,11 +834,12 @@ impl Coord {
             delete_nodes: std::mem::take(&mut self.deleted),
             dedup,
             expire_dedup,
+            retain_from,
         })
     }
 
     async fn restore(&mut self, store: &dyn Store) -> Result<(), TenantError> {
-        let image = store.load_tenant(&self.t.id).await?;
+        let image = store.load_tenant(&self.t.id, Load::Headers).await?;
         let Some(row) = image.row else { return Ok(()) };
         let topo: Vec<(String, String, Option<String>)> = image
             .nodes
@@ -791,7 +860,7 @@ impl Coord {
                 .t
                 .node_ix(&n.hierarchy, &n.node)
                 .expect("restored node");
-            states.insert(ix, NodeState::from_rows(n.header.clone(), &n.buckets));
+            states.insert(ix, NodeState::from_header(n.header.clone()));
         }
         let mut queue: VecDeque<NodeIx> = self
             .t
@@ -849,6 +918,7 @@ impl Actor for Coordinator {
             last_snap: a.snap_seq,
             snapshotted: Vec::new(),
             starting: Vec::new(),
+            hydrated: HashSet::new(),
         };
         c.restore(&*a.store).await?;
         Ok(c)
@@ -900,11 +970,21 @@ impl Actor for Coordinator {
                     warn!(error = %e, "round failed while reading a node state");
                 }
                 let st = match c.t.node_ix(&hierarchy, &node) {
-                    Some(ix) => {
-                        let (tx, rx) = oneshot();
-                        let _ = c.actor(ix).send_message(NodeMsg::State(tx.into()));
-                        rx.await.ok()
-                    }
+                    Some(ix) => match c.stored_buckets(ix).await {
+                        Ok((stored, as_of)) => {
+                            let (tx, rx) = oneshot();
+                            let _ = c.actor(ix).send_message(NodeMsg::View {
+                                stored,
+                                as_of,
+                                reply: tx.into(),
+                            });
+                            rx.await.ok()
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "reading a node's stored buckets failed");
+                            None
+                        }
+                    },
                     None => None,
                 };
                 let _ = reply.send(st);

@@ -1,6 +1,14 @@
-//! The node actor: one per node of every hierarchy. It owns the node's numbers (`own`, `subtree`
-//! and their buckets), receives the events of its entity and the deltas of its children, and passes
-//! one coalesced delta up per round (see ARCHITECTURE.md, "Rounds").
+//! The node actor: one per node of every hierarchy. It owns the node's numbers, receives the
+//! events of its entity and the deltas of its children, and passes one coalesced delta up per
+//! round (see ARCHITECTURE.md, "Rounds").
+//!
+//! A node keeps its totals (`own`, `subtree`) and only the buckets that changed since its last
+//! snapshot, as deltas: the store holds the buckets and folds each checkpoint's deltas into them
+//! (ARCHITECTURE.md, "Node state"). So its memory follows what happens in one checkpoint
+//! interval, not the event time it has seen. A move needs exact buckets (min/max after a
+//! subtree leaves): the coordinator then *hydrates* the nodes involved with their stored
+//! buckets, and until its next snapshot such a node holds its complete buckets and writes the
+//! changed ones as absolute values.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -12,10 +20,11 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::agg::{combine_extremes, Agg, Buckets, Delta, Granularity, MetricName, Scope};
 use crate::engine::Stats;
 use crate::record::Mode;
-use crate::store::{BucketKind, BucketRow, NodeHeader, PackedBuckets};
+use crate::store::{BucketKind, BucketRow, BucketWrite, NodeHeader};
 use crate::tenant::NodeIx;
 
-/// The numbers a node owns. This is exactly what a checkpoint persists for the node.
+/// A node's numbers. In a node actor the buckets are those of the current checkpoint interval
+/// (deltas) or, while hydrated, all of them; as a *view* (tests, the dump) they are all of them.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeState {
     pub own: Agg,
@@ -29,26 +38,35 @@ pub struct NodeState {
 impl NodeState {
     /// Reassembles a node from its stored header and bucket rows.
     pub fn from_rows(header: NodeHeader, buckets: &[BucketRow]) -> Self {
-        let mut st = NodeState {
+        let mut st = NodeState::from_header(header);
+        st.put_rows(buckets);
+        st
+    }
+
+    /// A node from its stored header, with no buckets (what a node actor starts from).
+    pub fn from_header(header: NodeHeader) -> Self {
+        NodeState {
             own: header.own,
             own_buckets: header.own_buckets.then(Buckets::default),
             subtree: Delta {
                 total: header.subtree,
                 buckets: Buckets::default(),
             },
-        };
+        }
+    }
+
+    fn put_rows(&mut self, buckets: &[BucketRow]) {
         for b in buckets {
             let Some(agg) = &b.agg else { continue };
             let target = match b.kind {
-                BucketKind::Subtree => &mut st.subtree.buckets,
-                BucketKind::Own => match &mut st.own_buckets {
+                BucketKind::Subtree => &mut self.subtree.buckets,
+                BucketKind::Own => match &mut self.own_buckets {
                     Some(o) => o,
                     None => continue,
                 },
             };
             *target.0[b.granularity as usize].entry(b.key) = agg.clone();
         }
-        st
     }
 
     pub fn header(&self) -> NodeHeader {
@@ -59,7 +77,7 @@ impl NodeState {
         }
     }
 
-    /// How many buckets the node has, of both kinds.
+    /// How many buckets the node holds, of both kinds.
     pub fn bucket_count(&self) -> usize {
         let own = self.own_buckets.as_ref();
         self.subtree
@@ -71,29 +89,83 @@ impl NodeState {
             + own.map_or(0, |b| b.0.iter().map(|m| m.len()).sum())
     }
 
-    /// The complete bucket set, encoded as [`PackedBuckets`] describes.
-    pub fn pack_buckets(&self) -> PackedBuckets {
-        let mut e = crate::packed::Encoder::with_capacity(self.bucket_count());
-        for kind in [BucketKind::Subtree, BucketKind::Own] {
-            let Some(b) = self.buckets_of(kind) else {
-                continue;
-            };
-            for (g, map) in b.0.iter().enumerate() {
-                for (key, agg) in map.iter() {
-                    e.push(kind as u8, g as u8, *key, agg);
-                }
-            }
-        }
-        let (bytes, count) = e.finish();
-        PackedBuckets { count, bytes }
-    }
-
     fn buckets_of(&self, kind: BucketKind) -> Option<&Buckets> {
         match kind {
             BucketKind::Subtree => Some(&self.subtree.buckets),
             BucketKind::Own => self.own_buckets.as_ref(),
         }
     }
+
+    /// Every bucket as a row, in (kind, granularity, key) order.
+    fn rows(&self) -> Vec<BucketRow> {
+        let mut out = Vec::with_capacity(self.bucket_count());
+        for kind in [BucketKind::Subtree, BucketKind::Own] {
+            let Some(b) = self.buckets_of(kind) else {
+                continue;
+            };
+            for g in Granularity::ALL {
+                for (key, agg) in b.0[g as usize].iter() {
+                    out.push(BucketRow {
+                        kind,
+                        granularity: g,
+                        key: *key,
+                        agg: Some(agg.clone()),
+                    });
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A node's complete buckets: what the store holds for it once every commit so far landed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FullBuckets {
+    pub subtree: Buckets,
+    pub own: Option<Buckets>,
+}
+
+impl FullBuckets {
+    /// The buckets of a stored row (empty: no stored row, or not this node's).
+    pub fn from_rows(own_kept: bool, rows: &[BucketRow]) -> Self {
+        let mut st = NodeState {
+            own_buckets: own_kept.then(Buckets::default),
+            ..NodeState::default()
+        };
+        st.put_rows(rows);
+        FullBuckets {
+            subtree: st.subtree.buckets,
+            own: st.own_buckets,
+        }
+    }
+
+    /// Applies one interval's changes exactly as a store applies a [`BucketWrite::Fold`]: the
+    /// copy of `subtree` to `own` first (if asked), then the deltas merged.
+    fn fold(&mut self, c: &Changes) {
+        if c.copy_own {
+            self.own = Some(self.subtree.clone());
+        }
+        self.subtree.merge(&c.subtree);
+        if let Some(o) = &c.own {
+            self.own.get_or_insert_with(Buckets::default).merge(o);
+        }
+    }
+}
+
+/// One interval's bucket deltas of a node, as a [`BucketWrite::Fold`] carries them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Changes {
+    subtree: Buckets,
+    own: Option<Buckets>,
+    copy_own: bool,
+}
+
+/// What a node's last snapshot sent to the store, kept until that commit is known to have landed:
+/// a hydration that reads the store before it lands must add it (see [`Node::hydrate`]).
+#[derive(Debug)]
+enum Sent {
+    Changes(Changes),
+    Full(FullBuckets),
 }
 
 /// Bucket keys changed since the last snapshot, per (kind, granularity): what a checkpoint writes.
@@ -120,14 +192,8 @@ impl DirtyBuckets {
         }
     }
 
-    fn clear(&mut self) {
-        for v in &mut self.0 {
-            v.clear();
-        }
-    }
-
     /// Emits the current value (or a deletion) of every dirty bucket, then forgets them.
-    fn drain(&mut self, st: &NodeState) -> Vec<BucketRow> {
+    fn drain(&mut self, full: &FullBuckets) -> Vec<BucketRow> {
         let mut out = Vec::new();
         for kind in [BucketKind::Subtree, BucketKind::Own] {
             for g in Granularity::ALL {
@@ -135,10 +201,11 @@ impl DirtyBuckets {
                 v.sort_unstable();
                 v.dedup();
                 for key in v.drain(..) {
-                    let agg = st
-                        .buckets_of(kind)
-                        .and_then(|b| b.0[g as usize].get(&key))
-                        .cloned();
+                    let b = match kind {
+                        BucketKind::Subtree => Some(&full.subtree),
+                        BucketKind::Own => full.own.as_ref(),
+                    };
+                    let agg = b.and_then(|b| b.0[g as usize].get(&key)).cloned();
                     out.push(BucketRow {
                         kind,
                         granularity: g,
@@ -152,13 +219,12 @@ impl DirtyBuckets {
     }
 }
 
-/// What a node answers to a snapshot: its header and the buckets that changed, or all of
-/// them packed (see [`PackedBuckets`]).
+/// What a node answers to a snapshot: its header and its bucket rows, applied as `write` says.
 #[derive(Debug)]
 pub struct NodeSnapshot {
     pub header: NodeHeader,
     pub buckets: Vec<BucketRow>,
-    pub packed: Option<PackedBuckets>,
+    pub write: BucketWrite,
 }
 
 /// One accepted event as a node sees it: bucket keys already resolved in the tenant's zone.
@@ -196,11 +262,11 @@ enum Entry {
     },
     Add(Arc<Delta>),
     Grow,
-    /// The node's part of checkpoint `seq` was taken here, after pruning with `prune`.
-    Snapshot {
-        seq: u64,
-        prune: [u64; 3],
-    },
+    /// The node was hydrated: its complete buckets before this interval's changes (the stored
+    /// row, plus what its last snapshot sent if that commit had not landed when it was read).
+    Hydrated(Arc<FullBuckets>),
+    /// The node's part of checkpoint `seq` was taken here.
+    Snapshot { seq: u64 },
 }
 
 /// A node's journal. It lives outside the actor (the coordinator holds it too), so that it
@@ -251,13 +317,13 @@ impl Journal {
         let Some(i) = self
             .entries
             .iter()
-            .rposition(|e| matches!(e, Entry::Snapshot { seq, .. } if *seq <= durable))
+            .rposition(|e| matches!(e, Entry::Snapshot { seq } if *seq <= durable))
         else {
             return;
         };
         self.entries.drain(..=i);
         self.oldest_marker = self.entries.iter().find_map(|e| match e {
-            Entry::Snapshot { seq, .. } => Some(*seq),
+            Entry::Snapshot { seq } => Some(*seq),
             _ => None,
         });
     }
@@ -269,7 +335,7 @@ impl Journal {
         if self.oldest_marker.is_some_and(|m| m <= durable) {
             self.settle_through(durable);
         }
-        if let Entry::Snapshot { seq, .. } = &e {
+        if let Entry::Snapshot { seq } = &e {
             self.oldest_marker.get_or_insert(*seq);
         }
         self.entries.push(e);
@@ -288,7 +354,7 @@ impl Journal {
     fn replay_from(&self, as_of: u64) -> usize {
         self.entries
             .iter()
-            .rposition(|e| matches!(e, Entry::Snapshot { seq, .. } if *seq <= as_of))
+            .rposition(|e| matches!(e, Entry::Snapshot { seq } if *seq <= as_of))
             .map_or(0, |i| i + 1)
     }
 }
@@ -297,8 +363,6 @@ impl Journal {
 /// flush and sends the answer to `replies`, so the checkpoint costs no second message per node.
 pub struct SnapshotCall {
     pub seq: u64,
-    pub prune: [u64; 3],
-    pub packed_max: Option<usize>,
     pub replies: UnboundedSender<(NodeIx, NodeSnapshot)>,
 }
 
@@ -312,31 +376,39 @@ pub enum NodeMsg {
     },
     /// A child's coalesced delta for the current round.
     Child(Box<Delta>),
-    /// The node's header and changed buckets for checkpoint `seq`, after dropping buckets
-    /// older than `prune`; all its buckets packed instead while it has at most `packed_max`.
+    /// The node's header and bucket rows for checkpoint `seq`.
     Snapshot {
         seq: u64,
-        prune: [u64; 3],
-        packed_max: Option<usize>,
         reply: RpcReplyPort<NodeSnapshot>,
     },
-    /// The node's whole state (tests and diagnostics).
-    State(RpcReplyPort<NodeState>),
-    /// The node's subtree (a move takes it from the old ancestors to the new ones).
+    /// The node's complete numbers (tests and diagnostics), given its stored buckets as of
+    /// checkpoint `as_of`; the node stays as it is.
+    View {
+        stored: FullBuckets,
+        as_of: u64,
+        reply: RpcReplyPort<NodeState>,
+    },
+    /// Hold the complete buckets until the next snapshot, given the stored ones as of checkpoint
+    /// `as_of` (empty for a node the store has no row of): a move is about to need them.
+    Hydrate { stored: FullBuckets, as_of: u64 },
+    /// The node's subtree, complete (a move takes it from the old ancestors to the new ones).
+    /// Only for a hydrated node.
     Subtree(RpcReplyPort<Delta>),
     /// A descendant's subtree leaves this node; `children` are its current children, asked for
-    /// exact extremes wherever the leaving numbers may have set a min or max.
+    /// exact extremes wherever the leaving numbers may have set a min or max. Only for a
+    /// hydrated node, whose children are hydrated too.
     Remove {
         gone: Arc<Delta>,
         children: Vec<ActorRef<NodeMsg>>,
         reply: RpcReplyPort<()>,
     },
-    /// A descendant's subtree arrives under this node.
+    /// A descendant's subtree arrives under this node: a delta like any other.
     Add {
         delta: Arc<Delta>,
         reply: RpcReplyPort<()>,
     },
-    /// Extremes of the subtree at the given places (used by a parent's `Remove`).
+    /// Extremes of the subtree at the given places (used by a parent's `Remove`). Only for a
+    /// hydrated node.
     Extremes {
         wanted: Arc<Vec<(Scope, MetricName)>>,
         reply: RpcReplyPort<Vec<Option<(i64, i64)>>>,
@@ -354,22 +426,31 @@ pub struct NodeActor;
 pub struct NodeArgs {
     pub ix: NodeIx,
     pub mode: Mode,
-    /// The base state: empty, or the node's row as of checkpoint `replay_onto`.
+    /// The base state: empty, or the node's stored header as of checkpoint `replay_onto`.
     pub state: NodeState,
     pub parent: Option<ActorRef<NodeMsg>>,
     pub signals: UnboundedSender<TenantSignal>,
     pub journal: JournalRef,
     /// The engine's counters; `durable_seq` says which journal entries may go.
     pub stats: Arc<Stats>,
-    /// A restart: `state` is the row of this checkpoint (or empty, see [`Journal::base_is_stored`]),
-    /// and the journal's entries since that checkpoint's snapshot are replayed onto it.
+    /// A restart: `state` is the header of this checkpoint (or empty, see
+    /// [`Journal::base_is_stored`]), and the journal's entries since that checkpoint's snapshot
+    /// are replayed onto it.
     pub replay_onto: Option<u64>,
 }
 
 pub struct Node {
     ix: NodeIx,
     mode: Mode,
+    /// Totals, and the buckets: this interval's deltas, or all of them while `hydrated`.
     state: NodeState,
+    /// Holds its complete buckets until its next snapshot (a move needed them).
+    hydrated: bool,
+    /// Not hydrated: the node got its first child in this interval, so the store must copy its
+    /// `subtree` buckets to `own` before folding this interval's deltas.
+    copy_own: bool,
+    /// What the last snapshot sent, until that commit is known to have landed.
+    sent: Option<(u64, Sent)>,
     parent: Option<ActorRef<NodeMsg>>,
     signals: UnboundedSender<TenantSignal>,
     /// Not yet passed up: everything received since this node's last flush.
@@ -378,6 +459,7 @@ pub struct Node {
     received: u32,
     /// The checkpoint to answer at this round's flush, if the round is a checkpoint's.
     snap: Option<Arc<SnapshotCall>>,
+    /// Hydrated: the bucket keys changed since the hydration, written as absolute values.
     dirty: DirtyBuckets,
     journal: JournalRef,
     stats: Arc<Stats>,
@@ -389,14 +471,27 @@ impl Node {
         self.journal.lock().expect("journal lock").push(e, durable);
     }
 
+    /// Forgets what the last snapshot sent once its commit landed. Called only from round
+    /// messages: the coordinator reads a node's stored row for a hydration or a view between
+    /// rounds, and what it read must be combined with `sent` exactly as it was when read.
+    fn forget_landed(&mut self) {
+        if let Some((seq, _)) = &self.sent {
+            if self.stats.durable_seq.load(Ordering::Acquire) >= *seq {
+                self.sent = None;
+            }
+        }
+    }
+
     fn apply(&mut self, e: &NodeEvent) {
         let m = &e.metrics[..];
         self.state.own.add_event(m);
         if let Some(b) = &mut self.state.own_buckets {
             b.add_event(&e.keys, m);
-            for (g, k) in e.keys.iter().enumerate() {
-                if let Some(k) = k {
-                    self.dirty.mark(BucketKind::Own, g, *k);
+            if self.hydrated {
+                for (g, k) in e.keys.iter().enumerate() {
+                    if let Some(k) = k {
+                        self.dirty.mark(BucketKind::Own, g, *k);
+                    }
                 }
             }
         }
@@ -414,7 +509,9 @@ impl Node {
         self.received = 0;
         let d = std::mem::take(&mut self.pending);
         self.state.subtree.merge(&d);
-        self.dirty.mark_all(BucketKind::Subtree, &d.buckets);
+        if self.hydrated {
+            self.dirty.mark_all(BucketKind::Subtree, &d.buckets);
+        }
         Some(d)
     }
 
@@ -427,60 +524,145 @@ impl Node {
             None => self.signals.send(TenantSignal::RoundDone)?,
         }
         if let Some(c) = self.snap.take() {
-            let snap = self.snapshot(c.seq, &c.prune, c.packed_max);
+            let snap = self.snapshot(c.seq);
             // A closed channel means the checkpoint already failed; the tenant is rebuilt.
             let _ = c.replies.send((self.ix, snap));
         }
         Ok(())
     }
 
-    /// The node's part of checkpoint `seq`: drops buckets older than `prune`, marks the journal,
-    /// and returns the header with the changed buckets (or all of them packed).
-    fn snapshot(&mut self, seq: u64, prune: &[u64; 3], packed_max: Option<usize>) -> NodeSnapshot {
-        self.prune(prune);
+    /// The node's part of checkpoint `seq`: marks the journal and closes the interval.
+    fn snapshot(&mut self, seq: u64) -> NodeSnapshot {
         {
             // Checkpoint `seq` begins only once every earlier one is durable.
             let mut j = self.journal.lock().expect("journal lock");
             j.settle();
-            j.push(Entry::Snapshot { seq, prune: *prune }, 0);
+            j.push(Entry::Snapshot { seq }, 0);
         }
-        let (buckets, packed) = match packed_max {
-            Some(max) if self.state.bucket_count() <= max => {
-                self.dirty.clear();
-                (Vec::new(), Some(self.state.pack_buckets()))
-            }
-            _ => (self.dirty.drain(&self.state), None),
-        };
-        NodeSnapshot {
-            header: self.state.header(),
-            buckets,
-            packed,
-        }
+        self.close_interval(seq)
     }
 
-    fn prune(&mut self, prune: &[u64; 3]) {
-        for (kind, b) in [
-            (BucketKind::Subtree, Some(&mut self.state.subtree.buckets)),
-            (BucketKind::Own, self.state.own_buckets.as_mut()),
-        ] {
-            if let Some(b) = b {
-                for (g, keys) in b.prune(prune).into_iter().enumerate() {
-                    for k in keys {
-                        self.dirty.mark(kind, g, k);
-                    }
-                }
-            }
+    /// Hands this interval's buckets to checkpoint `seq` and starts the next interval empty:
+    /// the deltas to fold, or (hydrated) the changed buckets' values. Either is kept as `sent`
+    /// until the commit lands.
+    fn close_interval(&mut self, seq: u64) -> NodeSnapshot {
+        let header = self.state.header();
+        let subtree = std::mem::take(&mut self.state.subtree.buckets);
+        let own = self.state.own_buckets.as_mut().map(std::mem::take);
+        if self.hydrated {
+            let full = FullBuckets { subtree, own };
+            let buckets = self.dirty.drain(&full);
+            self.hydrated = false;
+            self.sent = Some((seq, Sent::Full(full)));
+            return NodeSnapshot {
+                header,
+                buckets,
+                write: BucketWrite::Replace,
+            };
+        }
+        let changes = Changes {
+            subtree,
+            own,
+            copy_own: std::mem::take(&mut self.copy_own),
+        };
+        let buckets = changes.rows();
+        let write = BucketWrite::Fold {
+            copy_own: changes.copy_own,
+        };
+        self.sent = Some((seq, Sent::Changes(changes)));
+        NodeSnapshot {
+            header,
+            buckets,
+            write,
         }
     }
 
     fn grow(&mut self) -> bool {
         if self.mode == Mode::Current && self.state.own_buckets.is_none() {
+            // Until now own buckets equalled subtree buckets: in memory that is this
+            // interval's deltas (hydrated: all of them); the store copies the rest.
             self.state.own_buckets = Some(self.state.subtree.buckets.clone());
-            self.dirty
-                .mark_all(BucketKind::Own, &self.state.subtree.buckets);
+            if self.hydrated {
+                self.dirty
+                    .mark_all(BucketKind::Own, &self.state.subtree.buckets);
+            } else {
+                self.copy_own = true;
+            }
             return true;
         }
         false
+    }
+
+    /// The node's complete buckets before this interval's changes, given its stored ones as of
+    /// checkpoint `as_of`: plus what the last snapshot sent, if that commit had not landed.
+    fn base(&self, stored: FullBuckets, as_of: u64) -> FullBuckets {
+        match &self.sent {
+            Some((seq, sent)) if as_of < *seq => match sent {
+                Sent::Full(f) => f.clone(),
+                Sent::Changes(c) => {
+                    let mut b = stored;
+                    b.fold(c);
+                    b
+                }
+            },
+            _ => stored,
+        }
+    }
+
+    /// This interval's changes as a store would fold them.
+    fn changes(&self) -> Changes {
+        Changes {
+            subtree: self.state.subtree.buckets.clone(),
+            own: self.state.own_buckets.clone(),
+            copy_own: self.copy_own,
+        }
+    }
+
+    /// From deltas to complete buckets: `base` with this interval's changes folded in. Every
+    /// bucket the interval changed is written at the next snapshot as its value.
+    fn become_full(&mut self, base: &FullBuckets) {
+        if self.hydrated {
+            return;
+        }
+        let c = self.changes();
+        let mut full = base.clone();
+        full.fold(&c);
+        self.dirty.mark_all(BucketKind::Subtree, &c.subtree);
+        if c.copy_own {
+            if let Some(o) = &full.own {
+                self.dirty.mark_all(BucketKind::Own, o);
+            }
+        } else if let Some(o) = &c.own {
+            self.dirty.mark_all(BucketKind::Own, o);
+        }
+        self.copy_own = false;
+        self.state.subtree.buckets = full.subtree;
+        self.state.own_buckets = full.own;
+        self.hydrated = true;
+    }
+
+    /// The complete numbers, without changing the node.
+    fn view(&self, stored: FullBuckets, as_of: u64) -> NodeState {
+        if self.hydrated {
+            return self.state.clone();
+        }
+        let mut full = self.base(stored, as_of);
+        full.fold(&self.changes());
+        NodeState {
+            own: self.state.own.clone(),
+            own_buckets: full.own,
+            subtree: Delta {
+                total: self.state.subtree.total.clone(),
+                buckets: full.subtree,
+            },
+        }
+    }
+
+    fn must_be_hydrated(&self, what: &str) -> Result<(), ActorProcessingErr> {
+        if self.hydrated {
+            return Ok(());
+        }
+        Err(format!("node {} got {what} without being hydrated first", self.ix).into())
     }
 
     /// Re-applies one journal entry. Nothing is sent: at a restart every round the entry took
@@ -506,18 +688,23 @@ impl Node {
                     self.state.subtree.set_extremes(*sc, m, *mm);
                 }
             }
-            Entry::Add(d) => {
-                self.state.subtree.merge(d);
-                self.dirty.mark_all(BucketKind::Subtree, &d.buckets);
-            }
+            Entry::Add(d) => self.add(d),
             Entry::Grow => {
                 self.grow();
             }
-            Entry::Snapshot { prune, .. } => {
-                self.prune(prune);
-                // Those rows went into that checkpoint.
-                self.dirty.clear();
+            Entry::Hydrated(base) => self.become_full(base),
+            Entry::Snapshot { seq } => {
+                // Those buckets went into that checkpoint (still in flight, or it would not be
+                // replayed): they become `sent` again.
+                self.close_interval(*seq);
             }
+        }
+    }
+
+    fn add(&mut self, d: &Delta) {
+        self.state.subtree.merge(d);
+        if self.hydrated {
+            self.dirty.mark_all(BucketKind::Subtree, &d.buckets);
         }
     }
 
@@ -530,6 +717,21 @@ impl Node {
             },
         };
         agg.and_then(|a| a.stat(metric)).map(|s| (s.min, s.max))
+    }
+}
+
+impl Changes {
+    /// The deltas as bucket rows, in (kind, granularity, key) order.
+    fn rows(&self) -> Vec<BucketRow> {
+        NodeState {
+            own_buckets: self.own.clone(),
+            subtree: Delta {
+                total: Agg::default(),
+                buckets: self.subtree.clone(),
+            },
+            ..NodeState::default()
+        }
+        .rows()
     }
 }
 
@@ -548,6 +750,9 @@ impl Actor for NodeActor {
             ix: a.ix,
             mode: a.mode,
             state: a.state,
+            hydrated: false,
+            copy_own: false,
+            sent: None,
             parent: a.parent,
             signals: a.signals,
             pending: Delta::default(),
@@ -583,6 +788,7 @@ impl Actor for NodeActor {
                 expect,
                 snapshot,
             } => {
+                s.forget_landed();
                 for e in &events {
                     s.apply(e);
                 }
@@ -592,23 +798,31 @@ impl Actor for NodeActor {
                 s.maybe_flush()?;
             }
             NodeMsg::Child(d) => {
+                s.forget_landed();
                 s.pending.merge(&d);
                 s.received += 1;
                 s.journal(Entry::Child(d));
                 s.maybe_flush()?;
             }
-            NodeMsg::Snapshot {
-                seq,
-                prune,
-                packed_max,
+            NodeMsg::Snapshot { seq, reply } => {
+                let _ = reply.send(s.snapshot(seq));
+            }
+            NodeMsg::View {
+                stored,
+                as_of,
                 reply,
             } => {
-                let _ = reply.send(s.snapshot(seq, &prune, packed_max));
+                let _ = reply.send(s.view(stored, as_of));
             }
-            NodeMsg::State(reply) => {
-                let _ = reply.send(s.state.clone());
+            NodeMsg::Hydrate { stored, as_of } => {
+                if !s.hydrated {
+                    let base = Arc::new(s.base(stored, as_of));
+                    s.become_full(&base);
+                    s.journal(Entry::Hydrated(base));
+                }
             }
             NodeMsg::Subtree(reply) => {
+                s.must_be_hydrated("a subtree request")?;
                 let _ = reply.send(s.state.subtree.clone());
             }
             NodeMsg::Remove {
@@ -616,6 +830,7 @@ impl Actor for NodeActor {
                 children,
                 reply,
             } => {
+                s.must_be_hydrated("a remove")?;
                 // Every bucket the leaving subtree touches changes (or disappears): persist them.
                 s.dirty.mark_all(BucketKind::Subtree, &gone.buckets);
                 let tainted = s.state.subtree.subtract(&gone);
@@ -650,12 +865,12 @@ impl Actor for NodeActor {
                 let _ = reply.send(());
             }
             NodeMsg::Add { delta, reply } => {
-                s.state.subtree.merge(&delta);
-                s.dirty.mark_all(BucketKind::Subtree, &delta.buckets);
+                s.add(&delta);
                 s.journal(Entry::Add(delta));
                 let _ = reply.send(());
             }
             NodeMsg::Extremes { wanted, reply } => {
+                s.must_be_hydrated("an extremes request")?;
                 let v = wanted
                     .iter()
                     .map(|(sc, m)| s.state.subtree.extremes(*sc, m))
@@ -679,14 +894,14 @@ mod tests {
     use super::*;
 
     fn marker(seq: u64) -> Entry {
-        Entry::Snapshot { seq, prune: [0; 3] }
+        Entry::Snapshot { seq }
     }
 
     fn kinds(j: &Journal) -> Vec<String> {
         j.entries
             .iter()
             .map(|e| match e {
-                Entry::Snapshot { seq, .. } => format!("S{seq}"),
+                Entry::Snapshot { seq } => format!("S{seq}"),
                 Entry::Grow => "G".into(),
                 _ => "?".into(),
             })

@@ -7,11 +7,13 @@ use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 
+use canopy_actors::agg::{Agg, Granularity};
 use canopy_actors::engine::{Engine, EngineConfig};
 use canopy_actors::record::decode_json;
 use canopy_actors::source::{DiscardDeadLetters, Input, Source, SourceBatch, SourceError};
 use canopy_actors::store::{
-    AsOf, BucketRow, Checkpoint, CheckpointMeta, NodeRow, Store, StoreError, TenantImage,
+    AsOf, BucketKind, BucketRow, BucketWrite, Checkpoint, CheckpointMeta, Load, NodeRow, Store,
+    StoreError, TenantImage,
 };
 
 /// A store that keeps checkpoints in memory: enough for driving the core in a unit test.
@@ -31,18 +33,19 @@ impl Store for MemStore {
     async fn tenants(&self) -> Result<Vec<String>, StoreError> {
         Ok(Vec::new())
     }
-    async fn load_tenant(&self, tenant: &str) -> Result<TenantImage, StoreError> {
-        Ok(image(&self.cps.lock().unwrap(), tenant))
+    async fn load_tenant(&self, tenant: &str, load: Load) -> Result<TenantImage, StoreError> {
+        Ok(image(&self.cps.lock().unwrap(), tenant, load))
     }
     async fn load_node(
         &self,
         tenant: &str,
         hierarchy: &str,
         node: &str,
+        load: Load,
     ) -> Result<AsOf<Option<NodeRow>>, StoreError> {
         // One lock: the row and the checkpoint it is from must agree.
         let cps = self.cps.lock().unwrap();
-        let value = image(&cps, tenant)
+        let value = image(&cps, tenant, load)
             .nodes
             .into_iter()
             .find(|n| n.hierarchy == hierarchy && n.node == node);
@@ -52,16 +55,24 @@ impl Store for MemStore {
         })
     }
     async fn commit(&self, cp: Arc<Checkpoint>) -> Result<u64, StoreError> {
-        self.cps.lock().unwrap().push((*cp).clone());
+        let mut cps = self.cps.lock().unwrap();
+        // Idempotent, as the port asks: a checkpoint already committed is not folded again.
+        if cps.last().is_some_and(|c| c.seq >= cp.seq) {
+            return Ok(0);
+        }
+        cps.push((*cp).clone());
         Ok(cp.rows() as u64)
     }
 }
 
-/// A tenant as the checkpoints so far leave it.
-fn image(cps: &[Checkpoint], tenant: &str) -> TenantImage {
+type Key = (u8, u8, u64);
+
+/// A tenant as the checkpoints so far leave it: bucket rows replace or fold, in commit order,
+/// then buckets of written nodes below the retention cutoffs go (the store port's contract,
+/// written out a second time, independently of the embedded store).
+fn image(cps: &[Checkpoint], tenant: &str, load: Load) -> TenantImage {
     let mut img = TenantImage::default();
-    // A checkpoint lists a node's changed buckets only: fold them all, in commit order.
-    let mut nodes: HashMap<(String, String), (NodeRow, HashMap<(u8, u8, u64), BucketRow>)> =
+    let mut nodes: HashMap<(String, String), (NodeRow, std::collections::BTreeMap<Key, Agg>)> =
         HashMap::new();
     for cp in cps {
         for t in cp.tenants.iter().filter(|t| t.tenant == tenant) {
@@ -74,12 +85,35 @@ fn image(cps: &[Checkpoint], tenant: &str) -> TenantImage {
             for n in &t.put_nodes {
                 let e = nodes
                     .entry((n.hierarchy.clone(), n.node.clone()))
-                    .or_insert_with(|| (n.clone(), HashMap::new()));
+                    .or_insert_with(|| (n.clone(), Default::default()));
                 e.0.parent = n.parent.clone();
                 e.0.header = n.header.clone();
+                let fold = match n.write {
+                    BucketWrite::Replace => false,
+                    BucketWrite::Fold { copy_own } => {
+                        if copy_own {
+                            let own = BucketKind::Own as u8;
+                            e.1.retain(|k, _| k.0 != own);
+                            let copies: Vec<(Key, Agg)> =
+                                e.1.iter().map(|(k, a)| ((own, k.1, k.2), a.clone())).collect();
+                            e.1.extend(copies);
+                        }
+                        true
+                    }
+                };
                 for b in &n.buckets {
-                    e.1.insert((b.kind as u8, b.granularity as u8, b.key), b.clone());
+                    let k = (b.kind as u8, b.granularity as u8, b.key);
+                    match (&b.agg, fold) {
+                        (Some(a), true) => e.1.entry(k).or_default().merge(a),
+                        (Some(a), false) => {
+                            e.1.insert(k, a.clone());
+                        }
+                        (None, _) => {
+                            e.1.remove(&k);
+                        }
+                    }
                 }
+                e.1.retain(|k, _| k.2 >= t.retain_from[k.1 as usize]);
             }
             for s in &t.expire_dedup {
                 img.dedup.retain(|d| d.seq != *s);
@@ -90,7 +124,22 @@ fn image(cps: &[Checkpoint], tenant: &str) -> TenantImage {
     img.nodes = nodes
         .into_values()
         .map(|(mut row, b)| {
-            row.buckets = b.into_values().filter(|b| b.agg.is_some()).collect();
+            row.buckets = match load {
+                Load::Headers => Vec::new(),
+                Load::Buckets => b
+                    .into_iter()
+                    .map(|((kind, g, key), agg)| BucketRow {
+                        kind: if kind == 0 {
+                            BucketKind::Subtree
+                        } else {
+                            BucketKind::Own
+                        },
+                        granularity: Granularity::ALL[g as usize],
+                        key,
+                        agg: Some(agg),
+                    })
+                    .collect(),
+            };
             row
         })
         .collect();
@@ -312,18 +361,19 @@ impl Store for GatedStore {
     async fn tenants(&self) -> Result<Vec<String>, StoreError> {
         self.inner.tenants().await
     }
-    async fn load_tenant(&self, tenant: &str) -> Result<TenantImage, StoreError> {
+    async fn load_tenant(&self, tenant: &str, load: Load) -> Result<TenantImage, StoreError> {
         (self.reads)(tenant)?;
-        self.inner.load_tenant(tenant).await
+        self.inner.load_tenant(tenant, load).await
     }
     async fn load_node(
         &self,
         tenant: &str,
         hierarchy: &str,
         node: &str,
+        load: Load,
     ) -> Result<AsOf<Option<NodeRow>>, StoreError> {
         (self.reads)(tenant)?;
-        self.inner.load_node(tenant, hierarchy, node).await
+        self.inner.load_node(tenant, hierarchy, node, load).await
     }
     async fn commit(&self, cp: Arc<Checkpoint>) -> Result<u64, StoreError> {
         (self.gate)().await?;
@@ -853,7 +903,7 @@ async fn stored(
     tenant: &str,
 ) -> std::collections::BTreeMap<(String, String), (Option<String>, canopy_actors::node::NodeState)>
 {
-    s.load_tenant(tenant)
+    s.load_tenant(tenant, Load::Buckets)
         .await
         .unwrap()
         .nodes

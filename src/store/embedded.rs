@@ -17,9 +17,12 @@
 //!
 //! One checkpoint is one redb write transaction, so a reader sees all of it or none of it.
 //!
-//! Nodes within [`INLINE_MAX`] send their whole bucket set already encoded
-//! ([`PackedBuckets`], asked for by `packed_buckets_max`): their row is written without
-//! decoding the old one, whose parent alone is read for the `children` index (`row_prefix`).
+//! A checkpoint's buckets mostly come as deltas ([`BucketWrite::Fold`]): each is merged into the
+//! stored bucket inside the commit's transaction (the inline set is decoded, folded and
+//! re-encoded; a spilled bucket's entry is read, merged and rewritten), and buckets of written
+//! nodes that fell out of retention ([`TenantChanges::retain_from`]) are dropped in the same
+//! transaction (a range of the inline set; a key range of the spilled rows). A commit whose seq
+//! is already stored changes nothing, so a retried commit never folds twice.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -29,8 +32,9 @@ use canopy_actors::agg::Agg;
 use canopy_actors::agg::Granularity;
 use canopy_actors::packed::{self, SetBucket};
 use canopy_actors::store::{
-    AsOf, BucketKind, BucketRow, Checkpoint, CheckpointMeta, DedupBatch, EntityView, HierarchyInfo,
-    NodeHeader, NodeRow, NodeView, PackedBuckets, Store, StoreError, StoreRead, TenantImage,
+    AsOf, BucketKind, BucketRow, BucketWrite, Checkpoint, CheckpointMeta, DedupBatch, EntityView,
+    HierarchyInfo, Load, NodeHeader, NodeRow, NodeView, Store, StoreError, StoreRead,
+    TenantChanges, TenantImage,
 };
 use canopy_actors::tenant::TenantRow;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -151,14 +155,13 @@ impl StoredNode {
     }
 }
 
-/// What most uses of a node row need: its parent, its header (decoded, or skipped with
-/// `IgnoredAny`) and whether its buckets are inline. The inline set, ~1 KB on the benchmark, is
+/// What most uses of a node row need: its parent and its header (decoded, or skipped with
+/// `IgnoredAny`), checking that a set or nil follows. The inline set, ~1 KB on the benchmark, is
 /// not walked: a row is `[parent, header, set or nil]`, so the set's first byte says which.
 /// (Decoding the set as `IgnoredAny` walked every bucket: ~2% of an ingest's CPU.)
 struct RowPrefix<H> {
     parent: Option<String>,
     header: H,
-    inline: bool,
 }
 
 fn row_prefix<H: serde::de::DeserializeOwned>(mut v: &[u8]) -> Result<RowPrefix<H>, StoreError> {
@@ -173,20 +176,15 @@ fn row_prefix<H: serde::de::DeserializeOwned>(mut v: &[u8]) -> Result<RowPrefix<
     let parent = Option::<String>::deserialize(&mut de).map_err(corrupt)?;
     let header = H::deserialize(&mut de).map_err(corrupt)?;
     drop(de);
-    let inline = match v.first() {
-        Some(0xc0) => false,
-        Some(0xc4..=0xc6) => true,
+    match v.first() {
+        Some(0xc0 | 0xc4..=0xc6) => {}
         other => {
             return Err(StoreError::Corrupt(format!(
                 "a node row's bucket set starts with {other:?}, neither bytes nor nil"
             )))
         }
     };
-    Ok(RowPrefix {
-        parent,
-        header,
-        inline,
-    })
+    Ok(RowPrefix { parent, header })
 }
 
 type Skip = serde::de::IgnoredAny;
@@ -205,12 +203,29 @@ fn bucket_rows(set: Vec<InlineBucket>) -> Result<Vec<BucketRow>, StoreError> {
         .collect()
 }
 
-/// Applies a checkpoint's changed buckets (sorted by kind, granularity, key) to an inline set.
-fn apply_inline(set: &mut Vec<InlineBucket>, changes: &[BucketRow]) {
+/// Applies a node's checkpoint rows (sorted by kind, granularity, key) to its inline set, as
+/// `write` says: values that replace, or deltas that fold (after the copy of `subtree` to `own`).
+fn apply_inline(set: &mut Vec<InlineBucket>, changes: &[BucketRow], write: BucketWrite) {
+    let fold = match write {
+        BucketWrite::Replace => false,
+        BucketWrite::Fold { copy_own } => {
+            if copy_own {
+                set.retain(|b| b.0 != BucketKind::Own as u8);
+                let copies: Vec<InlineBucket> = set
+                    .iter()
+                    .filter(|b| b.0 == BucketKind::Subtree as u8)
+                    .map(|(_, g, k, a)| (BucketKind::Own as u8, *g, *k, a.clone()))
+                    .collect();
+                set.extend(copies);
+            }
+            true
+        }
+    };
     for b in changes {
         let k = (b.kind as u8, b.granularity as u8, b.key);
         let at = set.binary_search_by(|(kd, g, key, _)| (*kd, *g, *key).cmp(&k));
         match (&b.agg, at) {
+            (Some(a), Ok(i)) if fold => set[i].3.merge(a),
             (Some(a), Ok(i)) => set[i].3 = a.clone(),
             (Some(a), Err(i)) => set.insert(i, (k.0, k.1, k.2, a.clone())),
             (None, Ok(i)) => {
@@ -219,6 +234,20 @@ fn apply_inline(set: &mut Vec<InlineBucket>, changes: &[BucketRow]) {
             (None, Err(_)) => {}
         }
     }
+}
+
+/// Drops the buckets of an inline set below the retention cutoffs (0: none).
+fn prune_inline(set: &mut Vec<InlineBucket>, retain_from: &[u64; 3]) {
+    if retain_from.iter().any(|c| *c > 0) {
+        set.retain(|(_, g, key, _)| *key >= retain_from[*g as usize % 3]);
+    }
+}
+
+/// What a checkpoint does to one spilled bucket entry (several apply in order).
+enum BucketOp {
+    Put(Vec<u8>),
+    Delete,
+    Fold(Agg),
 }
 
 #[derive(Clone)]
@@ -304,6 +333,18 @@ fn commit(db: &Database, cp: &Checkpoint) -> Result<u64, StoreError> {
     let tx = db.begin_write().map_err(io)?;
     let mut rows = 0u64;
     {
+        // Already committed (a retry after a commit that landed but reported an error): folding
+        // its deltas again would count them twice.
+        let stored = {
+            let meta = tx.open_table(META).map_err(io)?;
+            let v = meta.get("checkpoint").map_err(io)?;
+            v.map(|v| rmp_serde::from_slice::<CheckpointMeta>(v.value()))
+                .transpose()
+                .map_err(corrupt)?
+        };
+        if stored.is_some_and(|m| m.seq >= cp.seq) {
+            return Ok(0);
+        }
         let mut tenants = tx.open_table(TENANTS).map_err(io)?;
         let mut nodes = tx.open_table(NODE_PAGES).map_err(io)?;
         let mut dedup = tx.open_table(DEDUP).map_err(io)?;
@@ -341,10 +382,22 @@ fn commit(db: &Database, cp: &Checkpoint) -> Result<u64, StoreError> {
                     delete_bucket_rows(&buckets, &mut ix, tn, h, n)?;
                     Ok(None)
                 }
-                NodeOp::Put(n) => put_node(&buckets, &mut ix, tn, n, old).map(Some),
+                NodeOp::Put(n) => put_node(&buckets, &mut ix, t, n, old).map(Some),
             })?;
+            // Stable: several changes of one key keep their order (copy, fold, prune).
             ix.buckets.sort_by(|a, b| a.0.cmp(&b.0));
-            rows += pages::apply(&mut buckets, &ix.buckets, |_, _, v| Ok(v.clone()))?;
+            rows += pages::apply(&mut buckets, &ix.buckets, |_, old, op| match op {
+                BucketOp::Put(v) => Ok(Some(v.clone())),
+                BucketOp::Delete => Ok(None),
+                BucketOp::Fold(d) => {
+                    let mut agg = match old {
+                        Some(v) => rmp_serde::from_slice::<Agg>(v).map_err(corrupt)?,
+                        None => Agg::default(),
+                    };
+                    agg.merge(d);
+                    Ok(Some(rmp_serde::to_vec(&agg).map_err(io)?))
+                }
+            })?;
             ix.children.sort_by(|a, b| a.0.cmp(&b.0));
             rows += pages::apply(&mut children, &ix.children, |_, _, add| {
                 Ok(add.then(Vec::new))
@@ -395,36 +448,21 @@ struct IndexChanges<'a> {
     children: Vec<(Vec<u8>, bool)>,
     /// Node count change per hierarchy.
     counts: std::collections::BTreeMap<&'a str, i64>,
-    /// Spilled buckets to write (`None`: delete), in the order they arose.
-    buckets: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    /// Changes of spilled buckets, in the order they arose.
+    buckets: Vec<(Vec<u8>, BucketOp)>,
 }
 
-/// The new row of a put node, given its stored row. A node that sent its complete bucket set
-/// packed is written without decoding the old row, whose parent alone is read (`row_prefix`).
+/// The new row of a put node, given its stored row: its buckets folded (or replaced) and
+/// pruned to retention, inline, or as changes of its spilled rows.
 fn put_node<'a>(
     buckets: &redb::Table<&'static [u8], &'static [u8]>,
     ix: &mut IndexChanges<'a>,
-    tn: &str,
+    t: &TenantChanges,
     n: &'a NodeRow,
     old: Option<&[u8]>,
 ) -> Result<Vec<u8>, StoreError> {
+    let tn = t.tenant.as_str();
     let (h, node) = (n.hierarchy.as_str(), n.node.as_str());
-    if let Some(packed) = &n.packed {
-        if packed.count > INLINE_MAX {
-            return Err(StoreError::Unsupported(format!(
-                "node {node:?} sent {} packed buckets, more than the inline maximum {INLINE_MAX}",
-                packed.count
-            )));
-        }
-        let old = old.map(row_prefix::<Skip>).transpose()?;
-        place(ix, tn, n, old.as_ref().map(|o| &o.parent));
-        // A spilled node whose buckets fit inline again (pruned by retention): the packed set is
-        // complete, so its bucket rows all go and the set moves back into the row.
-        if old.is_some_and(|o| !o.inline) {
-            delete_bucket_rows(buckets, ix, tn, h, node)?;
-        }
-        return packed_value(&n.parent, &n.header, packed);
-    }
     let old = old.map(StoredNode::decode).transpose()?;
     let (old_parent, mut inline) = match old {
         Some(o) => {
@@ -434,35 +472,80 @@ fn put_node<'a>(
         None => (None, Some(Vec::new())),
     };
     place(ix, tn, n, old_parent.as_ref());
-    // Spill: a node that outgrows the inline set moves all its buckets to rows.
-    let spill = match &mut inline {
-        Some(set) => {
-            apply_inline(set, &n.buckets);
-            (set.len() > INLINE_MAX).then(|| std::mem::take(set))
-        }
-        None => None,
+    let Some(set) = &mut inline else {
+        spilled_changes(buckets, ix, t, n)?;
+        return node_value(&n.parent, &n.header, None);
     };
-    let spilled_rows: Vec<BucketRow>;
-    let to_rows: &[BucketRow] = if let Some(all) = spill {
-        inline = None;
-        spilled_rows = bucket_rows(all)?;
-        &spilled_rows
-    } else if inline.is_some() {
-        &[]
-    } else {
-        &n.buckets
-    };
-    for b in to_rows {
-        let k = bucket_key(tn, h, node, b.kind as u8, b.granularity as u8, b.key);
-        let v = b
-            .agg
-            .as_ref()
-            .map(rmp_serde::to_vec)
-            .transpose()
-            .map_err(io)?;
-        ix.buckets.push((k, v));
+    apply_inline(set, &n.buckets, n.write);
+    prune_inline(set, &t.retain_from);
+    if set.len() <= INLINE_MAX {
+        return node_value(&n.parent, &n.header, inline.as_deref());
     }
-    node_value(&n.parent, &n.header, inline.as_deref())
+    // Spill: a node that outgrows the inline set moves all its buckets to rows.
+    for b in bucket_rows(std::mem::take(set))? {
+        let k = bucket_key(tn, h, node, b.kind as u8, b.granularity as u8, b.key);
+        let v = rmp_serde::to_vec(b.agg.as_ref().expect("stored bucket")).map_err(io)?;
+        ix.buckets.push((k, BucketOp::Put(v)));
+    }
+    node_value(&n.parent, &n.header, None)
+}
+
+/// A spilled node's bucket changes: the copy of `subtree` to `own` (read from the rows as
+/// committed), the rows as values or deltas, then the rows below retention deleted.
+fn spilled_changes(
+    buckets: &redb::Table<&'static [u8], &'static [u8]>,
+    ix: &mut IndexChanges,
+    t: &TenantChanges,
+    n: &NodeRow,
+) -> Result<(), StoreError> {
+    let (tn, h, node) = (t.tenant.as_str(), n.hierarchy.as_str(), n.node.as_str());
+    let fold = match n.write {
+        BucketWrite::Replace => false,
+        BucketWrite::Fold { copy_own } => {
+            if copy_own {
+                let own = node_key(tn, h, node);
+                let mut own_prefix = own.clone();
+                own_prefix.push(BucketKind::Own as u8);
+                pages::scan_prefix(buckets, &own_prefix, |k, _| {
+                    ix.buckets.push((k.to_vec(), BucketOp::Delete));
+                    Ok(())
+                })?;
+                let mut sub_prefix = own;
+                sub_prefix.push(BucketKind::Subtree as u8);
+                let at = sub_prefix.len() - 1;
+                pages::scan_prefix(buckets, &sub_prefix, |k, v| {
+                    let mut copy = k.to_vec();
+                    copy[at] = BucketKind::Own as u8;
+                    ix.buckets.push((copy, BucketOp::Put(v.to_vec())));
+                    Ok(())
+                })?;
+            }
+            true
+        }
+    };
+    for b in &n.buckets {
+        let k = bucket_key(tn, h, node, b.kind as u8, b.granularity as u8, b.key);
+        let op = match &b.agg {
+            Some(a) if fold => BucketOp::Fold(a.clone()),
+            Some(a) => BucketOp::Put(rmp_serde::to_vec(a).map_err(io)?),
+            None => BucketOp::Delete,
+        };
+        ix.buckets.push((k, op));
+    }
+    for kind in [BucketKind::Subtree, BucketKind::Own] {
+        for (g, cut) in t.retain_from.iter().enumerate() {
+            if *cut == 0 {
+                continue;
+            }
+            let from = bucket_key(tn, h, node, kind as u8, g as u8, 0);
+            let to = bucket_key(tn, h, node, kind as u8, g as u8, *cut);
+            pages::scan_range(buckets, &from, &to, |k, _| {
+                ix.buckets.push((k.to_vec(), BucketOp::Delete));
+                Ok(())
+            })?;
+        }
+    }
+    Ok(())
 }
 
 /// Keeps the `children` index and `node_counts` in step with a node put, given the parent
@@ -495,7 +578,7 @@ fn delete_bucket_rows(
 ) -> Result<(), StoreError> {
     let prefix = node_key(t, h, n);
     pages::scan_prefix(buckets, &prefix, |k, _| {
-        ix.buckets.push((k.to_vec(), None));
+        ix.buckets.push((k.to_vec(), BucketOp::Delete));
         Ok(())
     })
 }
@@ -509,22 +592,6 @@ fn node_value(
     let set = set.map(packed::encode);
     let set = set.as_ref().map(|(b, _)| serde_bytes::Bytes::new(b));
     rmp_serde::to_vec(&NodeValue(parent, header, set)).map_err(io)
-}
-
-/// Byte for byte what [`node_value`] makes of the same set, from the set already encoded.
-fn packed_value(
-    parent: &Option<String>,
-    header: &NodeHeader,
-    packed: &PackedBuckets,
-) -> Result<Vec<u8>, StoreError> {
-    let mut v = Vec::with_capacity(packed.bytes.len() + 96);
-    rmp::encode::write_array_len(&mut v, 3).map_err(io)?;
-    rmp_serde::encode::write(&mut v, parent).map_err(io)?;
-    rmp_serde::encode::write(&mut v, header).map_err(io)?;
-    let len = u32::try_from(packed.bytes.len()).map_err(io)?;
-    rmp::encode::write_bin_len(&mut v, len).map_err(io)?;
-    v.extend_from_slice(&packed.bytes);
-    Ok(v)
 }
 
 fn add_count(
@@ -592,7 +659,7 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn load_tenant(&self, tenant: &str) -> Result<TenantImage, StoreError> {
+    async fn load_tenant(&self, tenant: &str, load: Load) -> Result<TenantImage, StoreError> {
         let tenant = tenant.to_string();
         self.blocking(move |db| {
             let tx = db.begin_read().map_err(io)?;
@@ -606,19 +673,33 @@ impl Store for EmbeddedStore {
             pages::scan_prefix(&nodes, &prefix, |k, v| {
                 let mut key = KeyReader::new(&k[prefix.len()..]);
                 let (hierarchy, node) = (key.str()?, key.str()?);
-                let row = StoredNode::decode(v)?;
-                let buckets = bucket_rows(row.inline()?.unwrap_or_default())?;
-                let StoredNode(parent, header, _) = row;
+                let (parent, header, buckets) = match load {
+                    // The set is not even walked (`row_prefix`): a restore costs the nodes'
+                    // totals, not their history.
+                    Load::Headers => {
+                        let p = row_prefix::<NodeHeader>(v)?;
+                        (p.parent, p.header, Vec::new())
+                    }
+                    Load::Buckets => {
+                        let row = StoredNode::decode(v)?;
+                        let buckets = bucket_rows(row.inline()?.unwrap_or_default())?;
+                        (row.0, row.1, buckets)
+                    }
+                };
                 image.nodes.push(NodeRow {
                     hierarchy,
                     node,
                     parent,
                     header,
                     buckets,
-                    packed: None,
+                    write: BucketWrite::Replace,
                 });
                 Ok(())
             })?;
+            if load == Load::Headers {
+                load_dedup(&tx, &tenant, &mut image)?;
+                return Ok(image);
+            }
             // Bucket rows sort like node rows: attach them in one merge pass.
             let buckets = tx.open_table(BUCKET_PAGES).map_err(io)?;
             let mut i = 0;
@@ -647,18 +728,7 @@ impl Store for EmbeddedStore {
                 node.buckets.push(spilled_row(key.rest(), v)?);
                 Ok(())
             })?;
-            let dedup = tx.open_table(DEDUP).map_err(io)?;
-            for e in dedup.range((tenant.as_str(), 0u64)..).map_err(io)? {
-                let (k, v) = e.map_err(io)?;
-                let (t, seq) = k.value();
-                if t != tenant {
-                    break;
-                }
-                image.dedup.push(DedupBatch {
-                    seq,
-                    ids: rmp_serde::from_slice(v.value()).map_err(corrupt)?,
-                });
-            }
+            load_dedup(&tx, &tenant, &mut image)?;
             Ok(image)
         })
         .await
@@ -669,6 +739,7 @@ impl Store for EmbeddedStore {
         tenant: &str,
         hierarchy: &str,
         node: &str,
+        load: Load,
     ) -> Result<AsOf<Option<NodeRow>>, StoreError> {
         let (t, h, n) = (tenant.to_string(), hierarchy.to_string(), node.to_string());
         self.read(move |tx| {
@@ -676,6 +747,17 @@ impl Store for EmbeddedStore {
             let Some(v) = pages::get(&nodes, &node_key(&t, &h, &n))? else {
                 return Ok(None);
             };
+            if load == Load::Headers {
+                let p = row_prefix::<NodeHeader>(&v)?;
+                return Ok(Some(NodeRow {
+                    hierarchy: h,
+                    node: n,
+                    parent: p.parent,
+                    header: p.header,
+                    buckets: Vec::new(),
+                    write: BucketWrite::Replace,
+                }));
+            }
             let row = StoredNode::decode(&v)?;
             let inline = row.inline()?;
             let StoredNode(parent, header, _) = row;
@@ -692,7 +774,7 @@ impl Store for EmbeddedStore {
                 parent,
                 header,
                 buckets,
-                packed: None,
+                write: BucketWrite::Replace,
             }))
         })
         .await
@@ -701,10 +783,26 @@ impl Store for EmbeddedStore {
     async fn commit(&self, cp: Arc<Checkpoint>) -> Result<u64, StoreError> {
         self.blocking(move |db| commit(db, &cp)).await
     }
+}
 
-    fn packed_buckets_max(&self) -> Option<usize> {
-        Some(INLINE_MAX)
+fn load_dedup(
+    tx: &redb::ReadTransaction,
+    tenant: &str,
+    image: &mut TenantImage,
+) -> Result<(), StoreError> {
+    let dedup = tx.open_table(DEDUP).map_err(io)?;
+    for e in dedup.range((tenant, 0u64)..).map_err(io)? {
+        let (k, v) = e.map_err(io)?;
+        let (t, seq) = k.value();
+        if t != tenant {
+            break;
+        }
+        image.dedup.push(DedupBatch {
+            seq,
+            ids: rmp_serde::from_slice(v.value()).map_err(corrupt)?,
+        });
     }
+    Ok(())
 }
 
 fn as_of(tx: &redb::ReadTransaction) -> Result<u64, StoreError> {
@@ -966,7 +1064,7 @@ mod tests {
                     agg: Some(agg(*k)),
                 })
                 .collect(),
-            packed: None,
+            write: BucketWrite::Replace,
         }
     }
 
@@ -988,7 +1086,7 @@ mod tests {
             ..Default::default()
         };
         s.commit(cp(1, put)).await.unwrap();
-        let img = s.load_tenant("t").await.unwrap();
+        let img = s.load_tenant("t", Load::Buckets).await.unwrap();
         assert_eq!(
             img.nodes
                 .iter()
@@ -1002,7 +1100,7 @@ mod tests {
             ..Default::default()
         };
         s.commit(cp(2, del)).await.unwrap();
-        let img = s.load_tenant("t").await.unwrap();
+        let img = s.load_tenant("t", Load::Buckets).await.unwrap();
         assert_eq!(img.nodes.len(), 1);
         assert_eq!(img.nodes[0].node, "ab");
         assert_eq!(img.nodes[0].buckets.len(), 1, "only ab's bucket is left");
@@ -1014,7 +1112,7 @@ mod tests {
             ..Default::default()
         };
         s.commit(cp(3, again)).await.unwrap();
-        let img = s.load_tenant("t").await.unwrap();
+        let img = s.load_tenant("t", Load::Buckets).await.unwrap();
         assert_eq!(
             img.nodes[0]
                 .buckets
@@ -1053,7 +1151,7 @@ mod tests {
     }
 
     async fn keys_of(s: &EmbeddedStore, name: &str) -> Vec<u64> {
-        let img = s.load_tenant("t").await.unwrap();
+        let img = s.load_tenant("t", Load::Buckets).await.unwrap();
         let n = img.nodes.iter().find(|n| n.node == name).unwrap();
         let loaded: Vec<u64> = n.buckets.iter().map(|b| b.key).collect();
         let read = s
@@ -1213,9 +1311,8 @@ mod tests {
             let p = row_prefix::<NodeHeader>(&v).unwrap();
             assert_eq!(p.parent, parent);
             assert_eq!(p.header, header);
-            assert_eq!(p.inline, set.is_some());
             let skipped = row_prefix::<Skip>(&v).unwrap();
-            assert_eq!((skipped.parent, skipped.inline), (parent, set.is_some()));
+            assert_eq!(skipped.parent, parent);
         }
         // Not a node row: a clear error, not a guess.
         for bad in [
@@ -1229,69 +1326,5 @@ mod tests {
                 Err(StoreError::Corrupt(_))
             ));
         }
-    }
-
-    #[test]
-    fn a_packed_row_is_byte_for_byte_the_row_the_bucket_path_writes() {
-        use canopy_actors::agg::{Buckets, Delta, Stat};
-        use canopy_actors::node::NodeState;
-        let big = |events: u64, sum: i128| Agg {
-            events,
-            metrics: [
-                (
-                    "amount".into(),
-                    Stat {
-                        count: events,
-                        sum,
-                        min: -3,
-                        max: 9,
-                    },
-                ),
-                ("zeta".into(), Stat::of(4)),
-            ]
-            .into_iter()
-            .collect(),
-        };
-        let mut subtree = Buckets::default();
-        *subtree.0[0].entry(60) = big(2, 5);
-        *subtree.0[0].entry(120) = big(1, i128::from(i64::MAX) * 4);
-        *subtree.0[2].entry(7) = big(3, -11);
-        let mut own = Buckets::default();
-        *own.0[1].entry(1) = big(1, 1);
-        let st = NodeState {
-            own: big(1, 1),
-            own_buckets: Some(own),
-            subtree: Delta {
-                total: big(3, 2),
-                buckets: subtree,
-            },
-        };
-        let packed = st.pack_buckets();
-        assert_eq!(packed.count, 4);
-        let header = st.header();
-        let parent = Some("p".to_string());
-        let rows = packed.rows().unwrap();
-        let set: Vec<InlineBucket> = rows
-            .iter()
-            .map(|b| {
-                (
-                    b.kind as u8,
-                    b.granularity as u8,
-                    b.key,
-                    b.agg.clone().unwrap(),
-                )
-            })
-            .collect();
-        assert_eq!(
-            set.iter()
-                .map(|(k, g, key, _)| (*k, *g, *key))
-                .collect::<Vec<_>>(),
-            [(0, 0, 60), (0, 0, 120), (0, 2, 7), (1, 1, 1)],
-            "in (kind, granularity, key) order"
-        );
-        assert_eq!(
-            packed_value(&parent, &header, &packed).unwrap(),
-            node_value(&parent, &header, Some(&set)).unwrap()
-        );
     }
 }

@@ -271,6 +271,30 @@ pub fn scan_prefix<T: ReadableTable<&'static [u8], &'static [u8]>>(
     Ok(())
 }
 
+/// Calls `f` with every entry whose key is in `from..to`, in key order.
+pub fn scan_range<T: ReadableTable<&'static [u8], &'static [u8]>>(
+    t: &T,
+    from: &[u8],
+    to: &[u8],
+    mut f: impl FnMut(&[u8], &[u8]) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    let start = floor_key(t, from)?;
+    let first = start.as_deref().unwrap_or(from);
+    for e in t.range::<&[u8]>(first..to).map_err(io)? {
+        let (_, page) = e.map_err(io)?;
+        for e in Entries(page.value()) {
+            let (k, v) = e?;
+            if k >= to {
+                return Ok(());
+            }
+            if k >= from {
+                f(k, v)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Applies `changes` (sorted by key; several for one key apply in order) to the pages of `t`:
 /// for each, `f(key, old value, change)` returns the new value, or `None` to remove the entry.
 /// Returns the table rows written (page inserts and removals).

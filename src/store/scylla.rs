@@ -2,19 +2,68 @@
 //! driver's default load balancing), configurable consistency, optional auth.
 //!
 //! Data model (`schemas/cql/`): every state row carries the checkpoint that wrote it
-//! (`version`). A commit
-//! 1. range-deletes the versions superseded by the previous commit of this process (garbage
-//!    only: readers never pick them, see below);
-//! 2. writes the new versions: absolute values, so a retried commit writes the same cells
-//!    again (no counters, no lightweight transactions, no read-before-write);
-//! 3. moves the commit pointer (`meta`), the one write that makes the checkpoint visible;
-//! 4. deletes the bucket partitions of nodes deleted in this checkpoint.
+//! (`version`). Readers read the commit pointer (`meta`) first and take, per key, the newest
+//! version at or below it, so an answer comes from one checkpoint. Every write carries
+//! `USING TIMESTAMP ts(seq, phase) = seq * 8 + phase` (1: garbage, 2: deletions, 3: new
+//! versions, 4: the pointer): a retry rewrites the same cells, an old retry can never move the
+//! pointer back, and a phase-2 delete spares the rows the same checkpoint writes (phase 3).
 //!
-//! Readers read the pointer first and take, per key, the newest version at or below it, so an
-//! answer comes from one checkpoint. Every write carries `USING TIMESTAMP` derived from the
-//! checkpoint (`seq * 8 + phase`): retries are idempotent, an old retry can never move the
-//! pointer back, and step 4's partition delete (phase 2) spares the rows of a node re-created
-//! in the same checkpoint (phase 3).
+//! Node actors do not keep their buckets: a checkpoint's bucket rows are mostly *deltas*
+//! ([`BucketWrite::Fold`]) that the store merges into what it holds. A commit of checkpoint
+//! `seq`
+//! 0. reads the pointer. At or past `seq`, the checkpoint has landed already (a retry after a
+//!    commit that landed but reported an error): nothing is folded or written again; only the
+//!    deleted nodes' partition deletes (step 5, which may not have run) are issued again, and
+//!    the store's own bookkeeping is brought up to date;
+//! 1. reads, for every node it puts, the *base*: the node's buckets as of the pointer (newest
+//!    version ≤ pointer, never a version `seq` a failed attempt of this commit wrote, so a retry
+//!    computes and writes the same values). One read per node, nodes concurrently
+//!    (`CONCURRENCY`): a fold reads the keys it touches (one multi-column `IN` slice of the
+//!    node's partition, `IN_MAX` keys per query); a fold with `copy_own` reads the whole
+//!    partition instead (once in a node's life: when it gets its first child); `Replace` rows
+//!    read nothing. A node this store does not know to exist (it neither loaded nor wrote it)
+//!    is looked up first (one point read of its node row); a node that does not exist as of the
+//!    pointer, or that this checkpoint deletes and puts again, has an empty base;
+//! 2. range-deletes the versions superseded by the previous commit of this process (garbage
+//!    only: readers never pick them);
+//! 3. writes the new versions, absolute values as before (no counters, no lightweight
+//!    transactions): a fold row's base merged with its delta ([`Agg::merge`]); for
+//!    `copy_own`, a kind-1 row per stored subtree bucket (its copy) and a null version per
+//!    stored own bucket the copy lacks, with the kind-1 deltas merged onto the copy. Also, at
+//!    phase 2: the retention range deletes (below), and a partition delete for a node that did
+//!    not exist as of the pointer (rows left from an earlier life of the node, should step 5
+//!    of its deletion never have run, must not come back with it);
+//! 4. moves the commit pointer, the one write that makes the checkpoint visible;
+//! 5. deletes the bucket partitions of nodes deleted in this checkpoint (phase 2: the rows of a
+//!    node re-created in the same checkpoint are phase 3).
+//!
+//! Retention (`TenantChanges::retain_from`): buckets with keys below a granularity's cutoff go
+//! from every node the checkpoint puts. No row below the cutoff is written, and the stored ones
+//! go with one clustering range tombstone per (kind, granularity),
+//! `DELETE ... WHERE tenant = ? AND hierarchy = ? AND node = ? AND kind = ? AND
+//! granularity = ? AND key < ?` at phase 2 (a slice on the last restricted clustering column,
+//! which Cassandra ≥ 3.0 and Scylla accept). Chosen over null versions because it needs no
+//! read (null versions need each node's keys below the cutoff, a range read per (kind,
+//! granularity)) and it also removes the null versions that emptied and expired buckets left,
+//! which nothing else deletes, so partitions stay bounded by retention. The price: a tombstone
+//! is not versioned, so a reader still at the previous pointer sees out-of-retention buckets
+//! go slightly early (and so does everyone, if the commit then fails); SPEC lets buckets out of
+//! retention be dropped at any time. The store remembers per node the cutoffs it last applied
+//! (next to `placed`) and writes a tombstone only when a cutoff moved: for the minute
+//! granularity about once a minute per dirty node, not once per checkpoint.
+//!
+//! Cost per checkpoint: one pointer read; per put node one read (a fold; none for `Replace`),
+//! plus one point read the first time this process sees a node it did not load, plus a
+//! whole-partition read when the node gets its first child. Writes: one node row, one row per
+//! bucket written (touched keys, plus the copy for `copy_own`), two range tombstones per
+//! granularity whose cutoff moved, one partition delete per new node, plus index entries, the
+//! tenant row and the dedup batch when they change, and the pointer; the next commit adds as
+//! many garbage range deletes.
+//!
+//! Consistency: a fold builds on what it reads, so reads must see the previous commit's writes.
+//! The configured consistency is used for both (default `local_quorum`); with `one` and a
+//! replication factor above 1 a fold may read a stale base and the error stays, and the
+//! idempotence check may miss a landed commit and fold it twice.
 //!
 //! Children and roots are read through the `children` index (`003_children.cql`): one
 //! partition per parent, entries checked against the node rows as of the pointer (see
@@ -24,22 +73,30 @@
 //!
 //! Known limits, not hidden: the hierarchy listing's node count scans the hierarchy's `nodes`
 //! partition; a node deleted before this process loaded its tenant leaves a stale index entry
-//! (never served, only skipped); between steps 3 and 4 a reader may still see a
-//! deleted-and-re-created node's old buckets. TLS uses
+//! (never served, only skipped); between steps 4 and 5 a reader may still see a
+//! deleted-and-re-created node's old buckets; the garbage of a commit is not collected if the
+//! process dies, or the commit is retried, before the next one. A checkpoint that never
+//! committed because its process died leaves its version-`seq` rows behind, and the next
+//! process commits a *different* checkpoint under the same `seq` (the engine resumes at
+//! pointer + 1): where both write a cell they tie on timestamp (the larger value wins), and
+//! leftover rows the new checkpoint does not rewrite become visible with it, later folds
+//! building on them. Fixing that needs the abandoned attempt's keys (say, a list of the nodes a
+//! commit touches, written to `meta` before its rows and cleaned up by the next process's
+//! first commit) and timestamps that let the clean-up lose to the new writes. TLS uses
 //! rustls (`store.scylla_tls_*`); the driver names the server by the node's IP address, so
 //! node certificates need IP subject-alternative names. This module has been compiled
 //! here but never run against a Scylla node: none can run on the development machines. The
 //! store suite (`tests/store_suite.rs`) runs it when `CANOPY_SCYLLA_URI` is set.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use canopy_actors::agg::{Agg, Granularity};
 use canopy_actors::store::{
-    AsOf, BucketKind, BucketRow, Checkpoint, CheckpointMeta, DedupBatch, EntityView, HierarchyInfo,
-    NodeHeader, NodeRow, NodeView, Store, StoreError, StoreRead, TenantImage,
+    AsOf, BucketKind, BucketRow, BucketWrite, Checkpoint, CheckpointMeta, DedupBatch, EntityView,
+    HierarchyInfo, Load, NodeHeader, NodeRow, NodeView, Store, StoreError, StoreRead, TenantImage,
 };
 use canopy_actors::tenant::TenantRow;
 use futures::stream::{self, StreamExt, TryStreamExt};
@@ -53,8 +110,11 @@ const TABLES_CQL: &str = include_str!("../../schemas/cql/002_tables.cql");
 const CHILDREN_CQL: &str = include_str!("../../schemas/cql/003_children.cql");
 /// The `children` partition of a hierarchy's roots.
 const ROOTS: &str = "";
-/// Writes of one commit in flight at once.
+/// Writes (and base reads) of one commit in flight at once.
 const CONCURRENCY: usize = 64;
+/// Keys per base read: Scylla refuses a query whose clustering restrictions expand to more
+/// than `max_clustering_key_restrictions_per_query` ranges (100 by default).
+const IN_MAX: usize = 100;
 
 #[derive(Debug, Clone)]
 pub struct ScyllaOptions {
@@ -237,9 +297,11 @@ struct Statements {
     node_gc: PreparedStatement,
     bucket_put: PreparedStatement,
     bucket_scan: PreparedStatement,
+    bucket_get: PreparedStatement,
     bucket_series: PreparedStatement,
     bucket_gc: PreparedStatement,
     bucket_drop_node: PreparedStatement,
+    bucket_drop_before: PreparedStatement,
     dedup_put: PreparedStatement,
     dedup_del: PreparedStatement,
     dedup_scan: PreparedStatement,
@@ -262,8 +324,107 @@ struct Garbage {
 /// (tenant, hierarchy, node).
 type NodeKey = (String, String, String);
 
-/// A node → the parent it is indexed under (`ROOTS` for a root).
-type Placed = std::collections::HashMap<NodeKey, String>;
+/// What this store knows of a node that exists as of its last commit (or its tenant's load).
+#[derive(Debug, Clone)]
+struct Known {
+    /// The parent it is indexed under (`ROOTS` for a root).
+    parent: String,
+    /// Per granularity, the retention cutoff whose range tombstones this store wrote last for
+    /// the node (0: none, or not known). Every row written to the node since is at or above
+    /// it, so a checkpoint with the same cutoff has nothing of the node to drop.
+    retained: [u64; 3],
+}
+
+/// The nodes this store knows to exist, as of its last commit.
+type Placed = HashMap<NodeKey, Known>;
+
+/// A bucket's clustering key as stored: (kind, granularity, key).
+type BucketId = (i8, i8, i64);
+
+const SUBTREE: i8 = BucketKind::Subtree as i8;
+const OWN: i8 = BucketKind::Own as i8;
+
+/// What a put node had as of the pointer, as far as its bucket writes are concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Base {
+    /// It existed: folds build on its stored buckets.
+    Stored,
+    /// It did not exist: nothing stored counts (rows left from an earlier life of the node are
+    /// dropped by a partition delete at phase 2).
+    Absent,
+    /// This checkpoint deletes it and puts it again: nothing stored counts (step 5 drops the
+    /// old rows).
+    Recreated,
+}
+
+/// A put node's bucket writes, computed before the commit writes anything.
+struct NodePlan {
+    base: Base,
+    /// Rows at version `seq`: absolute values (`None`: deleted), in (kind, granularity, key)
+    /// order, none below the retention cutoff.
+    buckets: Vec<(BucketId, Option<Agg>)>,
+}
+
+fn bucket_id(b: &BucketRow) -> BucketId {
+    (b.kind as i8, b.granularity as i8, b.key as i64)
+}
+
+/// Whether a bucket is inside retention (`cut[g]` 0: everything is).
+fn retained(cut: &[u64; 3], g: i8, key: i64) -> bool {
+    let c = cut[g as usize];
+    c == 0 || key >= c as i64
+}
+
+/// The rows a put node writes at version `seq`, from its checkpoint rows and `stored`, its
+/// live buckets as of the pointer (the touched keys for a fold, all of them for `copy_own`;
+/// empty for a new node). Pure, so that a retried commit, reading the same base, writes the
+/// same values.
+fn bucket_writes(
+    n: &NodeRow,
+    stored: &HashMap<BucketId, Agg>,
+    cut: &[u64; 3],
+) -> Result<Vec<(BucketId, Option<Agg>)>, StoreError> {
+    let mut out: BTreeMap<BucketId, Option<Agg>> = BTreeMap::new();
+    match n.write {
+        BucketWrite::Replace => {
+            for b in &n.buckets {
+                out.insert(bucket_id(b), b.agg.clone());
+            }
+        }
+        BucketWrite::Fold { copy_own } => {
+            if copy_own {
+                // Own buckets stored before are replaced: deleted, unless the copy has the key.
+                for (&(k, g, key), _) in stored.iter().filter(|((k, ..), _)| *k == OWN) {
+                    out.insert((k, g, key), None);
+                }
+                for (&(_, g, key), a) in stored.iter().filter(|((k, ..), _)| *k == SUBTREE) {
+                    out.insert((OWN, g, key), Some(a.clone()));
+                }
+            }
+            for b in &n.buckets {
+                let Some(delta) = &b.agg else {
+                    return Err(StoreError::Unsupported(format!(
+                        "node {:?}: a folded bucket row without an aggregate",
+                        n.node
+                    )));
+                };
+                let id = bucket_id(b);
+                let mut v = match out.get(&id) {
+                    // Written already in this checkpoint (the copy, or a repeated row).
+                    Some(v) => v.clone().unwrap_or_default(),
+                    // With `copy_own`, own keys the copy lacks start empty.
+                    None if copy_own && id.0 == OWN => Agg::default(),
+                    None => stored.get(&id).cloned().unwrap_or_default(),
+                };
+                v.merge(delta);
+                out.insert(id, Some(v));
+            }
+        }
+    }
+    // Out of retention: not written (the stored rows go with the range tombstones).
+    out.retain(|&(_, g, key), _| retained(cut, g, key));
+    Ok(out.into_iter().collect())
+}
 
 pub struct ScyllaStore {
     session: Arc<Session>,
@@ -272,8 +433,9 @@ pub struct ScyllaStore {
     consistency: Consistency,
     st: Option<Arc<Statements>>,
     garbage: Mutex<Garbage>,
-    /// Where this store has indexed each node it wrote or loaded: an index entry is written
-    /// only when a node appears or moves, not for every number update.
+    /// The nodes this store wrote or loaded: where each is indexed (an index entry is written
+    /// only when a node appears or moves, not for every number update), the retention cutoffs
+    /// applied to it, and that it exists (a node not in here is looked up before a fold).
     placed: Mutex<Placed>,
 }
 
@@ -388,9 +550,11 @@ impl ScyllaStore {
             node_gc: p(format!("DELETE FROM {k}.nodes USING TIMESTAMP ? WHERE tenant = ? AND hierarchy = ? AND node = ? AND version < ?")).await?,
             bucket_put: p(format!("INSERT INTO {k}.buckets (tenant, hierarchy, node, kind, granularity, key, version, agg) VALUES (?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?")).await?,
             bucket_scan: p(format!("SELECT kind, granularity, key, version, agg FROM {k}.buckets WHERE tenant = ? AND hierarchy = ? AND node = ?")).await?,
+            bucket_get: p(format!("SELECT kind, granularity, key, version, agg FROM {k}.buckets WHERE tenant = ? AND hierarchy = ? AND node = ? AND (kind, granularity, key) IN ?")).await?,
             bucket_series: p(format!("SELECT key, version, agg FROM {k}.buckets WHERE tenant = ? AND hierarchy = ? AND node = ? AND kind = ? AND granularity = ?")).await?,
             bucket_gc: p(format!("DELETE FROM {k}.buckets USING TIMESTAMP ? WHERE tenant = ? AND hierarchy = ? AND node = ? AND kind = ? AND granularity = ? AND key = ? AND version < ?")).await?,
             bucket_drop_node: p(format!("DELETE FROM {k}.buckets USING TIMESTAMP ? WHERE tenant = ? AND hierarchy = ? AND node = ?")).await?,
+            bucket_drop_before: p(format!("DELETE FROM {k}.buckets USING TIMESTAMP ? WHERE tenant = ? AND hierarchy = ? AND node = ? AND kind = ? AND granularity = ? AND key < ?")).await?,
             dedup_put: p(format!("INSERT INTO {k}.dedup (tenant, seq, ids) VALUES (?, ?, ?) USING TIMESTAMP ?")).await?,
             dedup_del: p(format!("DELETE FROM {k}.dedup WHERE tenant = ? AND seq = ?")).await?,
             dedup_scan: p(format!("SELECT seq, ids FROM {k}.dedup WHERE tenant = ?")).await?,
@@ -588,6 +752,149 @@ impl ScyllaStore {
         Ok(out)
     }
 
+    /// The live values of bucket keys `keys` of a node as of `at`: one slice of the node's
+    /// partition per `IN_MAX` keys (every version of each key; the newest at or below `at`
+    /// counts, so versions a failed attempt of the running commit wrote are ignored).
+    async fn buckets_at(
+        &self,
+        t: &str,
+        h: &str,
+        n: &str,
+        keys: &[BucketId],
+        at: u64,
+    ) -> Result<HashMap<BucketId, Agg>, StoreError> {
+        type Row = (i8, i8, i64, i64, Option<Vec<u8>>);
+        let st = self.st()?;
+        // Per key, the newest version at or below `at` seen so far (the order of rows within
+        // an `IN` answer is not relied on).
+        let mut newest: HashMap<BucketId, (i64, Option<Vec<u8>>)> = HashMap::new();
+        for chunk in keys.chunks(IN_MAX) {
+            let mut stream = self
+                .session
+                .execute_iter(st.bucket_get.clone(), (t, h, n, chunk.to_vec()))
+                .await
+                .map_err(unavailable)?
+                .rows_stream::<Row>()
+                .map_err(corrupt)?;
+            while let Some((kind, g, key, version, agg)) =
+                stream.try_next().await.map_err(unavailable)?
+            {
+                if version as u64 > at {
+                    continue;
+                }
+                match newest.get(&(kind, g, key)) {
+                    Some((v, _)) if *v >= version => {}
+                    _ => {
+                        newest.insert((kind, g, key), (version, agg));
+                    }
+                }
+            }
+        }
+        newest
+            .into_iter()
+            .filter_map(|(id, (_, agg))| Some((id, agg?)))
+            .map(|(id, agg)| Ok((id, rmp_serde::from_slice(&agg).map_err(corrupt)?)))
+            .collect()
+    }
+
+    /// Reads what a put node's bucket writes build on and computes them (step 1 of a commit).
+    /// `known`: this store knows the node exists as of `at`; `recreated`: the checkpoint
+    /// deletes it too.
+    async fn plan_node(
+        &self,
+        t: &str,
+        n: &NodeRow,
+        cut: &[u64; 3],
+        known: bool,
+        recreated: bool,
+        at: u64,
+    ) -> Result<NodePlan, StoreError> {
+        let (h, node) = (n.hierarchy.as_str(), n.node.as_str());
+        let base = if recreated {
+            Base::Recreated
+        } else if known || (at > 0 && self.node_at(t, h, node, at).await?.is_some()) {
+            Base::Stored
+        } else {
+            Base::Absent
+        };
+        let stored = match (base, n.write) {
+            (Base::Stored, BucketWrite::Fold { copy_own: true }) => self
+                .node_buckets(t, h, node, at)
+                .await?
+                .into_iter()
+                .filter_map(|b| Some((bucket_id(&b), b.agg?)))
+                .collect(),
+            (Base::Stored, BucketWrite::Fold { copy_own: false }) => {
+                let mut keys: Vec<BucketId> = n
+                    .buckets
+                    .iter()
+                    .map(bucket_id)
+                    .filter(|&(_, g, key)| retained(cut, g, key))
+                    .collect();
+                keys.sort_unstable();
+                keys.dedup();
+                if keys.is_empty() {
+                    HashMap::new()
+                } else {
+                    self.buckets_at(t, h, node, &keys, at).await?
+                }
+            }
+            _ => HashMap::new(),
+        };
+        Ok(NodePlan {
+            base,
+            buckets: bucket_writes(n, &stored, cut)?,
+        })
+    }
+
+    /// The rest of a checkpoint that has committed already (the pointer is at `cp.seq`): a
+    /// retry after a commit that landed but reported an error. Its rows are not written again
+    /// (a fold would count twice); the partition deletes of its deleted nodes, which run after
+    /// the pointer write, are issued again (phase 2 of `cp.seq`: they spare anything written
+    /// since), and `placed` learns what the commit did.
+    async fn finish_landed(
+        &self,
+        st: &Arc<Statements>,
+        cp: &Checkpoint,
+    ) -> Result<u64, StoreError> {
+        let s = &self.session;
+        let seq = cp.seq;
+        let drops: Vec<Write> = cp
+            .tenants
+            .iter()
+            .flat_map(|tc| {
+                tc.delete_nodes.iter().map(move |(h, n)| {
+                    write(
+                        s,
+                        st,
+                        |x| &x.bucket_drop_node,
+                        (ts(seq, 2), tc.tenant.clone(), h.clone(), n.clone()),
+                    )
+                })
+            })
+            .collect();
+        let rows = drops.len() as u64;
+        self.run_all(drops).await?;
+        let mut placed = self.placed.lock().expect("lock");
+        for tc in &cp.tenants {
+            for (h, n) in &tc.delete_nodes {
+                placed.remove(&(tc.tenant.clone(), h.clone(), n.clone()));
+            }
+            for n in &tc.put_nodes {
+                // Indexed under its parent by that commit (or before it). The cutoffs it
+                // applied are not known here: the next put of the node writes them again.
+                placed.insert(
+                    (tc.tenant.clone(), n.hierarchy.clone(), n.node.clone()),
+                    Known {
+                        parent: n.parent.clone().unwrap_or_else(|| ROOTS.to_string()),
+                        retained: [0; 3],
+                    },
+                );
+            }
+        }
+        Ok(rows)
+    }
+
     async fn run_all(&self, writes: Vec<Write>) -> Result<(), StoreError> {
         stream::iter(writes)
             .buffer_unordered(CONCURRENCY)
@@ -598,6 +905,11 @@ impl ScyllaStore {
 }
 
 type Write = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send>>;
+
+/// A put node's plan being read (boxed: a closure over the checkpoint's borrowed rows inside
+/// the stream trips the compiler's `Send` check of the commit future).
+type PlanTask<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<NodePlan, StoreError>> + Send + 'a>>;
 
 /// One prepared write as a boxed future.
 fn write<V>(
@@ -632,7 +944,7 @@ impl Store for ScyllaStore {
         Ok(self.tenant_ids().await?.value)
     }
 
-    async fn load_tenant(&self, tenant: &str) -> Result<TenantImage, StoreError> {
+    async fn load_tenant(&self, tenant: &str, load: Load) -> Result<TenantImage, StoreError> {
         let at = self.as_of().await?;
         let mut image = TenantImage {
             row: self.tenant_row(tenant, at).await?,
@@ -650,19 +962,27 @@ impl Store for ScyllaStore {
                 for (node, parent, _) in &found {
                     placed.insert(
                         (tenant.to_string(), h.clone(), node.clone()),
-                        parent.clone().unwrap_or_else(|| ROOTS.to_string()),
+                        Known {
+                            parent: parent.clone().unwrap_or_else(|| ROOTS.to_string()),
+                            retained: [0; 3],
+                        },
                     );
                 }
             }
             for (node, parent, header) in found {
-                let buckets = self.node_buckets(tenant, &h, &node, at).await?;
+                // Headers only: the bucket partitions are not read (a restart costs the node
+                // rows, not the retained buckets).
+                let buckets = match load {
+                    Load::Headers => Vec::new(),
+                    Load::Buckets => self.node_buckets(tenant, &h, &node, at).await?,
+                };
                 image.nodes.push(NodeRow {
                     hierarchy: h.clone(),
                     node,
                     parent,
                     header,
                     buckets,
-                    packed: None,
+                    write: BucketWrite::default(),
                 });
             }
         }
@@ -691,6 +1011,7 @@ impl Store for ScyllaStore {
         tenant: &str,
         hierarchy: &str,
         node: &str,
+        load: Load,
     ) -> Result<AsOf<Option<NodeRow>>, StoreError> {
         let at = self.as_of().await?;
         let value = match self.node_at(tenant, hierarchy, node, at).await? {
@@ -699,8 +1020,11 @@ impl Store for ScyllaStore {
                 node: node.to_string(),
                 parent,
                 header,
-                buckets: self.node_buckets(tenant, hierarchy, node, at).await?,
-                packed: None,
+                buckets: match load {
+                    Load::Headers => Vec::new(),
+                    Load::Buckets => self.node_buckets(tenant, hierarchy, node, at).await?,
+                },
+                write: BucketWrite::default(),
             }),
             None => None,
         };
@@ -714,7 +1038,48 @@ impl Store for ScyllaStore {
             .ok_or_else(|| unavailable("canopy tables missing: run `canopy migrate`"))?;
         let s = &self.session;
         let seq = cp.seq;
-        // 1. Versions the previous commit superseded (garbage: readers never pick them).
+        // 0. Committed already: a later checkpoint has committed since (nothing of this one is
+        // left to do), or this one landed and its commit reported an error.
+        let at = self.as_of().await?;
+        if at > seq {
+            return Ok(0);
+        }
+        if at == seq {
+            return self.finish_landed(&st, &cp).await;
+        }
+        // 1. What the put nodes had as of the pointer, and what they write: a read per node,
+        // nodes concurrently. Decided from `placed` as it stands, which only a successful
+        // commit changes, so a retry plans the same.
+        let mut tasks: Vec<PlanTask<'_>> = Vec::new();
+        {
+            let placed = self.placed.lock().expect("lock");
+            for tc in &cp.tenants {
+                let deleted: HashSet<(&str, &str)> = tc
+                    .delete_nodes
+                    .iter()
+                    .map(|(h, n)| (h.as_str(), n.as_str()))
+                    .collect();
+                for n in &tc.put_nodes {
+                    let key = (tc.tenant.clone(), n.hierarchy.clone(), n.node.clone());
+                    let known = placed.contains_key(&key);
+                    let recreated = deleted.contains(&(n.hierarchy.as_str(), n.node.as_str()));
+                    tasks.push(Box::pin(self.plan_node(
+                        &tc.tenant,
+                        n,
+                        &tc.retain_from,
+                        known,
+                        recreated,
+                        at,
+                    )));
+                }
+            }
+        }
+        let plans: Vec<NodePlan> = stream::iter(tasks)
+            .buffered(CONCURRENCY)
+            .try_collect()
+            .await?;
+        let mut plans = plans.into_iter();
+        // 2. Versions the previous commit superseded (garbage: readers never pick them).
         let old = std::mem::take(&mut *self.garbage.lock().expect("lock"));
         let mut w: Vec<Write> = Vec::new();
         if old.seq > 0 && old.seq < seq {
@@ -735,22 +1100,31 @@ impl Store for ScyllaStore {
             let placed = self.placed.lock().expect("lock");
             for (tn, h, p, n) in old.children {
                 // Indexed there again since (deleted and re-created under the same parent).
-                if placed.get(&(tn.clone(), h.clone(), n.clone())) == Some(&p) {
+                if placed
+                    .get(&(tn.clone(), h.clone(), n.clone()))
+                    .map(|k| &k.parent)
+                    == Some(&p)
+                {
                     continue;
                 }
                 w.push(write(s, &st, |x| &x.child_del, (ts(seq, 1), tn, h, p, n)));
             }
         }
-        // Where nodes are indexed once this commit lands: applied to `placed` only then, so a
-        // retried commit computes, and writes, the same entries again.
-        let mut placed_now: std::collections::HashMap<NodeKey, Option<String>> =
-            std::collections::HashMap::new();
-        let indexed_at = |now: &std::collections::HashMap<NodeKey, Option<String>>,
-                          key: &NodeKey| match now.get(key) {
+        // Where nodes are indexed, and the cutoffs applied to them, once this commit lands:
+        // applied to `placed` only then, so a retried commit computes, and writes, the same.
+        let mut placed_now: HashMap<NodeKey, Option<String>> = HashMap::new();
+        let mut retained_now: HashMap<NodeKey, [u64; 3]> = HashMap::new();
+        let indexed_at = |now: &HashMap<NodeKey, Option<String>>, key: &NodeKey| match now.get(key)
+        {
             Some(p) => p.clone(),
-            None => self.placed.lock().expect("lock").get(key).cloned(),
+            None => self
+                .placed
+                .lock()
+                .expect("lock")
+                .get(key)
+                .map(|k| k.parent.clone()),
         };
-        // 2. The new versions.
+        // 3. The new versions.
         let v = seq as i64;
         let mut garbage = Garbage {
             seq,
@@ -796,14 +1170,9 @@ impl Store for ScyllaStore {
                 }
                 placed_now.insert(key, None);
             }
+            let cut = tc.retain_from;
             for n in &tc.put_nodes {
-                // This store writes changed buckets one row each (`packed_buckets_max` is None).
-                if n.packed.is_some() {
-                    return Err(StoreError::Unsupported(format!(
-                        "node {:?} came with packed buckets; this store takes changed buckets",
-                        n.node
-                    )));
-                }
+                let plan = plans.next().expect("a plan per put node");
                 let header = rmp_serde::to_vec(&n.header).map_err(corrupt)?;
                 w.push(write(
                     s,
@@ -824,6 +1193,49 @@ impl Store for ScyllaStore {
                     .nodes
                     .push((tn.clone(), n.hierarchy.clone(), n.node.clone()));
                 let key = (tn.clone(), n.hierarchy.clone(), n.node.clone());
+                // Retention: range tombstones for the cutoffs that moved since this store last
+                // applied them to the node. A node that did not exist, or that step 5 empties,
+                // has no stored row to drop (and none below the cutoff is written).
+                let applied = match plan.base {
+                    Base::Stored => self
+                        .placed
+                        .lock()
+                        .expect("lock")
+                        .get(&key)
+                        .map_or([0; 3], |k| k.retained),
+                    Base::Absent | Base::Recreated => cut,
+                };
+                for g in 0..3 {
+                    if cut[g] == 0 || cut[g] == applied[g] {
+                        continue;
+                    }
+                    for kind in [SUBTREE, OWN] {
+                        w.push(write(
+                            s,
+                            &st,
+                            |x| &x.bucket_drop_before,
+                            (
+                                ts(seq, 2),
+                                tn.clone(),
+                                n.hierarchy.clone(),
+                                n.node.clone(),
+                                kind,
+                                g as i8,
+                                cut[g] as i64,
+                            ),
+                        ));
+                    }
+                }
+                retained_now.insert(key.clone(), cut);
+                // Rows of an earlier life of the node must not come back with it.
+                if plan.base == Base::Absent {
+                    w.push(write(
+                        s,
+                        &st,
+                        |x| &x.bucket_drop_node,
+                        (ts(seq, 2), tn.clone(), n.hierarchy.clone(), n.node.clone()),
+                    ));
+                }
                 let want = n.parent.clone().unwrap_or_else(|| ROOTS.to_string());
                 let was = indexed_at(&placed_now, &key);
                 if was.as_ref() != Some(&want) {
@@ -846,14 +1258,12 @@ impl Store for ScyllaStore {
                     }
                     placed_now.insert(key, Some(want));
                 }
-                for b in &n.buckets {
-                    let agg = b
-                        .agg
+                for ((k, g, key), agg) in plan.buckets {
+                    let agg = agg
                         .as_ref()
                         .map(rmp_serde::to_vec)
                         .transpose()
                         .map_err(corrupt)?;
-                    let (k, g, key) = (b.kind as i8, b.granularity as i8, b.key as i64);
                     w.push(write(
                         s,
                         &st,
@@ -900,7 +1310,7 @@ impl Store for ScyllaStore {
         }
         let mut rows = w.len() as u64 + 1;
         self.run_all(w).await?;
-        // 3. The pointer: from here on readers see this checkpoint.
+        // 4. The pointer: from here on readers see this checkpoint.
         write(
             s,
             &st,
@@ -908,7 +1318,7 @@ impl Store for ScyllaStore {
             (ts(seq, 4), v, cp.source.clone()),
         )
         .await?;
-        // 4. Buckets of deleted nodes (rows of a node re-created in this checkpoint are newer).
+        // 5. Buckets of deleted nodes (rows of a node re-created in this checkpoint are newer).
         let drops = dropped
             .into_iter()
             .map(|(tn, h, n)| write(s, &st, |x| &x.bucket_drop_node, (ts(seq, 2), tn, h, n)))
@@ -919,9 +1329,24 @@ impl Store for ScyllaStore {
         let mut placed = self.placed.lock().expect("lock");
         for (key, p) in placed_now {
             match p {
-                Some(p) => placed.insert(key, p),
-                None => placed.remove(&key),
-            };
+                Some(parent) => {
+                    placed
+                        .entry(key)
+                        .or_insert_with(|| Known {
+                            parent: String::new(),
+                            retained: [0; 3],
+                        })
+                        .parent = parent;
+                }
+                None => {
+                    placed.remove(&key);
+                }
+            }
+        }
+        for (key, cut) in retained_now {
+            if let Some(k) = placed.get_mut(&key) {
+                k.retained = cut;
+            }
         }
         Ok(rows)
     }
@@ -1107,6 +1532,152 @@ impl StoreRead for ScyllaStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // -- bucket_writes: what a put node writes, given its base (tests begin)
+
+    /// One event per value of metric `m`.
+    fn agg(values: &[i64]) -> Agg {
+        let m = canopy_actors::agg::MetricName::intern("m");
+        let mut a = Agg::default();
+        for v in values {
+            a.add_event(&[(m, *v)]);
+        }
+        a
+    }
+
+    fn row(kind: BucketKind, g: Granularity, key: u64, agg: Option<Agg>) -> BucketRow {
+        BucketRow {
+            kind,
+            granularity: g,
+            key,
+            agg,
+        }
+    }
+
+    fn node(write: BucketWrite, buckets: Vec<BucketRow>) -> NodeRow {
+        NodeRow {
+            hierarchy: "h".into(),
+            node: "n".into(),
+            parent: None,
+            header: NodeHeader::default(),
+            buckets,
+            write,
+        }
+    }
+
+    const FOLD: BucketWrite = BucketWrite::Fold { copy_own: false };
+    const COPY: BucketWrite = BucketWrite::Fold { copy_own: true };
+    const S: BucketKind = BucketKind::Subtree;
+    const O: BucketKind = BucketKind::Own;
+    const MIN: Granularity = Granularity::Minute;
+    const HOUR: Granularity = Granularity::Hour;
+
+    #[test]
+    fn a_fold_merges_onto_the_stored_bucket_and_creates_a_missing_one() {
+        let stored = HashMap::from([((SUBTREE, 0, 10), agg(&[1, 2]))]);
+        let n = node(
+            FOLD,
+            vec![
+                row(S, MIN, 10, Some(agg(&[5]))),
+                row(S, MIN, 11, Some(agg(&[3]))),
+            ],
+        );
+        let out = bucket_writes(&n, &stored, &[0; 3]).unwrap();
+        assert_eq!(
+            out,
+            vec![
+                ((SUBTREE, 0, 10), Some(agg(&[1, 2, 5]))),
+                ((SUBTREE, 0, 11), Some(agg(&[3]))),
+            ]
+        );
+        let s = out[0].1.as_ref().unwrap().stat("m").copied().unwrap();
+        assert_eq!((s.count, s.sum, s.min, s.max), (3, 8, 1, 5));
+    }
+
+    #[test]
+    fn copy_own_replaces_the_own_buckets_with_the_subtree_copy_then_folds() {
+        let stored = HashMap::from([
+            ((SUBTREE, 0, 10), agg(&[1])),
+            ((SUBTREE, 1, 20), agg(&[2])),
+            ((OWN, 0, 9), agg(&[7])),
+            ((OWN, 0, 10), agg(&[8])),
+        ]);
+        let n = node(
+            COPY,
+            vec![
+                row(S, MIN, 10, Some(agg(&[4]))),
+                row(O, MIN, 10, Some(agg(&[4]))),
+                row(O, MIN, 12, Some(agg(&[6]))),
+            ],
+        );
+        let out = bucket_writes(&n, &stored, &[0; 3]).unwrap();
+        assert_eq!(
+            out,
+            vec![
+                ((SUBTREE, 0, 10), Some(agg(&[1, 4]))),
+                // Stored before, not in the copy: deleted.
+                ((OWN, 0, 9), None),
+                // The copy (not the old own value 8), then the delta.
+                ((OWN, 0, 10), Some(agg(&[1, 4]))),
+                ((OWN, 0, 12), Some(agg(&[6]))),
+                ((OWN, 1, 20), Some(agg(&[2]))),
+            ]
+        );
+    }
+
+    #[test]
+    fn without_copy_own_own_deltas_fold_onto_the_stored_own_buckets() {
+        let stored = HashMap::from([((SUBTREE, 0, 10), agg(&[1])), ((OWN, 0, 10), agg(&[8]))]);
+        let n = node(FOLD, vec![row(O, MIN, 10, Some(agg(&[4])))]);
+        let out = bucket_writes(&n, &stored, &[0; 3]).unwrap();
+        assert_eq!(out, vec![((OWN, 0, 10), Some(agg(&[8, 4])))]);
+    }
+
+    #[test]
+    fn nothing_below_the_retention_cutoff_is_written() {
+        let cut = [10, 0, 0];
+        let n = node(
+            BucketWrite::Replace,
+            vec![
+                row(S, MIN, 9, Some(agg(&[1]))),
+                row(S, MIN, 9, None),
+                row(S, MIN, 10, None),
+                row(S, HOUR, 3, Some(agg(&[1]))),
+            ],
+        );
+        let out = bucket_writes(&n, &HashMap::new(), &cut).unwrap();
+        assert_eq!(
+            out,
+            vec![((SUBTREE, 0, 10), None), ((SUBTREE, 1, 3), Some(agg(&[1])))]
+        );
+        let stored = HashMap::from([((SUBTREE, 0, 5), agg(&[1])), ((SUBTREE, 0, 12), agg(&[2]))]);
+        let n = node(COPY, vec![row(S, MIN, 4, Some(agg(&[3])))]);
+        let out = bucket_writes(&n, &stored, &cut).unwrap();
+        assert_eq!(out, vec![((OWN, 0, 12), Some(agg(&[2])))]);
+    }
+
+    #[test]
+    fn replace_rows_are_written_as_they_come_and_a_fold_row_needs_an_aggregate() {
+        let stored = HashMap::from([((SUBTREE, 0, 10), agg(&[1, 2]))]);
+        let n = node(
+            BucketWrite::Replace,
+            vec![row(S, MIN, 10, Some(agg(&[5]))), row(S, MIN, 11, None)],
+        );
+        assert_eq!(
+            bucket_writes(&n, &stored, &[0; 3]).unwrap(),
+            vec![
+                ((SUBTREE, 0, 10), Some(agg(&[5]))),
+                ((SUBTREE, 0, 11), None)
+            ]
+        );
+        let n = node(FOLD, vec![row(S, MIN, 10, None)]);
+        assert!(matches!(
+            bucket_writes(&n, &stored, &[0; 3]),
+            Err(StoreError::Unsupported(_))
+        ));
+    }
+
+    // -- (tests end)
 
     fn fixture(name: &str) -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -110,6 +110,12 @@ pub struct TenantSection {
     /// rebuilds its whole tenant instead.
     pub node_max_restarts: u32,
     pub node_restart_window_ms: u64,
+    /// A node actor idle for this many checkpoints is passivated (1: every node idle at a
+    /// checkpoint); it is activated again when something is addressed to it.
+    pub passivate_idle_checkpoints: u64,
+    /// Beyond this many node actors in the process, the least recently active idle ones are
+    /// passivated at each checkpoint.
+    pub max_resident_nodes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -215,6 +221,8 @@ impl Default for TenantSection {
             round_interval_ms: t.round_interval_ms,
             node_max_restarts: t.node_max_restarts,
             node_restart_window_ms: t.node_restart_window_ms,
+            passivate_idle_checkpoints: t.passivate_idle_checkpoints,
+            max_resident_nodes: t.max_resident_nodes,
         }
     }
 }
@@ -286,6 +294,8 @@ impl Config {
                 round_interval_ms: t.round_interval_ms,
                 node_max_restarts: t.node_max_restarts,
                 node_restart_window_ms: t.node_restart_window_ms,
+                passivate_idle_checkpoints: t.passivate_idle_checkpoints,
+                max_resident_nodes: t.max_resident_nodes,
             },
         }
     }

@@ -37,6 +37,9 @@ pub struct IngestReport {
     pub tenant_restarts: u64,
     pub node_restarts: u64,
     pub chaos_kills: u64,
+    /// Node actors activated (spawned again after a passivation or at a resume) and passivated.
+    pub activations: u64,
+    pub passivations: u64,
     /// Processing stopped for snapshots (rounds included).
     pub snapshot: Duration,
     /// Background commits, and the part of them the engine waited for.
@@ -58,6 +61,8 @@ impl IngestReport {
             tenant_restarts: s.tenant_restarts.load(Ordering::Relaxed),
             node_restarts: s.node_restarts.load(Ordering::Relaxed),
             chaos_kills: s.chaos_kills.load(Ordering::Relaxed),
+            activations: s.activations.load(Ordering::Relaxed),
+            passivations: s.passivations.load(Ordering::Relaxed),
             snapshot: Duration::from_micros(s.snapshot_micros.load(Ordering::Relaxed)),
             commit: Duration::from_micros(s.commit_micros.load(Ordering::Relaxed)),
             commit_wait: Duration::from_micros(s.commit_wait_micros.load(Ordering::Relaxed)),
@@ -71,6 +76,17 @@ pub async fn ingest(
     store: Arc<dyn Store>,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<IngestReport, EngineError> {
+    ingest_observed(opts, store, stop, |_| {}).await
+}
+
+/// [`ingest`], handing the engine's counters to `observe` once the engine is open (a benchmark
+/// samples them while the run goes on).
+pub async fn ingest_observed(
+    opts: IngestOptions,
+    store: Arc<dyn Store>,
+    stop: tokio::sync::watch::Receiver<bool>,
+    observe: impl FnOnce(&Arc<Stats>),
+) -> Result<IngestReport, EngineError> {
     let started = Instant::now();
     let mut source = FileSource::new(opts.input.clone(), opts.batch_size);
     let dead: Box<dyn DeadLetters> = match &opts.dlq {
@@ -79,6 +95,7 @@ pub async fn ingest(
     };
     let mut engine = Engine::open(opts.engine.clone(), store, &mut source, dead).await?;
     let stats = engine.stats.clone();
+    observe(&stats);
     let ticker = opts.progress.then(|| {
         let total = std::fs::metadata(&opts.input).map(|m| m.len()).unwrap_or(0);
         spawn_progress(stats.clone(), source.bytes_read.clone(), total)

@@ -29,6 +29,13 @@ pub struct LoadgenConfig {
     pub suspensions: f64,
     /// Event-time span of the stream, in seconds.
     pub span_secs: i64,
+    /// Share of events that arrive late: their `ts` is up to `late_max_secs` behind the stream's
+    /// event time (late beyond a granularity's retention, they count in totals only).
+    pub late: f64,
+    pub late_max_secs: i64,
+    /// Below 1: events go to this share of the leaves only, spread evenly over each tree (most
+    /// nodes of a large platform are idle at any moment).
+    pub active: f64,
     /// Event time of the first event (ms since the epoch).
     pub start_ms: i64,
     /// Whether some hierarchies are `attributed`.
@@ -51,6 +58,9 @@ impl Default for LoadgenConfig {
             duplicates: 0.001,
             suspensions: 0.0005,
             span_secs: 2 * 3600,
+            late: 0.0,
+            late_max_secs: 0,
+            active: 1.0,
             // 2026-11-01T04:30:00Z: the stream crosses New York's fall-back at 06:00Z.
             start_ms: 1_793_507_400_000,
             attributed: true,
@@ -106,6 +116,11 @@ fn node_name(t: &str, i: usize) -> String {
 
 impl LoadgenConfig {
     /// Nodes of one hierarchy tree (levels `0..depth`, `fanout` children each).
+    /// Nodes of a tree's last level.
+    pub fn leaves_per_tree(&self) -> usize {
+        self.fanout.max(1).pow(self.depth.saturating_sub(1) as u32)
+    }
+
     pub fn nodes_per_tree(&self) -> usize {
         (0..self.depth).map(|l| self.fanout.pow(l as u32)).sum()
     }
@@ -197,11 +212,15 @@ pub fn generate(cfg: &LoadgenConfig, out: &mut impl Write) -> std::io::Result<u6
     for e in 0..cfg.events {
         let ti = rng.random_range(0..tenants.len());
         let t = &mut tenants[ti];
-        let ts_ms = if cfg.live {
+        let mut ts_ms = if cfg.live {
             jiff::Timestamp::now().as_millisecond()
         } else {
             cfg.start_ms + (e as i64 * cfg.span_secs * 1000) / cfg.events.max(1) as i64
         };
+        // Drawn only when asked for, so that streams without late events stay what they were.
+        if cfg.late > 0.0 && rng.random_bool(cfg.late.min(1.0)) {
+            ts_ms -= rng.random_range(0..=cfg.late_max_secs.max(0) * 1000);
+        }
         let r: f64 = rng.random();
         if r < cfg.bad {
             line(out, bad_record(&mut rng, &t.id))?;
@@ -235,8 +254,16 @@ pub fn generate(cfg: &LoadgenConfig, out: &mut impl Write) -> std::io::Result<u6
         }
         t.next_event += 1;
         let eid = format!("e{}", t.next_event);
-        // Mostly leaves and lower levels, like real sales: pick uniformly among all nodes.
-        let ent = node_name(&t.id, rng.random_range(0..t.nodes));
+        // Mostly leaves and lower levels, like real sales: pick uniformly among all nodes (or
+        // among the active leaves).
+        let ent = if cfg.active < 1.0 {
+            let leaves = cfg.leaves_per_tree();
+            let active = ((leaves as f64 * cfg.active).ceil() as usize).clamp(1, leaves);
+            let k = rng.random_range(0..active);
+            node_name(&t.id, t.nodes - leaves + k * (leaves / active))
+        } else {
+            node_name(&t.id, rng.random_range(0..t.nodes))
+        };
         let ts = match rng.random_range(0..4) {
             0 => json!(ts_ms),
             1 => json!(rfc3339(ts_ms, 0, rng.random_bool(0.5))),

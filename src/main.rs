@@ -170,6 +170,18 @@ enum Cmd {
         /// Share of records that are refused.
         #[arg(long, default_value_t = 0.001)]
         bad: f64,
+        /// Event time between consecutive events, in milliseconds (default: the events spread
+        /// over 2 hours). `--spacing-ms 150` with 2,000,000 events covers ~83 hours.
+        #[arg(long)]
+        spacing_ms: Option<u64>,
+        /// Share of events that arrive late, up to `--late-max-secs` behind the stream.
+        #[arg(long, default_value_t = 0.0)]
+        late: f64,
+        #[arg(long, default_value_t = 0)]
+        late_max_secs: i64,
+        /// Share of the leaves that get events (default: every node may).
+        #[arg(long, default_value_t = 1.0)]
+        active: f64,
     },
     /// Write every stored node as one JSON line, sorted by tenant, hierarchy, node.
     Dump {
@@ -433,8 +445,12 @@ async fn run(cmd: Cmd, cfg: Config) -> anyhow::Result<Finished> {
             events,
             churn,
             bad,
+            spacing_ms,
+            late,
+            late_max_secs,
+            active,
         } => {
-            let lg = canopy::loadgen::LoadgenConfig {
+            let mut lg = canopy::loadgen::LoadgenConfig {
                 seed,
                 tenants,
                 hierarchies,
@@ -443,8 +459,14 @@ async fn run(cmd: Cmd, cfg: Config) -> anyhow::Result<Finished> {
                 events,
                 churn,
                 bad,
+                late,
+                late_max_secs,
+                active,
                 ..Default::default()
             };
+            if let Some(ms) = spacing_ms {
+                lg.span_secs = (events as u64 * ms / 1000) as i64;
+            }
             if let Some(topic) = topic {
                 let brokers = cfg.kafka.brokers.clone();
                 let n = tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {

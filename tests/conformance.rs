@@ -6,12 +6,16 @@ use support::*;
 
 /// Ingests the public input with `extra` flags (`runs` times into one data dir) and compares.
 fn public_case(extra: &[&str], runs: usize) -> String {
+    public_case_env(extra, runs, &[])
+}
+
+fn public_case_env(extra: &[&str], runs: usize, env: &[(&str, &str)]) -> String {
     let dir = tempfile::tempdir().unwrap();
     let c = conformance_dir();
     let data = dir.path().join("data");
     let mut dlq = None;
     for _ in 0..runs {
-        dlq = Some(ingest(&c.join("input.ndjson"), &data, extra));
+        dlq = Some(ingest_env(&c.join("input.ndjson"), &data, extra, env));
     }
     compare(
         &c.join("expected-dump.ndjson"),
@@ -53,4 +57,22 @@ fn public_case_matches_with_a_checkpoint_every_few_records() {
 fn ingest_twice_is_idempotent() {
     // Running the same ingest again resumes at the end: nothing is counted twice.
     public_case(&[], 2);
+}
+
+#[test]
+fn public_case_matches_with_every_idle_node_passivated_at_each_checkpoint() {
+    for extra in [
+        &["--checkpoint-every-records", "97", "--batch-size", "31"][..],
+        &[
+            "--chaos-kill-every",
+            "50",
+            "--checkpoint-every-records",
+            "300",
+            "--batch-size",
+            "64",
+        ][..],
+    ] {
+        public_case_env(extra, 1, &[PASSIVATE_ALL]);
+    }
+    public_case_env(&["--checkpoint-every-records", "500"], 2, &[PASSIVATE_ALL]);
 }

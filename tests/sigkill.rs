@@ -10,11 +10,30 @@ use support::*;
 
 #[test]
 fn sigkill_at_random_moments_then_resume_is_exact() {
+    sigkill_then_resume(&[], &[]);
+}
+
+/// Days of event time with late events (buckets folded in the store and dropped by retention),
+/// every idle node passivated at each checkpoint.
+#[test]
+fn sigkill_over_days_of_event_time_with_passivation_then_resume_is_exact() {
+    sigkill_then_resume(
+        &[
+            "--spacing-ms",
+            "1000",
+            "--late",
+            "0.05",
+            "--late-max-secs",
+            "216000",
+        ],
+        &[PASSIVATE_ALL],
+    );
+}
+
+fn sigkill_then_resume(stream: &[&str], env: &[(&str, &str)]) {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("stream.ndjson");
-    loadgen(
-        &input,
-        &[
+    let mut gen = vec![
             "--seed",
             "42",
             "--tenants",
@@ -31,9 +50,10 @@ fn sigkill_at_random_moments_then_resume_is_exact() {
             "0.002",
             "--bad",
             "0.01",
-        ],
-    );
-    let (exp_dump, exp_dlq) = oracle(&input);
+        ];
+    gen.extend_from_slice(stream);
+    loadgen(&input, &gen);
+    let (exp_dump, exp_dlq, watermarks) = oracle_with_watermarks(&input);
     let data = dir.path().join("data");
     let dlq = dir.path().join("dead.ndjson");
     let args = |c: &mut std::process::Command| {
@@ -44,6 +64,7 @@ fn sigkill_at_random_moments_then_resume_is_exact() {
             .arg("--dlq")
             .arg(&dlq)
             .args(["--checkpoint-interval-ms", "50", "--batch-size", "512"])
+            .envs(env.iter().copied())
             .stderr(std::process::Stdio::null());
     };
     let mut rng = rand::rng();
@@ -82,5 +103,5 @@ fn sigkill_at_random_moments_then_resume_is_exact() {
     args(&mut c);
     let st = c.status().unwrap();
     assert!(st.success());
-    compare(&exp_dump, &dump(&data), &exp_dlq, &dlq);
+    compare_retained(&exp_dump, &dump(&data), &exp_dlq, &dlq, &watermarks);
 }

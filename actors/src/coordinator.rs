@@ -21,10 +21,10 @@ use tracing::{debug, info, warn};
 use crate::engine::Stats;
 use crate::node::{
     FullBuckets, Journal, JournalRef, NodeActor, NodeArgs, NodeEvent, NodeMsg, NodeSnapshot,
-    NodeState, SnapshotCall, TenantSignal,
+    NodeState, SnapshotCall, TenantSignal, STOP_REASON,
 };
 use crate::record::{Mode, Record, Refusal};
-use crate::store::{DedupBatch, Load, NodeRow, Store, StoreError, TenantChanges};
+use crate::store::{DedupBatch, Load, NodeHeader, NodeRow, Store, StoreError, TenantChanges};
 use crate::tenant::{Effect, NodeIx, Tenant, TenantSettings};
 
 /// Records of one tenant, tagged by their position in the source (line number, offset...).
@@ -124,6 +124,11 @@ pub struct Coord {
     starting: Vec<NodeStart>,
     /// Nodes hydrated in this interval (they hold their complete buckets until the snapshot).
     hydrated: HashSet<NodeIx>,
+    /// Passivated nodes (no actor): their totals, everything they hold (their buckets are in the
+    /// store). A slot has an actor or a parked header, never both.
+    parked: Vec<Option<Box<NodeHeader>>>,
+    /// The last checkpoint each node took part in (was dirty in), for idle passivation.
+    last_dirty: Vec<u64>,
 }
 
 type NodeStart =
@@ -175,7 +180,6 @@ impl Actor for NodeSupervisor {
     }
 }
 
-const STOP_REASON: &str = "canopy:stop";
 
 impl Coord {
     /// Restarts every node reported down since the last look. Called only where the tree is
@@ -262,18 +266,7 @@ impl Coord {
         self.spawn_node(ix, base, journal, Some(stored.as_of))?;
         self.started().await?;
         let me = self.actor(ix).clone();
-        // Its children still address the old actor; nothing is in flight between rounds, so
-        // this reaches each of them before its next delta.
-        for c in self.t.slot(ix).children.clone() {
-            if self
-                .actor(c)
-                .send_message(NodeMsg::SetParent(Some(me.clone())))
-                .is_err()
-            {
-                return Err(self.fail(format!("node {c} is gone")));
-            }
-        }
-        // A `Grow` still in the dead actor's mailbox was lost with it; no child delta can have
+        // Its children learn the new actor from their next round. A `Grow` still in the dead actor's mailbox was lost with it; no child delta can have
         // arrived since (it would have come in a round, after the `Grow`), so sending it again
         // is exact, and a no-op if it had been applied.
         if !self.t.slot(ix).children.is_empty() && me.send_message(NodeMsg::Grow).is_err() {
@@ -318,7 +311,85 @@ impl Coord {
             self.pending.resize_with(n, Vec::new);
             self.mark.resize(n, 0);
             self.expect.resize(n, 0);
+            self.parked.resize(n, None);
+            self.last_dirty.resize(n, 0);
         }
+    }
+
+    /// Node `ix` with an actor: a passivated node is spawned again from its parked header (its
+    /// buckets are in the store, its journal empty: everything it held was durable).
+    fn activate(&mut self, ix: NodeIx) -> Result<(), TenantError> {
+        if self.actors[ix as usize].is_some() {
+            return Ok(());
+        }
+        let Some(header) = self.parked[ix as usize].take() else {
+            return Err(self.fail(format!("node {ix} has neither an actor nor a parked state")));
+        };
+        self.spawn_node(ix, NodeState::from_header(*header), Journal::restored(), None)?;
+        self.stats.activations.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("canopy_node_activations_total").increment(1);
+        Ok(())
+    }
+
+    /// Passivates the nodes idle for `passivate_idle_checkpoints` checkpoints, and, while the
+    /// process holds more than `max_resident_nodes` node actors, the least recently active of
+    /// the others that took no part in checkpoint `seq`. Runs at the end of a snapshot: the
+    /// tree is quiescent and every earlier checkpoint is durable, so such a node holds nothing
+    /// its stored row lacks.
+    async fn passivate(&mut self, seq: u64) -> Result<(), TenantError> {
+        let s = self.t.settings;
+        let idle = s.passivate_idle_checkpoints.max(1);
+        let mut candidates: Vec<(u64, NodeIx)> = Vec::new();
+        for (ix, a) in self.actors.iter().enumerate() {
+            let ix = ix as NodeIx;
+            if a.is_some() && self.last_dirty[ix as usize] < seq {
+                candidates.push((self.last_dirty[ix as usize], ix));
+            }
+        }
+        let resident = self.stats.resident_nodes.load(Ordering::Relaxed);
+        let over = resident.saturating_sub(s.max_resident_nodes as u64) as usize;
+        let idle_n = candidates
+            .iter()
+            .filter(|(d, _)| seq - d >= idle)
+            .count();
+        let take = idle_n.max(over.min(candidates.len()));
+        if take == 0 {
+            return Ok(());
+        }
+        if take < candidates.len() {
+            candidates.select_nth_unstable(take);
+            candidates.truncate(take);
+        }
+        let (tx, mut rx) = unbounded_channel();
+        for &(_, ix) in &candidates {
+            let msg = NodeMsg::Passivate {
+                replies: tx.clone(),
+            };
+            if self.actor(ix).send_message(msg).is_err() {
+                return Err(self.fail(format!("node {ix} is gone")));
+            }
+        }
+        drop(tx);
+        let mut gone = 0u64;
+        for _ in 0..candidates.len() {
+            let Some((ix, header)) = rx.recv().await else {
+                return Err(self.fail("a node did not answer a passivation".into()));
+            };
+            let Some(header) = header else { continue };
+            if let Some(a) = self.actors[ix as usize].take() {
+                self.ids.remove(&a.get_id());
+            }
+            self.parked[ix as usize] = Some(Box::new(header));
+            self.journals[ix as usize] = None;
+            self.restarts.remove(&ix);
+            gone += 1;
+        }
+        self.stats.resident_nodes.fetch_sub(gone, Ordering::Relaxed);
+        self.stats.passivations.fetch_add(gone, Ordering::Relaxed);
+        metrics::counter!("canopy_node_passivations_total").increment(gone);
+        metrics::gauge!("canopy_node_actors_resident")
+            .set(self.stats.resident_nodes.load(Ordering::Relaxed) as f64);
+        Ok(())
     }
 
     /// Spawns node `ix` without waiting for it to start: its mailbox takes messages at once, and
@@ -333,12 +404,10 @@ impl Coord {
         replay_onto: Option<u64>,
     ) -> Result<(), TenantError> {
         self.grow();
-        let parent = self.t.slot(ix).parent.map(|p| self.actor(p).clone());
         let args = NodeArgs {
             ix,
             mode: self.t.mode_of(ix),
             state,
-            parent,
             signals: self.signals_tx.clone(),
             journal: journal.clone(),
             stats: self.stats.clone(),
@@ -353,6 +422,10 @@ impl Coord {
         .map_err(|e| self.fail(format!("spawning a node actor: {e}")))?;
         self.starting.push(start);
         self.ids.insert(actor.get_id(), ix);
+        // A restart replaces a dead actor: the count already holds the slot.
+        if self.actors[ix as usize].is_none() {
+            self.stats.resident_nodes.fetch_add(1, Ordering::Relaxed);
+        }
         self.actors[ix as usize] = Some(actor);
         self.journals[ix as usize] = Some(journal);
         Ok(())
@@ -452,14 +525,24 @@ impl Coord {
             }
             None => (None, None),
         };
+        // Every involved node has an actor before any of them flushes to its parent.
         for &n in &involved {
-            if self.t.slot(n).parent.is_none() {
-                roots += 1;
-            }
+            self.activate(n)?;
+        }
+        self.started().await?;
+        for &n in &involved {
+            let parent = match self.t.slot(n).parent {
+                Some(p) => Some(self.actor(p).clone()),
+                None => {
+                    roots += 1;
+                    None
+                }
+            };
             let events = std::mem::take(&mut self.pending[n as usize]);
             let msg = NodeMsg::Round {
                 events,
                 expect: self.expect[n as usize],
+                parent,
                 snapshot: call.clone(),
             };
             if self.actor(n).send_message(msg).is_err() {
@@ -509,6 +592,7 @@ impl Coord {
     /// Tells a node's parent that it has a child (it then keeps its own buckets apart).
     fn grow_parent(&mut self, node: NodeIx) -> Result<(), TenantError> {
         if let Some(p) = self.t.slot(node).parent {
+            self.activate(p)?;
             if self.actor(p).send_message(NodeMsg::Grow).is_err() {
                 return Err(self.fail(format!("node {p} is gone")));
             }
@@ -617,6 +701,7 @@ impl Coord {
         if !self.hydrated.insert(ix) {
             return Ok(());
         }
+        self.activate(ix)?;
         let (stored, as_of) = self.stored_buckets(ix).await?;
         if self
             .actor(ix)
@@ -685,14 +770,8 @@ impl Coord {
                     if self.t.mode_of(node) == Mode::Current {
                         self.move_numbers(node, from, to).await?;
                     }
-                    let p = to.map(|p| self.actor(p).clone());
-                    if self
-                        .actor(node)
-                        .send_message(NodeMsg::SetParent(p))
-                        .is_err()
-                    {
-                        return Err(self.fail(format!("node {node} is gone")));
-                    }
+                    // Its next round names its new parent. Its row must name it too.
+                    self.activate(node)?;
                     self.dirty.insert(node);
                 }
                 Effect::Delete { node, parent } => {
@@ -710,7 +789,9 @@ impl Coord {
                     if let Some(a) = self.actors[node as usize].take() {
                         self.ids.remove(&a.get_id());
                         a.stop(Some(STOP_REASON.into()));
+                        self.stats.resident_nodes.fetch_sub(1, Ordering::Relaxed);
                     }
+                    self.parked[node as usize] = None;
                     self.journals[node as usize] = None;
                     self.restarts.remove(&node);
                     self.dirty.remove(&node);
@@ -824,8 +905,12 @@ impl Coord {
         let row = self.t.row_dirty.then(|| self.t.row());
         self.t.row_dirty = false;
         self.snapshotted = self.dirty.drain().collect();
+        for &n in &self.snapshotted {
+            self.last_dirty[n as usize] = seq;
+        }
         self.hydrated.clear();
         self.last_snap = seq;
+        self.passivate(seq).await?;
         self.handled_down.clear();
         Ok(TenantChanges {
             tenant: self.t.id.clone(),
@@ -853,27 +938,18 @@ impl Coord {
             .collect::<Vec<_>>();
         self.t = Tenant::restore(self.t.id.clone(), self.t.settings, row, &topo, ids);
         self.stored_dedup = image.dedup.iter().map(|b| (b.seq, b.max_ts())).collect();
-        // Parents first, so that every child is spawned knowing its parent's actor.
-        let mut states: HashMap<NodeIx, NodeState> = HashMap::new();
-        for n in &image.nodes {
+        // No actor is spawned: every node starts passivated, with its stored totals, and is
+        // activated when something is addressed to it. Resume time follows the active set.
+        self.grow();
+        let restored = image.nodes.len();
+        for row in image.nodes {
             let ix = self
                 .t
-                .node_ix(&n.hierarchy, &n.node)
+                .node_ix(&row.hierarchy, &row.node)
                 .expect("restored node");
-            states.insert(ix, NodeState::from_header(n.header.clone()));
+            self.parked[ix as usize] = Some(Box::new(row.header));
         }
-        let mut queue: VecDeque<NodeIx> = self
-            .t
-            .live_nodes()
-            .filter(|n| self.t.slot(*n).parent.is_none())
-            .collect();
-        while let Some(n) = queue.pop_front() {
-            let st = states.remove(&n).unwrap_or_default();
-            self.spawn_node(n, st, Journal::restored(), None)?;
-            queue.extend(self.t.slot(n).children.iter().copied());
-        }
-        self.started().await?;
-        debug!(tenant = %self.t.id, nodes = image.nodes.len(), "tenant restored from checkpoint");
+        debug!(tenant = %self.t.id, nodes = restored, "tenant restored from checkpoint (nodes parked)");
         Ok(())
     }
 }
@@ -919,6 +995,8 @@ impl Actor for Coordinator {
             snapshotted: Vec::new(),
             starting: Vec::new(),
             hydrated: HashSet::new(),
+            parked: Vec::new(),
+            last_dirty: Vec::new(),
         };
         c.restore(&*a.store).await?;
         Ok(c)
@@ -929,9 +1007,12 @@ impl Actor for Coordinator {
         _: ActorRef<CoordMsg>,
         c: &mut Coord,
     ) -> Result<(), ActorProcessingErr> {
+        let mut n = 0;
         for a in c.actors.iter().flatten() {
             a.stop(Some(STOP_REASON.into()));
+            n += 1;
         }
+        c.stats.resident_nodes.fetch_sub(n, Ordering::Relaxed);
         c.supervisor.stop(Some(STOP_REASON.into()));
         Ok(())
     }
@@ -970,6 +1051,7 @@ impl Actor for Coordinator {
                     warn!(error = %e, "round failed while reading a node state");
                 }
                 let st = match c.t.node_ix(&hierarchy, &node) {
+                    Some(ix) if c.activate(ix).is_err() => None,
                     Some(ix) => match c.stored_buckets(ix).await {
                         Ok((stored, as_of)) => {
                             let (tx, rx) = oneshot();
@@ -994,7 +1076,10 @@ impl Actor for Coordinator {
                 node,
                 reply,
             } => {
-                let r = c.t.node_ix(&hierarchy, &node).map(|ix| c.actor(ix).clone());
+                let r = match c.t.node_ix(&hierarchy, &node) {
+                    Some(ix) => c.activate(ix).ok().map(|()| c.actor(ix).clone()),
+                    None => None,
+                };
                 let _ = reply.send(r);
             }
             CoordMsg::AwaitDown { id, reply } => {

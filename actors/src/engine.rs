@@ -92,6 +92,17 @@ pub struct Stats {
     /// Time the engine waited for a background commit to land (before the next checkpoint, a
     /// rebuild or the end of the run), in µs.
     pub commit_wait_micros: AtomicU64,
+    /// Node actors alive in the process (the others are passivated), and how many times nodes
+    /// were activated and passivated.
+    pub resident_nodes: AtomicU64,
+    pub activations: AtomicU64,
+    pub passivations: AtomicU64,
+    /// Logical changes handed to the store (node headers, bucket rows...), over all checkpoints.
+    pub checkpoint_changes: AtomicU64,
+    /// Set by a benchmark: the commit task also adds each checkpoint's encoded size (MessagePack,
+    /// as handed to the store) to `checkpoint_bytes`. Off by default: encoding costs a copy.
+    pub measure_bytes: std::sync::atomic::AtomicBool,
+    pub checkpoint_bytes: AtomicU64,
 }
 
 fn micros(d: std::time::Duration) -> u64 {
@@ -735,10 +746,17 @@ impl Engine {
         // What changed, in logical rows (a node header, a bucket...); the backend reports what it
         // physically wrote.
         let changes = cp.rows() as u64;
+        self.stats
+            .checkpoint_changes
+            .fetch_add(changes, Ordering::Relaxed);
         let (store, cfg, stats) = (self.store.clone(), self.cfg.clone(), self.stats.clone());
         let task = tokio::spawn(
             async move {
                 let t = Instant::now();
+                if stats.measure_bytes.load(Ordering::Relaxed) {
+                    let bytes = rmp_serde::to_vec(&*cp).map_or(0, |v| v.len() as u64);
+                    stats.checkpoint_bytes.fetch_add(bytes, Ordering::Relaxed);
+                }
                 // The dead letters this checkpoint covers must be durable before it is.
                 dead_letters_durable
                     .await

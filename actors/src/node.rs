@@ -366,12 +366,19 @@ pub struct SnapshotCall {
     pub replies: UnboundedSender<(NodeIx, NodeSnapshot)>,
 }
 
+/// The reason a node actor is stopped on purpose (deleted, passivated, its tenant stopping):
+/// the supervisor ignores such stops.
+pub const STOP_REASON: &str = "canopy:stop";
+
 pub enum NodeMsg {
-    /// The tenant's part of a round: this node's events, and how many children will send a delta.
+    /// The tenant's part of a round: this node's events, how many children will send a delta,
+    /// and where its own delta goes (the parent's actor as of this round: parents are activated
+    /// and passivated, so a node learns its parent's current actor from each round).
     /// With `snapshot`, the round is a checkpoint's, and the node answers it once flushed.
     Round {
         events: Vec<NodeEvent>,
         expect: u32,
+        parent: Option<ActorRef<NodeMsg>>,
         snapshot: Option<Arc<SnapshotCall>>,
     },
     /// A child's coalesced delta for the current round.
@@ -413,7 +420,12 @@ pub enum NodeMsg {
         wanted: Arc<Vec<(Scope, MetricName)>>,
         reply: RpcReplyPort<Vec<Option<(i64, i64)>>>,
     },
-    SetParent(Option<ActorRef<NodeMsg>>),
+    /// Idle, with its state durable: reply with the header and stop (see ARCHITECTURE.md, "Life
+    /// cycle of a node actor"). A node that still holds something not durable answers `None`
+    /// and stays.
+    Passivate {
+        replies: UnboundedSender<(NodeIx, Option<NodeHeader>)>,
+    },
     /// A first child is attached (sent on a quiescent tree, before the child's first delta):
     /// from now on `own` buckets must be kept apart from `subtree` buckets.
     Grow,
@@ -428,7 +440,6 @@ pub struct NodeArgs {
     pub mode: Mode,
     /// The base state: empty, or the node's stored header as of checkpoint `replay_onto`.
     pub state: NodeState,
-    pub parent: Option<ActorRef<NodeMsg>>,
     pub signals: UnboundedSender<TenantSignal>,
     pub journal: JournalRef,
     /// The engine's counters; `durable_seq` says which journal entries may go.
@@ -658,6 +669,19 @@ impl Node {
         }
     }
 
+    /// Whether everything the node holds is in its stored row: no deltas of this interval,
+    /// nothing sent that has not landed, nothing pending, not hydrated. Only then may it stop
+    /// and come back from its header alone.
+    fn is_settled(&self) -> bool {
+        !self.hydrated
+            && !self.copy_own
+            && self.sent.is_none()
+            && self.pending.is_empty()
+            && self.expect.is_none()
+            && self.state.subtree.buckets.is_empty()
+            && self.state.own_buckets.as_ref().is_none_or(Buckets::is_empty)
+    }
+
     fn must_be_hydrated(&self, what: &str) -> Result<(), ActorProcessingErr> {
         if self.hydrated {
             return Ok(());
@@ -753,7 +777,7 @@ impl Actor for NodeActor {
             hydrated: false,
             copy_own: false,
             sent: None,
-            parent: a.parent,
+            parent: None,
             signals: a.signals,
             pending: Delta::default(),
             expect: None,
@@ -775,7 +799,7 @@ impl Actor for NodeActor {
 
     async fn handle(
         &self,
-        _me: ActorRef<NodeMsg>,
+        me: ActorRef<NodeMsg>,
         msg: NodeMsg,
         s: &mut Node,
     ) -> Result<(), ActorProcessingErr> {
@@ -786,8 +810,10 @@ impl Actor for NodeActor {
             NodeMsg::Round {
                 events,
                 expect,
+                parent,
                 snapshot,
             } => {
+                s.parent = parent;
                 s.forget_landed();
                 for e in &events {
                     s.apply(e);
@@ -877,7 +903,15 @@ impl Actor for NodeActor {
                     .collect();
                 let _ = reply.send(v);
             }
-            NodeMsg::SetParent(p) => s.parent = p,
+            NodeMsg::Passivate { replies } => {
+                s.forget_landed();
+                if s.is_settled() {
+                    let _ = replies.send((s.ix, Some(s.state.header())));
+                    me.stop(Some(STOP_REASON.into()));
+                } else {
+                    let _ = replies.send((s.ix, None));
+                }
+            }
             NodeMsg::Grow => {
                 if s.grow() {
                     s.journal(Entry::Grow);

@@ -30,6 +30,13 @@ pub struct TenantSettings {
     /// next failure rebuilds the whole tenant from its checkpoint instead.
     pub node_max_restarts: u32,
     pub node_restart_window_ms: u64,
+    /// A node actor that took part in none of this many checkpoints is passivated: stopped,
+    /// its totals kept by the coordinator, activated again when something is addressed to it.
+    /// 1 passivates every node idle at a checkpoint.
+    pub passivate_idle_checkpoints: u64,
+    /// Beyond this many node actors in the process, the least recently active of the idle ones
+    /// are passivated at each checkpoint, however recently they were active.
+    pub max_resident_nodes: usize,
 }
 
 impl Default for TenantSettings {
@@ -44,6 +51,11 @@ impl Default for TenantSettings {
             round_interval_ms: 1000,
             node_max_restarts: 3,
             node_restart_window_ms: 10_000,
+            // A minute at the default checkpoint interval: Akka Sharding's 2 minutes and
+            // Orleans' 15 are for remote activations; here an activation is a ~5 µs spawn.
+            passivate_idle_checkpoints: 60,
+            // ~6–7 KB per actor: ~1.5 GB of actors at most.
+            max_resident_nodes: 250_000,
         }
     }
 }

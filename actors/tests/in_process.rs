@@ -584,10 +584,25 @@ async fn same_states(a: &mut Engine, b: &mut Engine, nodes: &[(String, String)])
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_node_is_restarted_alone_with_exactly_its_state() {
+    kills_restart_single_nodes_exactly(small_rounds()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_every_idle_node_passivated_kills_still_restart_single_nodes_exactly() {
+    let mut cfg = small_rounds();
+    cfg.tenant.passivate_idle_checkpoints = 1;
+    let e = kills_restart_single_nodes_exactly(cfg).await;
+    let (p, a) = (e.stats.passivations.load(Relaxed), e.stats.activations.load(Relaxed));
+    assert!(p > 10 && a > 10, "{p} passivations and {a} activations");
+}
+
+/// Kills nodes of one engine now and then, and compares every node with an engine without kills.
+async fn kills_restart_single_nodes_exactly(cfg: EngineConfig) -> Engine {
     let (lines, nodes) = churn(7, 900);
     let batches: Vec<&[String]> = lines.chunks(60).collect();
+    // The reference neither loses nodes nor passivates them.
     let mut reference = engine_with(Arc::new(MemStore::default()), small_rounds()).await;
-    let mut e = engine_with(Arc::new(MemStore::default()), small_rounds()).await;
+    let mut e = engine_with(Arc::new(MemStore::default()), cfg).await;
     let mut kills = 0u64;
     for (i, b) in batches.iter().enumerate() {
         let b: Vec<&str> = b.iter().map(String::as_str).collect();
@@ -620,6 +635,7 @@ async fn a_killed_node_is_restarted_alone_with_exactly_its_state() {
         "every kill restarted one node"
     );
     assert_eq!(s.tenant_restarts.load(Relaxed), 0, "no tenant was rebuilt");
+    e
 }
 
 /// A journal lets go of what a checkpoint covers as soon as that checkpoint lands, not before:

@@ -47,8 +47,17 @@ pub fn tail(s: &str, n: usize) -> &str {
     }
 }
 
+/// The most aggressive passivation: every node actor idle at a checkpoint is stopped, and
+/// activated again from its parked totals when something is addressed to it.
+pub const PASSIVATE_ALL: (&str, &str) = ("CANOPY_TENANT_PASSIVATE_IDLE_CHECKPOINTS", "1");
+
 /// `canopy ingest` with extra flags; returns the dead-letter path.
 pub fn ingest(input: &Path, data: &Path, extra: &[&str]) -> PathBuf {
+    ingest_env(input, data, extra, &[])
+}
+
+/// [`ingest`] with extra environment variables (configuration keys).
+pub fn ingest_env(input: &Path, data: &Path, extra: &[&str], env: &[(&str, &str)]) -> PathBuf {
     let dlq = data.with_extension("dlq.ndjson");
     run_ok(
         canopy()
@@ -58,7 +67,8 @@ pub fn ingest(input: &Path, data: &Path, extra: &[&str]) -> PathBuf {
             .arg(data)
             .arg("--dlq")
             .arg(&dlq)
-            .args(extra),
+            .args(extra)
+            .envs(env.iter().copied()),
     );
     dlq
 }
@@ -86,17 +96,61 @@ pub fn oracle(input: &Path) -> (PathBuf, PathBuf) {
     (d, q)
 }
 
+/// The oracle on `input`, also writing the tenants' final watermarks: (dump, dead letters,
+/// watermarks), for [`compare_retained`].
+pub fn oracle_with_watermarks(input: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let d = input.with_extension("oracle.dump.ndjson");
+    let q = input.with_extension("oracle.dlq.ndjson");
+    let w = input.with_extension("oracle.watermarks.json");
+    run_ok(
+        Command::new("python3")
+            .arg(conformance_dir().join("oracle.py"))
+            .arg(input)
+            .arg("--dump")
+            .arg(&d)
+            .arg("--dlq")
+            .arg(&q)
+            .arg("--watermarks")
+            .arg(&w),
+    );
+    (d, q, w)
+}
+
 /// compare.py; panics with its report when the results differ.
 pub fn compare(exp_dump: &Path, act_dump: &Path, exp_dlq: &Path, act_dlq: &Path) -> String {
-    let out = Command::new("python3")
-        .arg(conformance_dir().join("compare.py"))
+    compare_with(exp_dump, act_dump, exp_dlq, act_dlq, None)
+}
+
+/// compare.py with `--watermarks`: buckets that fell out of retention may be missing from the
+/// actual dump; every bucket present must still match.
+pub fn compare_retained(
+    exp_dump: &Path,
+    act_dump: &Path,
+    exp_dlq: &Path,
+    act_dlq: &Path,
+    watermarks: &Path,
+) -> String {
+    compare_with(exp_dump, act_dump, exp_dlq, act_dlq, Some(watermarks))
+}
+
+fn compare_with(
+    exp_dump: &Path,
+    act_dump: &Path,
+    exp_dlq: &Path,
+    act_dlq: &Path,
+    watermarks: Option<&Path>,
+) -> String {
+    let mut cmd = Command::new("python3");
+    cmd.arg(conformance_dir().join("compare.py"))
         .arg(exp_dump)
         .arg(act_dump)
         .arg("--dlq")
         .arg(exp_dlq)
-        .arg(act_dlq)
-        .output()
-        .expect("python3 runs");
+        .arg(act_dlq);
+    if let Some(w) = watermarks {
+        cmd.arg("--watermarks").arg(w);
+    }
+    let out = cmd.output().expect("python3 runs");
     let report = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         out.status.success(),

@@ -64,6 +64,9 @@ fn sigkill_then_resume(stream: &[&str], env: &[(&str, &str)]) {
             .arg("--dlq")
             .arg(&dlq)
             .args(["--checkpoint-interval-ms", "50", "--batch-size", "512"])
+            // Loadgen repeats late events too; the oracle remembers every id (see
+            // oracle_property.rs, `check_long_env`).
+            .args(["--dedup-horizon-secs", "1000000"])
             .envs(env.iter().copied())
             .stderr(std::process::Stdio::null());
     };

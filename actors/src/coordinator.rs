@@ -582,6 +582,7 @@ impl Coord {
         ix: NodeIx,
         f: impl FnOnce(RpcReplyPort<T>) -> NodeMsg,
     ) -> Result<T, TenantError> {
+        self.activate(ix)?;
         let actor = self.actor(ix).clone();
         match actor.call(f, None).await {
             Ok(ractor::rpc::CallResult::Success(v)) => Ok(v),

@@ -249,6 +249,59 @@ fn json_val(raw: &RawValue) -> Result<Val<'_>, Refusal> {
 
 struct MetricsMap<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
 
+/// Up to this many keys, a repeated key is found by scanning the entries; past it, through a
+/// hash index (a scan per key made an object with n keys cost n²: issue 24).
+const KEYS_SCAN_MAX: usize = 16;
+
+/// An object's entries in the order their keys first appear, each with its key's last value:
+/// what the reference oracle (Python's `dict`) makes of a repeated key.
+struct LastWins<'a, V> {
+    entries: Vec<(Cow<'a, str>, V)>,
+    index: Option<std::collections::HashMap<Cow<'a, str>, usize>>,
+}
+
+impl<V> Default for LastWins<'_, V> {
+    fn default() -> Self {
+        LastWins {
+            entries: Vec::new(),
+            index: None,
+        }
+    }
+}
+
+impl<'a, V> LastWins<'a, V> {
+    fn with_capacity(n: usize) -> Self {
+        LastWins {
+            entries: Vec::with_capacity(n),
+            index: None,
+        }
+    }
+
+    fn push(&mut self, k: Cow<'a, str>, v: V) {
+        let seen = match &self.index {
+            Some(ix) => ix.get(&*k).copied(),
+            None => self.entries.iter().position(|(n, _)| *n == k),
+        };
+        if let Some(i) = seen {
+            self.entries[i].1 = v;
+            return;
+        }
+        if let Some(ix) = &mut self.index {
+            ix.insert(k.clone(), self.entries.len());
+        }
+        self.entries.push((k, v));
+        if self.index.is_none() && self.entries.len() > KEYS_SCAN_MAX {
+            let ix = self
+                .entries
+                .iter()
+                .enumerate()
+                .map(|(i, (n, _))| (n.clone(), i))
+                .collect();
+            self.index = Some(ix);
+        }
+    }
+}
+
 impl<'de> Deserialize<'de> for MetricsMap<'de> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
@@ -258,17 +311,12 @@ impl<'de> Deserialize<'de> for MetricsMap<'de> {
                 f.write_str("an object")
             }
             fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
-                let mut v: Vec<(Cow<'de, str>, &'de RawValue)> = Vec::new();
+                let mut v = LastWins::default();
                 while let Some(k) = m.next_key::<Cow<'de, str>>()? {
                     let val: &'de RawValue = m.next_value()?;
-                    // Last value wins for a repeated key, as in the reference oracle.
-                    if let Some(slot) = v.iter_mut().find(|(n, _)| *n == k) {
-                        slot.1 = val;
-                    } else {
-                        v.push((k, val));
-                    }
+                    v.push(k, val);
                 }
-                Ok(MetricsMap(v))
+                Ok(MetricsMap(v.entries))
             }
         }
         d.deserialize_map(V)
@@ -380,20 +428,15 @@ fn mp_val(v: rmpv::Value) -> Val<'static> {
             None => Val::Other,
         },
         V::Map(entries) => {
-            let mut out: Vec<(Cow<'static, str>, Val<'static>)> = Vec::with_capacity(entries.len());
+            let mut out = LastWins::with_capacity(entries.len());
             for (k, v) in entries {
                 let V::String(k) = k else { return Val::Other };
                 let Some(k) = k.into_str() else {
                     return Val::Other;
                 };
-                let v = mp_val(v);
-                if let Some(slot) = out.iter_mut().find(|(n, _)| *n == k) {
-                    slot.1 = v;
-                } else {
-                    out.push((Cow::Owned(k), v));
-                }
+                out.push(Cow::Owned(k), mp_val(v));
             }
-            Val::Map(out)
+            Val::Map(out.entries)
         }
         _ => Val::Other,
     }

@@ -338,13 +338,41 @@ impl Config {
             }
             set(&mut merged, key, v.clone());
         }
-        Value::Table(merged)
+        let cfg: Config = Value::Table(merged)
             .try_into()
             .map_err(|e: toml::de::Error| ConfigError::BadValue {
                 key: "(configuration)".into(),
                 message: e.message().to_string(),
-            })
+            })?;
+        cfg.validate()?;
+        Ok(cfg)
     }
+
+    /// Values that parse but cannot work, refused here so that every command (and `canopy
+    /// config`) names them before doing anything, with the configuration error's exit code.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, message: String| ConfigError::BadValue {
+            key: key.into(),
+            message,
+        };
+        crate::api::Tokens::parse(&self.api.tokens)
+            .map_err(|e| bad("api.tokens", e.to_string()))?;
+        check_listen(&self.api.listen).map_err(|m| bad("api.listen", m))?;
+        Ok(())
+    }
+}
+
+/// `HOST:PORT` (`[V6]:PORT` for IPv6), the port a number below 65536 (0: any free port).
+fn check_listen(listen: &str) -> Result<(), String> {
+    let (host, port) = listen
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{listen:?} is not HOST:PORT"))?;
+    if host.is_empty() {
+        return Err(format!("{listen:?} has no host (e.g. 127.0.0.1:8080)"));
+    }
+    port.parse::<u16>()
+        .map_err(|_| format!("{listen:?}: the port must be a number from 0 to 65535"))?;
+    Ok(())
 }
 
 /// The environment variable of a dotted key.
@@ -506,6 +534,33 @@ mod tests {
         assert!(e.to_string().contains("CANOPY_API_TOKEN"), "{e}");
         let e = Config::load(None, env(&[("CANOPY_ENGINE_BATCH_SIZE", "many")]), &[]).unwrap_err();
         assert!(e.to_string().contains("engine.batch_size"), "{e}");
+    }
+
+    #[test]
+    fn bad_tokens_and_listen_addresses_are_configuration_errors() {
+        for (var, val, key) in [
+            ("CANOPY_API_TOKENS", "tok-without-tenant", "api.tokens"),
+            ("CANOPY_API_TOKENS", "a=x,a=y", "api.tokens"),
+            ("CANOPY_API_LISTEN", "127.0.0.1:99999", "api.listen"),
+            ("CANOPY_API_LISTEN", "8080", "api.listen"),
+        ] {
+            let e = Config::load(None, env(&[(var, val)]), &[]).unwrap_err();
+            assert!(
+                matches!(&e, ConfigError::BadValue { key: k, .. } if k == key),
+                "{var}={val}: {e}"
+            );
+        }
+        let flag = [("api.listen", Value::String("127.0.0.1:99999".into()))];
+        assert!(Config::load(None, env(&[]), &flag).is_err());
+        for ok in [
+            "127.0.0.1:0",
+            "[::1]:8080",
+            "localhost:8080",
+            "0.0.0.0:65535",
+        ] {
+            let c = Config::load(None, env(&[("CANOPY_API_LISTEN", ok)]), &[]).unwrap();
+            assert_eq!(c.api.listen, ok);
+        }
     }
 
     #[test]

@@ -118,6 +118,24 @@ pub struct ApiSection {
     pub listen: String,
     /// `TOKEN=TENANT,TOKEN=*`. `canopy demo` uses `demo=*` when this is empty.
     pub tokens: String,
+    /// Connections served at once. Past it, `reserve_connections` more are accepted for
+    /// `/healthz`, `/readyz` and `/metrics` only (others answer 503), and the rest are
+    /// refused at once: held connections cannot starve the health checks.
+    pub max_connections: usize,
+    pub reserve_connections: usize,
+    /// A request's head (request line and headers) must arrive within this, counted from its
+    /// first byte (from the connection's start for a new connection); else 408 and close.
+    pub header_read_timeout_ms: u64,
+    /// A keep-alive connection with no request in progress is closed after this.
+    pub idle_timeout_ms: u64,
+    /// The longest request target (path and query) answered; longer: 414.
+    pub max_uri_bytes: usize,
+    /// The most bytes of request headers, and the most headers; more: 431.
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    /// The largest declared request body (`Content-Length`); larger: 413. The API reads no
+    /// bodies.
+    pub max_body_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -224,6 +242,15 @@ impl Default for ApiSection {
         ApiSection {
             listen: "127.0.0.1:8080".into(),
             tokens: String::new(),
+            // Below the usual 1024 open files per process, with room for the stores' files.
+            max_connections: 512,
+            reserve_connections: 16,
+            header_read_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
+            max_uri_bytes: 8 * 1024,
+            max_header_bytes: 16 * 1024,
+            max_headers: 100,
+            max_body_bytes: 64 * 1024,
         }
     }
 }
@@ -358,6 +385,29 @@ impl Config {
         crate::api::Tokens::parse(&self.api.tokens)
             .map_err(|e| bad("api.tokens", e.to_string()))?;
         check_listen(&self.api.listen).map_err(|m| bad("api.listen", m))?;
+        let a = &self.api;
+        let at_least = |key: &str, v: u64, min: u64| {
+            (v >= min)
+                .then_some(())
+                .ok_or_else(|| bad(key, format!("{v} is below the minimum, {min}")))
+        };
+        at_least("api.max_connections", a.max_connections as u64, 1)?;
+        at_least("api.header_read_timeout_ms", a.header_read_timeout_ms, 1)?;
+        at_least("api.idle_timeout_ms", a.idle_timeout_ms, 1)?;
+        at_least("api.max_uri_bytes", a.max_uri_bytes as u64, 64)?;
+        at_least("api.max_header_bytes", a.max_header_bytes as u64, 256)?;
+        at_least("api.max_headers", a.max_headers as u64, 1)?;
+        // The HTTP stack refuses longer targets itself, with no body to explain why.
+        if a.max_uri_bytes > crate::api::server::MAX_URI_BYTES {
+            return Err(bad(
+                "api.max_uri_bytes",
+                format!(
+                    "{} is above the maximum, {}",
+                    a.max_uri_bytes,
+                    crate::api::server::MAX_URI_BYTES
+                ),
+            ));
+        }
         Ok(())
     }
 }
@@ -543,6 +593,7 @@ mod tests {
             ("CANOPY_API_TOKENS", "a=x,a=y", "api.tokens"),
             ("CANOPY_API_LISTEN", "127.0.0.1:99999", "api.listen"),
             ("CANOPY_API_LISTEN", "8080", "api.listen"),
+            ("CANOPY_API_MAX_CONNECTIONS", "0", "api.max_connections"),
         ] {
             let e = Config::load(None, env(&[(var, val)]), &[]).unwrap_err();
             assert!(

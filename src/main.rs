@@ -363,7 +363,7 @@ async fn run(cmd: Cmd, cfg: Config) -> anyhow::Result<Finished> {
             let metrics = canopy::telemetry::install_metrics()?;
             let stop = shutdown_on_signals();
             let (addr, api) = spawn_api(
-                &cfg.api.listen,
+                &cfg.api,
                 store as Arc<dyn StoreRead>,
                 tokens,
                 Some(metrics),

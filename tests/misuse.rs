@@ -107,4 +107,19 @@ fn configuration_errors_exit_2_and_canopy_config_refuses_them() {
         .output()
         .unwrap();
     expect_exit(&out, 2, "api.listen");
+    // The new HTTP limits are configuration keys, printed with their defaults.
+    let out = run_ok(canopy().arg("config"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for key in [
+        "max_connections = 512",
+        "reserve_connections = 16",
+        "header_read_timeout_ms = 10000",
+        "idle_timeout_ms = 60000",
+        "max_uri_bytes = 8192",
+        "max_header_bytes = 16384",
+        "max_headers = 100",
+        "max_body_bytes = 65536",
+    ] {
+        assert!(text.contains(key), "`canopy config` lacks {key}: {text}");
+    }
 }

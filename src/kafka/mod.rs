@@ -378,7 +378,7 @@ pub async fn run(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Resu
     let reads = Arc::new(MultiRead::default());
     let ready = Arc::new(AtomicBool::new(false));
     let (addr, api) = spawn_api(
-        &cfg.api.listen,
+        &cfg.api,
         reads.clone() as Arc<dyn StoreRead>,
         Tokens::parse(&cfg.api.tokens)?,
         metrics,

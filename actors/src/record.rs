@@ -218,7 +218,11 @@ impl<'a> Fields<'a> {
 
 /// Classifies one raw JSON value without losing what serde_json's `Value` would (an integer
 /// literal too large for i64 must stay "an integer", `1e3` must stay "not an integer").
-fn json_val(raw: &RawValue) -> Result<Val<'_>, Refusal> {
+///
+/// Only a field's own object is read entry by entry (`metrics`); an object inside it is
+/// classified, not read: nothing looks deeper (a metric's value must be a number), and
+/// descending parsed each level's text again, O(depth × length) for a deeply nested record.
+fn json_val(raw: &RawValue, nested: bool) -> Result<Val<'_>, Refusal> {
     let t = raw.get();
     Ok(match t.as_bytes()[0] {
         b'n' => Val::Null,
@@ -227,12 +231,13 @@ fn json_val(raw: &RawValue) -> Result<Val<'_>, Refusal> {
             serde_json::from_str::<Cow<'_, str>>(t)
                 .map_err(|e| malformed(format!("bad string: {e}")))?,
         ),
+        b'{' if nested => Val::Map(Vec::new()),
         b'{' => {
             let MetricsMap(entries) =
                 serde_json::from_str(t).map_err(|e| malformed(format!("bad object: {e}")))?;
             let mut out = Vec::with_capacity(entries.len());
             for (k, v) in entries {
-                out.push((k, json_val(v)?));
+                out.push((k, json_val(v, true)?));
             }
             Val::Map(out)
         }
@@ -348,8 +353,8 @@ impl<'de> Deserialize<'de> for JsonTop<'de> {
                     }
                 }
                 for (name, v) in raw {
-                    let val =
-                        json_val(v).map_err(|r| serde::de::Error::custom(RefusalCarrier(r)))?;
+                    let val = json_val(v, false)
+                        .map_err(|r| serde::de::Error::custom(RefusalCarrier(r)))?;
                     *fields.slot(name).expect("known key") = Some(val);
                 }
                 Ok(JsonTop(Some(fields)))
@@ -442,10 +447,16 @@ fn mp_val(v: rmpv::Value) -> Val<'static> {
     }
 }
 
+/// How deep the MessagePack reader may recurse (rmpv counts each map, array and string):
+/// about the 128 nested levels serde_json allows a JSON record. rmpv's own limit (1,024) let
+/// a ~500-level record overflow a 2 MiB reader thread's stack in a debug build (the fuzz
+/// target `actors/tests/decode_fuzz.rs` found it).
+const MSGPACK_MAX_DEPTH: usize = 256;
+
 /// Decodes one MessagePack record (a map with the same keys and values as the JSON form).
 pub fn decode_msgpack(bytes: &[u8]) -> Result<Record, Refusal> {
     let mut rd = bytes;
-    let v = rmpv::decode::read_value(&mut rd)
+    let v = rmpv::decode::read_value_with_max_depth(&mut rd, MSGPACK_MAX_DEPTH)
         .map_err(|e| malformed(format!("not MessagePack: {e}")))?;
     if !rd.is_empty() {
         return Err(malformed("trailing bytes after the MessagePack value"));

@@ -119,8 +119,9 @@ pub struct ApiSection {
     /// `TOKEN=TENANT,TOKEN=*`. `canopy demo` uses `demo=*` when this is empty.
     pub tokens: String,
     /// Connections served at once. Past it, `reserve_connections` more are accepted for
-    /// `/healthz`, `/readyz` and `/metrics` only (others answer 503), and the rest are
-    /// refused at once: held connections cannot starve the health checks.
+    /// `/healthz`, `/readyz` and `/metrics` only (others answer 503; their head must arrive
+    /// within 1 s), and the rest are refused at once: held connections cannot starve the
+    /// health checks.
     pub max_connections: usize,
     pub reserve_connections: usize,
     /// A request's head (request line and headers) must arrive within this, counted from its

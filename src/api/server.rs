@@ -48,6 +48,9 @@ const RESERVED_PATHS: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
 /// `GateState::Draining`).
 const DRAIN_BYTES: usize = 1 << 20;
 
+/// The header timeout of a reserve connection, at most.
+const RESERVE_HEADER_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// How long a connection refused at the header timeout gets to receive its 408.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
@@ -196,6 +199,16 @@ async fn connection(
     mut stop: watch::Receiver<bool>,
 ) {
     metrics::gauge!("canopy_api_connections").increment(1.0);
+    // A health check sends its request at once: a reserve connection that does not is
+    // closed sooner, so that held connections cannot keep the reserve.
+    let limits = &Limits {
+        header_read_timeout: if reserved {
+            limits.header_read_timeout.min(RESERVE_HEADER_TIMEOUT)
+        } else {
+            limits.header_read_timeout
+        },
+        ..limits.clone()
+    };
     let shared = Arc::new(Shared {
         phase: Mutex::new(Phase::Head(Instant::now())),
         changed: Notify::new(),

@@ -238,7 +238,7 @@ fn merge_many<T: Clone>(
         incoming
     } else {
         let mut v = incoming.to_vec();
-        v.sort_by(|a, b| (*a.0).cmp(&*b.0));
+        v.sort_by_key(|a| a.0);
         sorted_copy = v;
         &sorted_copy
     };

@@ -366,7 +366,7 @@ impl Tenant {
                 // Sorted once here, a long list merges into each of the node's aggregates in
                 // one pass without a sort of its own (`Agg::add_event`).
                 if metrics.len() > 4 {
-                    metrics.sort_unstable_by(|a, b| (*a.0).cmp(&*b.0));
+                    metrics.sort_unstable_by_key(|a| a.0);
                 }
                 let metrics: Arc<[(MetricName, i64)]> = metrics.into();
                 let nodes = self

@@ -204,9 +204,9 @@ fn json_value() -> impl Strategy<Value = serde_json::Value> {
     let leaf = prop_oneof![
         Just(J::Null),
         any::<bool>().prop_map(J::Bool),
-        any::<i64>().prop_map(|v| J::from(v)),
-        any::<u64>().prop_map(|v| J::from(v)),
-        (-1e6f64..1e6).prop_map(|v| J::from(v)),
+        any::<i64>().prop_map(J::from),
+        any::<u64>().prop_map(J::from),
+        (-1e6f64..1e6).prop_map(J::from),
         prop::sample::select(STRINGS).prop_map(|s| J::String(s.to_string())),
         "[a-z0-9_.\\-]{0,70}".prop_map(J::String),
         any::<String>().prop_map(J::String),

@@ -393,6 +393,15 @@ impl Config {
                 .ok_or_else(|| bad(key, format!("{v} is below the minimum, {min}")))
         };
         at_least("api.max_connections", a.max_connections as u64, 1)?;
+        for (key, v) in [
+            ("api.max_connections", a.max_connections),
+            ("api.reserve_connections", a.reserve_connections),
+        ] {
+            // Semaphore permits (and far more than a process's file descriptors).
+            if v > 1_000_000 {
+                return Err(bad(key, format!("{v} is above the maximum, 1000000")));
+            }
+        }
         at_least("api.header_read_timeout_ms", a.header_read_timeout_ms, 1)?;
         at_least("api.idle_timeout_ms", a.idle_timeout_ms, 1)?;
         at_least("api.max_uri_bytes", a.max_uri_bytes as u64, 64)?;
@@ -595,6 +604,11 @@ mod tests {
             ("CANOPY_API_LISTEN", "127.0.0.1:99999", "api.listen"),
             ("CANOPY_API_LISTEN", "8080", "api.listen"),
             ("CANOPY_API_MAX_CONNECTIONS", "0", "api.max_connections"),
+            (
+                "CANOPY_API_RESERVE_CONNECTIONS",
+                "9223372036854775807",
+                "api.reserve_connections",
+            ),
         ] {
             let e = Config::load(None, env(&[(var, val)]), &[]).unwrap_err();
             assert!(

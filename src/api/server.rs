@@ -220,6 +220,7 @@ async fn connection(
         shared: shared.clone(),
         limits: limits.clone(),
         state: GateState::Gathering(Vec::new()),
+        body_left: Some(0),
     };
     let svc_shared = shared.clone();
     let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
@@ -336,13 +337,17 @@ struct Gate {
     shared: Arc<Shared>,
     limits: Limits,
     state: GateState,
+    /// Bytes of the passed request's body still to come (they are not a head, even once the
+    /// request is answered: hyper reads an unread body to keep the connection); `None` for a
+    /// chunked body, whose end only hyper finds: such a connection is not gated any more.
+    body_left: Option<u64>,
 }
 
 /// What a head's bytes so far say.
 enum Head {
     Partial,
-    /// Complete and acceptable.
-    Ok,
+    /// Complete and acceptable: the head's length, and its body's (`None`: chunked).
+    Ok(usize, Option<u64>),
     Refused(ApiError),
 }
 
@@ -462,7 +467,7 @@ fn check_head(buf: &[u8], l: &Limits) -> Head {
     if te && !te_chunked {
         return bad("Transfer-Encoding must end with chunked".into());
     }
-    if let Some(len) = length.filter(|len| *len > l.max_body_bytes) {
+    if let Some(len) = length.filter(|len| *len > l.max_body_bytes && !te) {
         return Head::Refused(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload_too_large",
@@ -472,7 +477,7 @@ fn check_head(buf: &[u8], l: &Limits) -> Head {
             ),
         ));
     }
-    Head::Ok
+    Head::Ok(n, if te { None } else { Some(length.unwrap_or(0)) })
 }
 
 impl Gate {
@@ -549,22 +554,40 @@ impl AsyncRead for Gate {
                     let before = buf.filled().len();
                     *this.shared.reader.lock().expect("waker lock") = Some(cx.waker().clone());
                     ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
-                    let got = buf.filled()[before..].to_vec();
-                    if !got.is_empty() && matches!(this.shared.phase(), Phase::Idle(_)) {
+                    let Some(left) = this.body_left.as_mut() else {
+                        return Poll::Ready(Ok(()));
+                    };
+                    let got = buf.filled().len() - before;
+                    let body = (*left).min(got as u64) as usize;
+                    *left -= body as u64;
+                    if got > body {
+                        if !matches!(this.shared.phase(), Phase::Idle(_)) {
+                            // Pipelined behind a request still in hand: hyper frames what
+                            // follows, so this connection is not gated any more.
+                            this.body_left = None;
+                            return Poll::Ready(Ok(()));
+                        }
                         // The first bytes of the next request: gather its head first.
-                        buf.set_filled(before);
+                        let next = buf.filled()[before + body..].to_vec();
+                        buf.set_filled(before + body);
                         this.shared.set(Phase::Head(Instant::now()));
                         this.shared.changed.notify_one();
-                        this.state = GateState::Gathering(got);
-                        continue;
+                        this.state = GateState::Gathering(next);
+                        if body == 0 {
+                            continue;
+                        }
                     }
                     return Poll::Ready(Ok(()));
                 }
                 GateState::Gathering(head) => {
                     if !head.is_empty() {
                         match check_head(head, &this.limits) {
-                            Head::Ok => {
+                            Head::Ok(len, body) => {
                                 let held = std::mem::take(head);
+                                // What followed the head in the same reads is its body first;
+                                // anything after that is pipelined and goes to hyper as is.
+                                let extra = (held.len() - len) as u64;
+                                this.body_left = body.and_then(|b| b.checked_sub(extra));
                                 this.state = GateState::Passing(held, 0);
                                 continue;
                             }
@@ -632,7 +655,7 @@ mod tests {
     fn code(buf: &[u8]) -> &'static str {
         match check_head(buf, &limits()) {
             Head::Partial => "partial",
-            Head::Ok => "ok",
+            Head::Ok(..) => "ok",
             Head::Refused(e) => e.code,
         }
     }

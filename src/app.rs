@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::api::{self, ApiState, Tokens};
+use crate::config::ApiSection;
 
 /// A flag that turns true on SIGTERM or SIGINT (Ctrl-C).
 pub fn shutdown_on_signals() -> watch::Receiver<bool> {
@@ -68,15 +69,16 @@ impl Source for UntilShutdown<'_> {
 }
 
 /// Binds the API's address now (so a busy port fails at start) and serves it in a task until
-/// `stop` turns true.
+/// `stop` turns true, with the connection, time and size limits of `cfg`.
 pub async fn spawn_api(
-    listen: &str,
+    cfg: &ApiSection,
     store: Arc<dyn StoreRead>,
     tokens: Tokens,
     metrics: Option<PrometheusHandle>,
     ready: Arc<AtomicBool>,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<(SocketAddr, JoinHandle<std::io::Result<()>>)> {
+    let listen = cfg.listen.as_str();
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("binding the API to {listen}: {e}"))?;
@@ -88,10 +90,7 @@ pub async fn spawn_api(
         ready,
     });
     tracing::info!(%addr, "query API listening");
-    let task = tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(stopped(stop))
-            .await
-    });
+    let limits = api::server::Limits::from(cfg);
+    let task = tokio::spawn(api::server::serve(listener, router, limits, stop));
     Ok((addr, task))
 }

@@ -124,6 +124,25 @@ pub struct ApiSection {
     pub listen: String,
     /// `TOKEN=TENANT,TOKEN=*`. `canopy demo` uses `demo=*` when this is empty.
     pub tokens: String,
+    /// Connections served at once. Past it, `reserve_connections` more are accepted for
+    /// `/healthz`, `/readyz` and `/metrics` only (others answer 503; their head must arrive
+    /// within 1 s), and the rest are refused at once: held connections cannot starve the
+    /// health checks.
+    pub max_connections: usize,
+    pub reserve_connections: usize,
+    /// A request's head (request line and headers) must arrive within this, counted from its
+    /// first byte (from the connection's start for a new connection); else 408 and close.
+    pub header_read_timeout_ms: u64,
+    /// A keep-alive connection with no request in progress is closed after this.
+    pub idle_timeout_ms: u64,
+    /// The longest request target (path and query) answered; longer: 414.
+    pub max_uri_bytes: usize,
+    /// The most bytes of request headers, and the most headers; more: 431.
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    /// The largest declared request body (`Content-Length`); larger: 413. The API reads no
+    /// bodies.
+    pub max_body_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -232,6 +251,15 @@ impl Default for ApiSection {
         ApiSection {
             listen: "127.0.0.1:8080".into(),
             tokens: String::new(),
+            // Below the usual 1024 open files per process, with room for the stores' files.
+            max_connections: 512,
+            reserve_connections: 16,
+            header_read_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
+            max_uri_bytes: 8 * 1024,
+            max_header_bytes: 16 * 1024,
+            max_headers: 100,
+            max_body_bytes: 64 * 1024,
         }
     }
 }
@@ -348,13 +376,73 @@ impl Config {
             }
             set(&mut merged, key, v.clone());
         }
-        Value::Table(merged)
+        let cfg: Config = Value::Table(merged)
             .try_into()
             .map_err(|e: toml::de::Error| ConfigError::BadValue {
                 key: "(configuration)".into(),
                 message: e.message().to_string(),
-            })
+            })?;
+        cfg.validate()?;
+        Ok(cfg)
     }
+
+    /// Values that parse but cannot work, refused here so that every command (and `canopy
+    /// config`) names them before doing anything, with the configuration error's exit code.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, message: String| ConfigError::BadValue {
+            key: key.into(),
+            message,
+        };
+        crate::api::Tokens::parse(&self.api.tokens)
+            .map_err(|e| bad("api.tokens", e.to_string()))?;
+        check_listen(&self.api.listen).map_err(|m| bad("api.listen", m))?;
+        let a = &self.api;
+        let at_least = |key: &str, v: u64, min: u64| {
+            (v >= min)
+                .then_some(())
+                .ok_or_else(|| bad(key, format!("{v} is below the minimum, {min}")))
+        };
+        at_least("api.max_connections", a.max_connections as u64, 1)?;
+        for (key, v) in [
+            ("api.max_connections", a.max_connections),
+            ("api.reserve_connections", a.reserve_connections),
+        ] {
+            // Semaphore permits (and far more than a process's file descriptors).
+            if v > 1_000_000 {
+                return Err(bad(key, format!("{v} is above the maximum, 1000000")));
+            }
+        }
+        at_least("api.header_read_timeout_ms", a.header_read_timeout_ms, 1)?;
+        at_least("api.idle_timeout_ms", a.idle_timeout_ms, 1)?;
+        at_least("api.max_uri_bytes", a.max_uri_bytes as u64, 64)?;
+        at_least("api.max_header_bytes", a.max_header_bytes as u64, 256)?;
+        at_least("api.max_headers", a.max_headers as u64, 1)?;
+        // The HTTP stack refuses longer targets itself, with no body to explain why.
+        if a.max_uri_bytes > crate::api::server::MAX_URI_BYTES {
+            return Err(bad(
+                "api.max_uri_bytes",
+                format!(
+                    "{} is above the maximum, {}",
+                    a.max_uri_bytes,
+                    crate::api::server::MAX_URI_BYTES
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `HOST:PORT` (`[V6]:PORT` for IPv6), the port a number below 65536 (0: any free port).
+fn check_listen(listen: &str) -> Result<(), String> {
+    let (host, port) = listen
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{listen:?} is not HOST:PORT"))?;
+    if host.is_empty() {
+        return Err(format!("{listen:?} has no host (e.g. 127.0.0.1:8080)"));
+    }
+    port.parse::<u16>()
+        .map_err(|_| format!("{listen:?}: the port must be a number from 0 to 65535"))?;
+    Ok(())
 }
 
 /// The environment variable of a dotted key.
@@ -516,6 +604,39 @@ mod tests {
         assert!(e.to_string().contains("CANOPY_API_TOKEN"), "{e}");
         let e = Config::load(None, env(&[("CANOPY_ENGINE_BATCH_SIZE", "many")]), &[]).unwrap_err();
         assert!(e.to_string().contains("engine.batch_size"), "{e}");
+    }
+
+    #[test]
+    fn bad_tokens_and_listen_addresses_are_configuration_errors() {
+        for (var, val, key) in [
+            ("CANOPY_API_TOKENS", "tok-without-tenant", "api.tokens"),
+            ("CANOPY_API_TOKENS", "a=x,a=y", "api.tokens"),
+            ("CANOPY_API_LISTEN", "127.0.0.1:99999", "api.listen"),
+            ("CANOPY_API_LISTEN", "8080", "api.listen"),
+            ("CANOPY_API_MAX_CONNECTIONS", "0", "api.max_connections"),
+            (
+                "CANOPY_API_RESERVE_CONNECTIONS",
+                "9223372036854775807",
+                "api.reserve_connections",
+            ),
+        ] {
+            let e = Config::load(None, env(&[(var, val)]), &[]).unwrap_err();
+            assert!(
+                matches!(&e, ConfigError::BadValue { key: k, .. } if k == key),
+                "{var}={val}: {e}"
+            );
+        }
+        let flag = [("api.listen", Value::String("127.0.0.1:99999".into()))];
+        assert!(Config::load(None, env(&[]), &flag).is_err());
+        for ok in [
+            "127.0.0.1:0",
+            "[::1]:8080",
+            "localhost:8080",
+            "0.0.0.0:65535",
+        ] {
+            let c = Config::load(None, env(&[("CANOPY_API_LISTEN", ok)]), &[]).unwrap();
+            assert_eq!(c.api.listen, ok);
+        }
     }
 
     #[test]

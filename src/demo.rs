@@ -165,7 +165,7 @@ pub async fn run(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Resu
     let tokens = Tokens::parse(&token_spec)?;
     let ready = Arc::new(AtomicBool::new(false));
     let (addr, api) = spawn_api(
-        &cfg.api.listen,
+        &cfg.api,
         store.clone() as Arc<dyn StoreRead>,
         tokens,
         metrics,

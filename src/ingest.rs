@@ -7,13 +7,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use canopy_actors::engine::{Engine, EngineConfig, EngineError, Stats};
-use canopy_actors::source::{DeadLetters, DiscardDeadLetters};
+use canopy_actors::source::DeadLetters;
 use canopy_actors::store::Store;
 use indicatif::{ProgressBar, ProgressStyle};
 use tracing::info;
 
 use crate::app::UntilShutdown;
-use crate::file_source::{FileDeadLetters, FileSource};
+use crate::file_source::{FileDeadLetters, FileSource, NoDeadLetterFile};
 
 #[derive(Debug, Clone)]
 pub struct IngestOptions {
@@ -91,7 +91,7 @@ pub async fn ingest_observed(
     let mut source = FileSource::new(opts.input.clone(), opts.batch_size);
     let dead: Box<dyn DeadLetters> = match &opts.dlq {
         Some(p) => Box::new(FileDeadLetters::new(p.clone())),
-        None => Box::new(DiscardDeadLetters),
+        None => Box::new(NoDeadLetterFile),
     };
     let mut engine = Engine::open(opts.engine.clone(), store, &mut source, dead).await?;
     let stats = engine.stats.clone();

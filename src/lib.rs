@@ -14,6 +14,7 @@
 //! - [`kafka`]: `canopy run`: the Kafka source, per-partition shards, the dead-letter topic.
 //! - [`loadgen`]: a synthetic multi-tenant workload (`canopy loadgen`).
 //! - [`telemetry`]: logging setup.
+//! - [`usage`]: usage mistakes (exit 2) told apart from failures (exit 1).
 
 pub mod api;
 pub mod app;
@@ -27,6 +28,7 @@ pub mod kafka;
 pub mod loadgen;
 pub mod store;
 pub mod telemetry;
+pub mod usage;
 
 pub use canopy_actors as core;
 

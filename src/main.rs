@@ -309,9 +309,18 @@ fn main() -> ExitCode {
         Ok(Finished::Running) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("canopy: error: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(canopy::usage::exit_code(&e))
         }
     }
+}
+
+/// `dump`, `audit` and `serve` read a store that must exist (the embedded one: Scylla says
+/// itself when its keyspace has no tables).
+fn require_store(cfg: &Config) -> anyhow::Result<()> {
+    if cfg.store.uri == "embedded" {
+        canopy::usage::require_store(&cfg.data_dir)?;
+    }
+    Ok(())
 }
 
 /// How a command ended, when it succeeded.
@@ -327,6 +336,8 @@ async fn run(cmd: Cmd, cfg: Config) -> anyhow::Result<Finished> {
         Cmd::Ingest {
             input, dlq, quiet, ..
         } => {
+            // Before the store: a mistyped input must not leave an empty data directory behind.
+            canopy::usage::require_input(&input)?;
             let store = canopy::store::open_single(&cfg).await?;
             let opts = IngestOptions {
                 input,
@@ -351,6 +362,7 @@ async fn run(cmd: Cmd, cfg: Config) -> anyhow::Result<Finished> {
             })
         }
         Cmd::Serve { .. } => {
+            require_store(&cfg)?;
             let multi = canopy::store::MultiRead::default();
             for (name, s) in canopy::store::open_configured(&cfg).await? {
                 multi.insert(name, s as Arc<dyn StoreRead>);
@@ -363,7 +375,7 @@ async fn run(cmd: Cmd, cfg: Config) -> anyhow::Result<Finished> {
             let metrics = canopy::telemetry::install_metrics()?;
             let stop = shutdown_on_signals();
             let (addr, api) = spawn_api(
-                &cfg.api.listen,
+                &cfg.api,
                 store as Arc<dyn StoreRead>,
                 tokens,
                 Some(metrics),
@@ -486,6 +498,7 @@ async fn run(cmd: Cmd, cfg: Config) -> anyhow::Result<Finished> {
             Ok(Finished::Running)
         }
         Cmd::Audit { .. } => {
+            require_store(&cfg)?;
             let (mut nodes, mut violations) = (0, 0);
             for (_, store) in canopy::store::open_configured(&cfg).await? {
                 let rep = canopy::audit::audit(store.as_ref()).await?;
@@ -502,6 +515,7 @@ async fn run(cmd: Cmd, cfg: Config) -> anyhow::Result<Finished> {
             Ok(Finished::Running)
         }
         Cmd::Dump { .. } => {
+            require_store(&cfg)?;
             let stores = canopy::store::open_configured(&cfg).await?;
             let refs: Vec<&dyn canopy_actors::store::Store> =
                 stores.iter().map(|(_, s)| s.as_ref() as _).collect();

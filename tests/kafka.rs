@@ -324,3 +324,86 @@ fn broker_restarted_mid_stream() {
     wait_caught_up(&s, Duration::from_secs(120));
     finish_and_compare(s, &broker, &data, dir.path());
 }
+
+/// The group's committed offset of each partition of "in", as `group` sees it (`None`: never
+/// committed).
+fn committed(broker: &Broker, group: &str) -> BTreeMap<i32, Option<i64>> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", broker.addr())
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        tpl.add_partition("in", p);
+    }
+    let got = c.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+    got.elements_for_topic("in")
+        .iter()
+        .map(|e| {
+            let o = match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            };
+            (e.partition(), o)
+        })
+        .collect()
+}
+
+/// A restart whose shards restore at the end of their partitions processes nothing new, so no
+/// checkpoint commits for them; the group's committed offsets must still reach what the stores
+/// cover (issue 24: a restarted `run` left them unset, `-1001`, for good, and every lag
+/// monitor reported whole partitions as lag). A new group on the same data directory is the
+/// sharpest case: it has no committed offset at all, and the stores cover everything.
+#[test]
+fn restored_shards_commit_what_their_stores_cover() {
+    let Some((dir, broker, input, data)) = setup() else {
+        return;
+    };
+    assert!(produce(&broker, &input, None).wait().unwrap().success());
+    let mut s = Served::start(run_cmd(&broker, &data));
+    wait_caught_up(&s, Duration::from_secs(120));
+    assert!(s.terminate().success());
+    let probe: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", broker.addr())
+        .set("group.id", "test-watermarks")
+        .create()
+        .unwrap();
+    let ends: BTreeMap<i32, i64> = (0..PARTITIONS)
+        .map(|p| {
+            let (_, high) = probe
+                .fetch_watermarks("in", p, Duration::from_secs(10))
+                .unwrap();
+            (p, high)
+        })
+        .collect();
+    assert!(ends.values().any(|h| *h > 0), "the case was produced");
+    assert!(
+        committed(&broker, "g-restored")
+            .values()
+            .all(Option::is_none),
+        "a new group starts with nothing committed"
+    );
+    let s = Served::start(run_in_group(&broker, &data, "g-restored"));
+    wait_caught_up(&s, Duration::from_secs(120));
+    let want: BTreeMap<i32, Option<i64>> = ends
+        .iter()
+        .map(|(p, h)| (*p, (*h > 0).then_some(*h)))
+        .collect();
+    let t = Instant::now();
+    loop {
+        let got = committed(&broker, "g-restored");
+        if got == want {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "committed offsets {got:?}, the stores cover {want:?}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    // Nothing was counted twice, and a shutdown keeps the offsets where they are.
+    finish_and_compare(s, &broker, &data, dir.path());
+    assert_eq!(committed(&broker, "g-restored"), want);
+}

@@ -204,12 +204,92 @@ pub struct Agg {
     pub metrics: Metrics,
 }
 
+/// Up to this many metrics, a lookup first scans for the interned pointer (a list this short
+/// is a cache line or two). Past it, the scan made every lookup linear, and one event with n
+/// names cost n² (issue 24: 100,000 names ran for minutes).
+const SCAN_MAX: usize = 8;
+
+/// Up to this many incoming metrics, `add_event` and `merge` look each one up and insert it:
+/// the hot path, since an event or a bucket carries one to four. Past it, the incoming list
+/// is sorted (when it is not already) and merged in one pass, so a record or a delta with n
+/// names costs O(n log n + m), not an O(m) insert per name.
+const INSERT_MAX: usize = 4;
+
 fn find(metrics: &[(MetricName, Stat)], name: &MetricName) -> Result<usize, usize> {
     // Fast path: interned pointer equality on a short linear scan.
-    if let Some(i) = metrics.iter().position(|(n, _)| n.same(*name)) {
-        return Ok(i);
+    if metrics.len() <= SCAN_MAX {
+        if let Some(i) = metrics.iter().position(|(n, _)| n.same(*name)) {
+            return Ok(i);
+        }
     }
     metrics.binary_search_by(|(n, _)| (**n).cmp(&**name))
+}
+
+/// Merges `incoming` (any order, a name may repeat) into `metrics`, which is sorted by name:
+/// one sort of `incoming` unless it is sorted already, then one pass over both lists.
+fn merge_many<T: Clone>(
+    metrics: &mut Metrics,
+    incoming: &[(MetricName, T)],
+    new: impl Fn(&T) -> Stat,
+    add: impl Fn(&mut Stat, &T),
+) {
+    let sorted_copy: Vec<(MetricName, T)>;
+    let incoming = if incoming.windows(2).all(|w| *w[0].0 <= *w[1].0) {
+        incoming
+    } else {
+        let mut v = incoming.to_vec();
+        v.sort_by_key(|a| a.0);
+        sorted_copy = v;
+        &sorted_copy
+    };
+    // How many distinct names are new here: the vector grows exactly once, by that much.
+    let (mut i, mut fresh) = (0, 0);
+    let mut prev: Option<&str> = None;
+    for (n, _) in incoming {
+        if prev == Some(&**n) {
+            continue;
+        }
+        prev = Some(n);
+        while i < metrics.len() && *metrics[i].0 < **n {
+            i += 1;
+        }
+        if i == metrics.len() || *metrics[i].0 != **n {
+            fresh += 1;
+        }
+    }
+    if fresh == 0 {
+        let mut i = 0;
+        for (n, x) in incoming {
+            while *metrics[i].0 < **n {
+                i += 1;
+            }
+            add(&mut metrics[i].1, x);
+        }
+        return;
+    }
+    let mut out = Metrics::with_capacity(metrics.len() + fresh);
+    let mut old = std::mem::take(metrics).into_iter().peekable();
+    for (n, x) in incoming {
+        while let Some(m) = old.next_if(|(m, _)| **m < **n) {
+            out.push(m);
+        }
+        // A name repeated in `incoming` (or just merged with the old entry) is the last one.
+        if let Some((last, s)) = out.last_mut() {
+            if **last == **n {
+                add(s, x);
+                continue;
+            }
+        }
+        match old.next_if(|(m, _)| **m == **n) {
+            Some((m, mut s)) => {
+                add(&mut s, x);
+                out.push((m, s));
+            }
+            None => out.push((*n, new(x))),
+        }
+    }
+    out.extend(old);
+    *metrics = out;
 }
 
 impl Agg {
@@ -219,6 +299,15 @@ impl Agg {
 
     pub fn add_event(&mut self, metrics: &[(MetricName, i64)]) {
         self.events += 1;
+        if metrics.len() > INSERT_MAX {
+            merge_many(
+                &mut self.metrics,
+                metrics,
+                |v| Stat::of(*v),
+                |s, v| s.add(*v),
+            );
+            return;
+        }
         if self.metrics.is_empty() {
             // Exactly: a first push would reserve room for 4 (256 bytes), and most aggregates
             // never get more metrics than their first event brought.
@@ -234,6 +323,10 @@ impl Agg {
 
     pub fn merge(&mut self, o: &Agg) {
         self.events += o.events;
+        if o.metrics.len() > INSERT_MAX {
+            merge_many(&mut self.metrics, &o.metrics, |s| *s, |a, s| a.merge(s));
+            return;
+        }
         if self.metrics.is_empty() {
             self.metrics.reserve_exact(o.metrics.len());
         }
@@ -258,17 +351,23 @@ impl Agg {
     pub fn subtract(&mut self, o: &Agg) -> Vec<MetricName> {
         self.events -= o.events;
         let mut tainted = Vec::new();
+        let mut emptied = false;
         for (name, s) in &o.metrics {
             if let Ok(i) = find(&self.metrics, name) {
                 let mine = &mut self.metrics[i].1;
                 mine.count -= s.count;
                 mine.sum -= s.sum;
                 if mine.count == 0 {
-                    self.metrics.remove(i);
+                    emptied = true;
                 } else if mine.min == s.min || mine.max == s.max {
                     tainted.push(*name);
                 }
             }
+        }
+        // One pass for all emptied metrics: removing each in place shifted the rest every time,
+        // quadratic for an aggregate with tens of thousands of names.
+        if emptied {
+            self.metrics.retain(|(_, s)| s.count != 0);
         }
         tainted
     }

@@ -27,6 +27,10 @@ use crate::store::StoreError;
 /// One bucket as the set holds it: (kind, granularity, key, aggregate).
 pub type SetBucket = (u8, u8, u64, Agg);
 
+/// Up to this many distinct names in a set, a name is looked up by scanning them (a set
+/// nearly always has a handful); past it, through a hash index.
+const NAMES_SCAN_MAX: usize = 16;
+
 const OFFSET_BITS: u32 = 20;
 const OFFSET_MASK: u64 = (1 << OFFSET_BITS) - 1;
 
@@ -35,6 +39,9 @@ const OFFSET_MASK: u64 = (1 << OFFSET_BITS) - 1;
 pub struct Encoder<'a> {
     out: Vec<u8>,
     names: Vec<&'a str>,
+    /// The index of each name in `names`, once there are more than [`NAMES_SCAN_MAX`]: a scan
+    /// per metric made a set of n distinct names cost n² (issue 24).
+    index: Option<std::collections::HashMap<&'a str, usize>>,
     group: Option<u8>,
     /// Where the current section's bucket count goes, and how many it has so far.
     count_at: usize,
@@ -50,6 +57,7 @@ impl<'a> Encoder<'a> {
             // ~12–20 bytes for a bucket of one or two metrics.
             out: Vec::with_capacity(8 + buckets * 20),
             names: Vec::new(),
+            index: None,
             group: None,
             count_at: 0,
             in_section: 0,
@@ -99,13 +107,29 @@ impl<'a> Encoder<'a> {
     }
 
     fn name(&mut self, name: &'a MetricName) {
-        match self.names.iter().position(|n| **n == **name) {
+        let seen = match &self.index {
+            Some(ix) => ix.get(&**name).copied(),
+            None => self.names.iter().position(|n| **n == **name),
+        };
+        match seen {
             Some(i) => varint(&mut self.out, i as u128),
             None => {
                 varint(&mut self.out, self.names.len() as u128);
                 varint(&mut self.out, name.len() as u128);
                 self.out.extend_from_slice(name.as_bytes());
+                if let Some(ix) = &mut self.index {
+                    ix.insert(name, self.names.len());
+                }
                 self.names.push(name);
+                if self.index.is_none() && self.names.len() > NAMES_SCAN_MAX {
+                    let ix = self
+                        .names
+                        .iter()
+                        .enumerate()
+                        .map(|(i, n)| (*n, i))
+                        .collect();
+                    self.index = Some(ix);
+                }
             }
         }
     }

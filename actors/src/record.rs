@@ -218,7 +218,11 @@ impl<'a> Fields<'a> {
 
 /// Classifies one raw JSON value without losing what serde_json's `Value` would (an integer
 /// literal too large for i64 must stay "an integer", `1e3` must stay "not an integer").
-fn json_val(raw: &RawValue) -> Result<Val<'_>, Refusal> {
+///
+/// Only a field's own object is read entry by entry (`metrics`); an object inside it is
+/// classified, not read: nothing looks deeper (a metric's value must be a number), and
+/// descending parsed each level's text again, O(depth × length) for a deeply nested record.
+fn json_val(raw: &RawValue, nested: bool) -> Result<Val<'_>, Refusal> {
     let t = raw.get();
     Ok(match t.as_bytes()[0] {
         b'n' => Val::Null,
@@ -227,12 +231,13 @@ fn json_val(raw: &RawValue) -> Result<Val<'_>, Refusal> {
             serde_json::from_str::<Cow<'_, str>>(t)
                 .map_err(|e| malformed(format!("bad string: {e}")))?,
         ),
+        b'{' if nested => Val::Map(Vec::new()),
         b'{' => {
             let MetricsMap(entries) =
                 serde_json::from_str(t).map_err(|e| malformed(format!("bad object: {e}")))?;
             let mut out = Vec::with_capacity(entries.len());
             for (k, v) in entries {
-                out.push((k, json_val(v)?));
+                out.push((k, json_val(v, true)?));
             }
             Val::Map(out)
         }
@@ -249,6 +254,59 @@ fn json_val(raw: &RawValue) -> Result<Val<'_>, Refusal> {
 
 struct MetricsMap<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
 
+/// Up to this many keys, a repeated key is found by scanning the entries; past it, through a
+/// hash index (a scan per key made an object with n keys cost n²: issue 24).
+const KEYS_SCAN_MAX: usize = 16;
+
+/// An object's entries in the order their keys first appear, each with its key's last value:
+/// what the reference oracle (Python's `dict`) makes of a repeated key.
+struct LastWins<'a, V> {
+    entries: Vec<(Cow<'a, str>, V)>,
+    index: Option<std::collections::HashMap<Cow<'a, str>, usize>>,
+}
+
+impl<V> Default for LastWins<'_, V> {
+    fn default() -> Self {
+        LastWins {
+            entries: Vec::new(),
+            index: None,
+        }
+    }
+}
+
+impl<'a, V> LastWins<'a, V> {
+    fn with_capacity(n: usize) -> Self {
+        LastWins {
+            entries: Vec::with_capacity(n),
+            index: None,
+        }
+    }
+
+    fn push(&mut self, k: Cow<'a, str>, v: V) {
+        let seen = match &self.index {
+            Some(ix) => ix.get(&*k).copied(),
+            None => self.entries.iter().position(|(n, _)| *n == k),
+        };
+        if let Some(i) = seen {
+            self.entries[i].1 = v;
+            return;
+        }
+        if let Some(ix) = &mut self.index {
+            ix.insert(k.clone(), self.entries.len());
+        }
+        self.entries.push((k, v));
+        if self.index.is_none() && self.entries.len() > KEYS_SCAN_MAX {
+            let ix = self
+                .entries
+                .iter()
+                .enumerate()
+                .map(|(i, (n, _))| (n.clone(), i))
+                .collect();
+            self.index = Some(ix);
+        }
+    }
+}
+
 impl<'de> Deserialize<'de> for MetricsMap<'de> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
@@ -258,17 +316,12 @@ impl<'de> Deserialize<'de> for MetricsMap<'de> {
                 f.write_str("an object")
             }
             fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
-                let mut v: Vec<(Cow<'de, str>, &'de RawValue)> = Vec::new();
+                let mut v = LastWins::default();
                 while let Some(k) = m.next_key::<Cow<'de, str>>()? {
                     let val: &'de RawValue = m.next_value()?;
-                    // Last value wins for a repeated key, as in the reference oracle.
-                    if let Some(slot) = v.iter_mut().find(|(n, _)| *n == k) {
-                        slot.1 = val;
-                    } else {
-                        v.push((k, val));
-                    }
+                    v.push(k, val);
                 }
-                Ok(MetricsMap(v))
+                Ok(MetricsMap(v.entries))
             }
         }
         d.deserialize_map(V)
@@ -300,8 +353,8 @@ impl<'de> Deserialize<'de> for JsonTop<'de> {
                     }
                 }
                 for (name, v) in raw {
-                    let val =
-                        json_val(v).map_err(|r| serde::de::Error::custom(RefusalCarrier(r)))?;
+                    let val = json_val(v, false)
+                        .map_err(|r| serde::de::Error::custom(RefusalCarrier(r)))?;
                     *fields.slot(name).expect("known key") = Some(val);
                 }
                 Ok(JsonTop(Some(fields)))
@@ -380,29 +433,30 @@ fn mp_val(v: rmpv::Value) -> Val<'static> {
             None => Val::Other,
         },
         V::Map(entries) => {
-            let mut out: Vec<(Cow<'static, str>, Val<'static>)> = Vec::with_capacity(entries.len());
+            let mut out = LastWins::with_capacity(entries.len());
             for (k, v) in entries {
                 let V::String(k) = k else { return Val::Other };
                 let Some(k) = k.into_str() else {
                     return Val::Other;
                 };
-                let v = mp_val(v);
-                if let Some(slot) = out.iter_mut().find(|(n, _)| *n == k) {
-                    slot.1 = v;
-                } else {
-                    out.push((Cow::Owned(k), v));
-                }
+                out.push(Cow::Owned(k), mp_val(v));
             }
-            Val::Map(out)
+            Val::Map(out.entries)
         }
         _ => Val::Other,
     }
 }
 
+/// How deep the MessagePack reader may recurse (rmpv counts each map, array and string):
+/// about the 128 nested levels serde_json allows a JSON record. rmpv's own limit (1,024) let
+/// a ~500-level record overflow a 2 MiB reader thread's stack in a debug build (the fuzz
+/// target `actors/tests/decode_fuzz.rs` found it).
+const MSGPACK_MAX_DEPTH: usize = 256;
+
 /// Decodes one MessagePack record (a map with the same keys and values as the JSON form).
 pub fn decode_msgpack(bytes: &[u8]) -> Result<Record, Refusal> {
     let mut rd = bytes;
-    let v = rmpv::decode::read_value(&mut rd)
+    let v = rmpv::decode::read_value_with_max_depth(&mut rd, MSGPACK_MAX_DEPTH)
         .map_err(|e| malformed(format!("not MessagePack: {e}")))?;
     if !rd.is_empty() {
         return Err(malformed("trailing bytes after the MessagePack value"));

@@ -12,6 +12,10 @@ pub enum SourceError {
     BadPosition(String),
     #[error("source unavailable: {0}")]
     Unavailable(String),
+    /// The stored position belongs to another input or dead-letter output than the one given
+    /// (a usage mistake, refused before anything is read or written).
+    #[error("{0}")]
+    WrongInput(String),
 }
 
 /// One input record: where it came from, its original bytes (for dead letters), and its decoding.

@@ -76,6 +76,14 @@ impl Tokens {
     }
 }
 
+/// The token of `Bearer TOKEN`. The scheme is case-insensitive (RFC 7235 section 2.1:
+/// `bearer x` is the same credential) and may be followed by any run of spaces or tabs.
+fn bearer_token(h: &str) -> Option<&str> {
+    let (scheme, rest) = h.trim_start().split_once([' ', '\t'])?;
+    let token = rest.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
 impl FromRequestParts<Arc<ApiState>> for Access {
     type Rejection = ApiError;
 
@@ -89,14 +97,9 @@ impl FromRequestParts<Arc<ApiState>> for Access {
             .ok_or_else(|| {
                 ApiError::unauthorized("missing `Authorization: Bearer TOKEN` header")
             })?;
-        let token = header
-            .to_str()
-            .ok()
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .map(str::trim)
-            .ok_or_else(|| {
-                ApiError::unauthorized("the Authorization header is not `Bearer TOKEN`")
-            })?;
+        let token = header.to_str().ok().and_then(bearer_token).ok_or_else(|| {
+            ApiError::unauthorized("the Authorization header is not `Bearer TOKEN`")
+        })?;
         state
             .tokens
             .get(token)
@@ -117,6 +120,22 @@ mod tests {
         assert_eq!(t.get("nope"), None);
         assert!(Access::All.may_read("x"));
         assert!(!Access::Tenant("a".into()).may_read("b"));
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for h in [
+            "Bearer x",
+            "bearer x",
+            "BEARER x",
+            "bEaReR  x ",
+            "Bearer\tx",
+        ] {
+            assert_eq!(bearer_token(h), Some("x"), "{h:?}");
+        }
+        for h in ["Bearer", "Bearer ", "Basic x", "Bearerx", "x"] {
+            assert_eq!(bearer_token(h), None, "{h:?}");
+        }
     }
 
     #[test]

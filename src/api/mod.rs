@@ -6,10 +6,12 @@
 //! - [`v1`]: the read endpoints.
 //! - [`error`]: the JSON error shape.
 //! - [`extract`]: path/query extractors that answer bad input with JSON 400s.
+//! - [`server`]: the HTTP/1 server with connection, time and size limits.
 
 pub mod auth;
 pub mod error;
 pub mod extract;
+pub mod server;
 pub mod v1;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -99,7 +101,35 @@ pub fn router(state: ApiState) -> Router {
         .route("/readyz", get(readyz))
         .fallback(|| async { ApiError::not_found("no such path") })
         .layer(axum::middleware::from_fn(observe))
+        .layer(axum::middleware::from_fn(json_errors))
         .with_state(Arc::new(state))
+}
+
+/// Every error answer in the API's JSON shape, also those axum makes by itself (405 for a
+/// method a route does not have, with its `Allow` header; a missing recorder's 404).
+async fn json_errors(req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || json {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    let detail = axum::body::to_bytes(body, 4096)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let mut out = ApiError::for_status(status, &detail).into_response();
+    for h in [header::ALLOW, header::WWW_AUTHENTICATE, header::RETRY_AFTER] {
+        if let Some(v) = parts.headers.remove(&h) {
+            out.headers_mut().insert(h, v);
+        }
+    }
+    out
 }
 
 async fn openapi() -> Response {

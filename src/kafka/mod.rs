@@ -79,6 +79,9 @@ struct Runner {
     stores: Shards,
     reads: Arc<MultiRead>,
     commits: std_mpsc::Sender<Vec<(i32, i64)>>,
+    /// Each shard's restored offset, for the consumer thread to commit where the group is
+    /// behind it (`poller::behind_the_stores`).
+    restored: std_mpsc::Sender<(i32, i64)>,
     watermarks: Watermarks,
     stop: watch::Receiver<bool>,
     /// Dead-letter scans started at assignment, consumed when the shard opens.
@@ -161,6 +164,7 @@ impl Runner {
             Some(b) => anyhow::bail!("partition {p}: stored position of {} bytes", b.len()),
         };
         info!(partition = p, next_offset, "partition shard open");
+        let _ = self.restored.send((p, next_offset));
         metrics::gauge!("canopy_partition_owned", "partition" => p.to_string()).set(1.0);
         self.reads
             .insert(shard_name(p), store as Arc<dyn StoreRead>);
@@ -378,7 +382,7 @@ pub async fn run(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Resu
     let reads = Arc::new(MultiRead::default());
     let ready = Arc::new(AtomicBool::new(false));
     let (addr, api) = spawn_api(
-        &cfg.api.listen,
+        &cfg.api,
         reads.clone() as Arc<dyn StoreRead>,
         Tokens::parse(&cfg.api.tokens)?,
         metrics,
@@ -414,11 +418,13 @@ pub async fn run(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Resu
     consumer.subscribe(&[&k.topic])?;
     let (data_tx, mut data) = mpsc::channel(4);
     let (commits_tx, commits_rx) = std_mpsc::channel();
+    let (restored_tx, restored_rx) = std_mpsc::channel();
     let poll_stop = Arc::new(AtomicBool::new(false));
     let watermarks = Watermarks::default();
     let handles = PollerHandles {
         data: data_tx,
         commits: commits_rx,
+        restored: restored_rx,
         stop: poll_stop.clone(),
         watermarks: watermarks.clone(),
     };
@@ -447,6 +453,7 @@ pub async fn run(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Resu
         stores,
         reads,
         commits: commits_tx,
+        restored: restored_tx,
         watermarks,
         stop: stop.clone(),
         scans: BTreeMap::new(),

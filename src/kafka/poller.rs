@@ -145,6 +145,64 @@ pub fn commit(
 /// How often durable offsets are committed to the group (see `poll_loop`).
 const COMMIT_EVERY: Duration = Duration::from_secs(5);
 
+/// How often restored shards' offsets are compared with the group's (a failed lookup is
+/// retried this much later).
+const RESTORE_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// How long a lookup of the group's committed offsets may block the poll loop.
+const COMMITTED_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The restored shards (partition → the offset its store covers) whose group offset is behind
+/// that offset, or unset; they are taken out of `restored`, and so are partitions no longer
+/// owned. Why: a shard restored at the end of its partition processes nothing new, so no
+/// checkpoint would ever commit for it, and every lag monitor (they read committed offsets)
+/// would report the whole partition as lag for good (issue 24: `-1001` after a restart).
+/// The check keeps a group offset that is already ahead where it is.
+fn behind_the_stores(
+    consumer: &BaseConsumer<RunContext>,
+    topic: &str,
+    restored: &mut BTreeMap<i32, i64>,
+) -> Vec<(i32, i64)> {
+    let owned: Vec<i32> = consumer
+        .assignment()
+        .map(|a| partitions_of(&a, topic))
+        .unwrap_or_default();
+    restored.retain(|p, o| owned.contains(p) && *o > 0);
+    if restored.is_empty() {
+        return Vec::new();
+    }
+    let mut tpl = TopicPartitionList::new();
+    for p in restored.keys() {
+        tpl.add_partition(topic, *p);
+    }
+    let committed = match consumer.committed_offsets(tpl, COMMITTED_TIMEOUT) {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(error = %e, "reading the group's committed offsets failed (retried)");
+            return Vec::new();
+        }
+    };
+    let mut due = Vec::new();
+    for e in committed.elements_for_topic(topic) {
+        if e.error().is_err() {
+            continue; // retried at the next check
+        }
+        let Some(stored) = restored.remove(&e.partition()) else {
+            continue;
+        };
+        let behind = match e.offset() {
+            Offset::Offset(o) => o < stored,
+            _ => true, // never committed
+        };
+        if behind {
+            info!(partition = e.partition(), committed = ?e.offset(), stored,
+                "the group's offset is behind the restored store: committing the store's");
+            due.push((e.partition(), stored));
+        }
+    }
+    due
+}
+
 /// How long the consumer thread waits for the runner before pausing the partitions.
 const PAUSE_AFTER: Duration = Duration::from_secs(2);
 
@@ -162,6 +220,9 @@ pub struct PollerHandles {
     pub data: mpsc::Sender<Batch>,
     /// Offsets made durable by checkpoints, to commit.
     pub commits: std_mpsc::Receiver<Vec<(i32, i64)>>,
+    /// The offset each shard restored from its store, to commit if the group is behind it
+    /// (see [`behind_the_stores`]).
+    pub restored: std_mpsc::Receiver<(i32, i64)>,
     pub stop: Arc<AtomicBool>,
     pub watermarks: Watermarks,
 }
@@ -302,7 +363,23 @@ pub fn poll_loop(consumer: BaseConsumer<RunContext>, cfg: PollerConfig, h: Polle
     let mut fetched: BTreeSet<i32> = BTreeSet::new();
     let mut last_error_log = Instant::now() - Duration::from_secs(10);
     let mut origin = None;
+    let mut restored: BTreeMap<i32, i64> = BTreeMap::new();
+    let mut last_restore_check = Instant::now() - RESTORE_CHECK_EVERY;
     while !h.stop.load(Ordering::SeqCst) {
+        // Shards restored from their stores: commit what they cover where the group is behind,
+        // at once rather than at the next COMMIT_EVERY.
+        while let Ok((p, o)) = h.restored.try_recv() {
+            restored.insert(p, o);
+        }
+        let mut commit_now = false;
+        if !restored.is_empty() && last_restore_check.elapsed() >= RESTORE_CHECK_EVERY {
+            last_restore_check = Instant::now();
+            for (p, o) in behind_the_stores(&consumer, &cfg.topic, &mut restored) {
+                let e = durable.entry(p).or_insert(o);
+                *e = (*e).max(o);
+                commit_now = true;
+            }
+        }
         // Offsets made durable are committed together, at most every COMMIT_EVERY: the
         // coordinator answers heartbeats behind commits, and a busy broker given one commit per
         // partition per checkpoint timed sessions out. Committed offsets only say where a
@@ -314,7 +391,7 @@ pub fn poll_loop(consumer: BaseConsumer<RunContext>, cfg: PollerConfig, h: Polle
                 *e = (*e).max(o);
             }
         }
-        if !durable.is_empty() && last_commit.elapsed() >= COMMIT_EVERY {
+        if !durable.is_empty() && (commit_now || last_commit.elapsed() >= COMMIT_EVERY) {
             last_commit = Instant::now();
             // Only partitions still owned: a revoked one was committed by the revoke callback.
             let owned: Vec<i32> = consumer

@@ -366,12 +366,15 @@ impl Tenant {
                     self.row_dirty = true;
                 }
                 let all = self.cache.keys(ts);
-                let behind = (wm - ts) / 1_000_000;
+                // In µs, not whole seconds: an event 48 h and half a second behind is more than
+                // 48 h behind (SPEC), and truncating kept its minute bucket.
+                let behind = wm - ts;
                 let r = self.settings.retention;
+                let within = |secs: i64| behind <= secs.saturating_mul(1_000_000);
                 let keys = [
-                    (behind <= r.minute_secs).then_some(all[0].0),
-                    (behind <= r.hour_secs).then_some(all[1].0),
-                    (behind <= r.day_secs).then_some(all[2].0),
+                    within(r.minute_secs).then_some(all[0].0),
+                    within(r.hour_secs).then_some(all[1].0),
+                    within(r.day_secs).then_some(all[2].0),
                 ];
                 let mut metrics: Vec<(MetricName, i64)> =
                     metrics.iter().map(|(n, v)| (self.intern(n), *v)).collect();

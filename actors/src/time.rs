@@ -312,8 +312,8 @@ impl Retention {
         }
     }
 
-    /// Local-time cutoffs below which buckets may be dropped. A day of slack keeps every bucket
-    /// that could still be inside retention whatever its offset.
+    /// Local-time cutoffs below which buckets may be dropped. Two days of slack keep every
+    /// bucket that could still be inside retention whatever its offset.
     pub fn prune_cutoffs(&self, watermark: Micros) -> [u64; 3] {
         let wm = watermark.div_euclid(1_000_000);
         Granularity::ALL.map(|g| {

@@ -5,7 +5,7 @@ use std::io::Write;
 use canopy_actors::agg::{AggJson, Granularity};
 use canopy_actors::node::NodeState;
 use canopy_actors::store::{Load, NodeRow, Store, StoreError};
-use canopy_actors::time::BucketKey;
+use canopy_actors::time::{BucketKey, Retention};
 use serde::ser::{SerializeMap, Serializer};
 use serde::Serialize;
 
@@ -70,7 +70,16 @@ pub fn write_row(out: &mut impl Write, tenant: &str, n: &NodeRow) -> Result<(), 
 
 /// Writes every node of `stores` to `out`, sorted by tenant, hierarchy, node. (Several stores:
 /// the per-partition stores of `canopy run`; a tenant lives in one of them.)
-pub async fn dump(stores: &[&dyn Store], out: &mut impl Write) -> Result<u64, DumpError> {
+///
+/// Buckets below the tenant's retention cutoffs (`Retention::prune_cutoffs` of its watermark,
+/// what a checkpoint drops from the nodes it writes) are left out: a node not written since
+/// they expired still holds them, and the dump shows the same buckets whichever nodes a
+/// checkpoint happened to write.
+pub async fn dump(
+    stores: &[&dyn Store],
+    retention: Retention,
+    out: &mut impl Write,
+) -> Result<u64, DumpError> {
     let mut tenants = Vec::new();
     for (i, s) in stores.iter().enumerate() {
         tenants.extend(s.tenants().await?.into_iter().map(|t| (t, i)));
@@ -82,6 +91,11 @@ pub async fn dump(stores: &[&dyn Store], out: &mut impl Write) -> Result<u64, Du
         image
             .nodes
             .sort_by(|a, b| (&a.hierarchy, &a.node).cmp(&(&b.hierarchy, &b.node)));
+        let watermark = image.row.as_ref().and_then(|r| r.watermark);
+        let cut = retention.prune_cutoffs(watermark.unwrap_or(0));
+        for node in &mut image.nodes {
+            node.buckets.retain(|b| b.key >= cut[b.granularity as usize]);
+        }
         for node in &image.nodes {
             write_row(out, &t, node)?;
             n += 1;

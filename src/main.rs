@@ -521,7 +521,8 @@ async fn run(cmd: Cmd, cfg: Config) -> anyhow::Result<Finished> {
                 stores.iter().map(|(_, s)| s.as_ref() as _).collect();
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::with_capacity(1 << 20, stdout.lock());
-            match canopy::dump::dump(&refs, &mut out).await {
+            let retention = cfg.engine().tenant.retention;
+            match canopy::dump::dump(&refs, retention, &mut out).await {
                 // `canopy dump | head`: the reader closing the pipe is not a failure.
                 Err(canopy::dump::DumpError::Io(e))
                     if e.kind() == std::io::ErrorKind::BrokenPipe => {}

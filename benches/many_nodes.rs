@@ -83,15 +83,20 @@ fn main() {
     let store = Arc::new(EmbeddedStore::open(&data).unwrap());
     let peak = peak_resident.clone();
     let rep = rt
-        .block_on(ingest_observed(opts.clone(), store.clone(), never.clone(), move |stats| {
-            let stats = stats.clone();
-            tokio::spawn(async move {
-                loop {
-                    peak.fetch_max(stats.resident_nodes.load(Relaxed), Ordering::Relaxed);
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            });
-        }))
+        .block_on(ingest_observed(
+            opts.clone(),
+            store.clone(),
+            never.clone(),
+            move |stats| {
+                let stats = stats.clone();
+                tokio::spawn(async move {
+                    loop {
+                        peak.fetch_max(stats.resident_nodes.load(Relaxed), Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                });
+            },
+        ))
         .expect("ingest");
     let secs = t0.elapsed().as_secs_f64();
     let cpu = cpu_secs() - cpu0;

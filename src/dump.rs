@@ -94,7 +94,8 @@ pub async fn dump(
         let watermark = image.row.as_ref().and_then(|r| r.watermark);
         let cut = retention.prune_cutoffs(watermark.unwrap_or(0));
         for node in &mut image.nodes {
-            node.buckets.retain(|b| b.key >= cut[b.granularity as usize]);
+            node.buckets
+                .retain(|b| b.key >= cut[b.granularity as usize]);
         }
         for node in &image.nodes {
             write_row(out, &t, node)?;

@@ -28,7 +28,10 @@ fn audit_passes_on_ingested_state_and_catches_a_tampered_node() {
     rt.block_on(async {
         let store = EmbeddedStore::open(&data).unwrap();
         let meta = store.meta().await.unwrap().unwrap();
-        let img = store.load_tenant("t0", canopy_actors::store::Load::Buckets).await.unwrap();
+        let img = store
+            .load_tenant("t0", canopy_actors::store::Load::Buckets)
+            .await
+            .unwrap();
         let parent = img.nodes.iter().find_map(|n| n.parent.clone()).unwrap();
         let mut row = img.nodes.iter().find(|n| n.node == parent).unwrap().clone();
         row.header.subtree.events += 1;

@@ -34,8 +34,20 @@ fn random_streams_match_the_oracle_with_every_idle_node_passivated() {
         check_env(
             seed,
             &[
-                "--tenants", t, "--hierarchies", "2", "--depth", d, "--fanout", "2", "--events",
-                "2500", "--churn", "0.06", "--bad", "0.03",
+                "--tenants",
+                t,
+                "--hierarchies",
+                "2",
+                "--depth",
+                d,
+                "--fanout",
+                "2",
+                "--events",
+                "2500",
+                "--churn",
+                "0.06",
+                "--bad",
+                "0.03",
             ],
             &[PASSIVATE_ALL],
         );

@@ -34,23 +34,23 @@ fn sigkill_then_resume(stream: &[&str], env: &[(&str, &str)]) {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("stream.ndjson");
     let mut gen = vec![
-            "--seed",
-            "42",
-            "--tenants",
-            "3",
-            "--hierarchies",
-            "2",
-            "--depth",
-            "4",
-            "--fanout",
-            "3",
-            "--events",
-            "600000",
-            "--churn",
-            "0.002",
-            "--bad",
-            "0.01",
-        ];
+        "--seed",
+        "42",
+        "--tenants",
+        "3",
+        "--hierarchies",
+        "2",
+        "--depth",
+        "4",
+        "--fanout",
+        "3",
+        "--events",
+        "600000",
+        "--churn",
+        "0.002",
+        "--bad",
+        "0.01",
+    ];
     gen.extend_from_slice(stream);
     loadgen(&input, &gen);
     let (exp_dump, exp_dlq, watermarks) = oracle_with_watermarks(&input);

@@ -180,7 +180,6 @@ impl Actor for NodeSupervisor {
     }
 }
 
-
 impl Coord {
     /// Restarts every node reported down since the last look. Called only where the tree is
     /// quiescent (no round, move or snapshot in flight), which is what a node restart needs.
@@ -325,7 +324,12 @@ impl Coord {
         let Some(header) = self.parked[ix as usize].take() else {
             return Err(self.fail(format!("node {ix} has neither an actor nor a parked state")));
         };
-        self.spawn_node(ix, NodeState::from_header(*header), Journal::restored(), None)?;
+        self.spawn_node(
+            ix,
+            NodeState::from_header(*header),
+            Journal::restored(),
+            None,
+        )?;
         self.stats.activations.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("canopy_node_activations_total").increment(1);
         Ok(())
@@ -348,10 +352,7 @@ impl Coord {
         }
         let resident = self.stats.resident_nodes.load(Ordering::Relaxed);
         let over = resident.saturating_sub(s.max_resident_nodes as u64) as usize;
-        let idle_n = candidates
-            .iter()
-            .filter(|(d, _)| seq - d >= idle)
-            .count();
+        let idle_n = candidates.iter().filter(|(d, _)| seq - d >= idle).count();
         let take = idle_n.max(over.min(candidates.len()));
         if take == 0 {
             return Ok(());
@@ -664,7 +665,11 @@ impl Coord {
         let journal = self.journals[ix as usize]
             .clone()
             .expect("live node has a journal");
-        if !journal.lock().expect("journal").base_is_stored(self.last_snap) {
+        if !journal
+            .lock()
+            .expect("journal")
+            .base_is_stored(self.last_snap)
+        {
             return Ok((FullBuckets::default(), self.last_snap));
         }
         let (hierarchy, name) = {

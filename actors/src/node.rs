@@ -266,7 +266,9 @@ enum Entry {
     /// row, plus what its last snapshot sent if that commit had not landed when it was read).
     Hydrated(Arc<FullBuckets>),
     /// The node's part of checkpoint `seq` was taken here.
-    Snapshot { seq: u64 },
+    Snapshot {
+        seq: u64,
+    },
 }
 
 /// A node's journal. It lives outside the actor (the coordinator holds it too), so that it
@@ -679,7 +681,11 @@ impl Node {
             && self.pending.is_empty()
             && self.expect.is_none()
             && self.state.subtree.buckets.is_empty()
-            && self.state.own_buckets.as_ref().is_none_or(Buckets::is_empty)
+            && self
+                .state
+                .own_buckets
+                .as_ref()
+                .is_none_or(Buckets::is_empty)
     }
 
     fn must_be_hydrated(&self, what: &str) -> Result<(), ActorProcessingErr> {

@@ -95,7 +95,9 @@ fn image(cps: &[Checkpoint], tenant: &str, load: Load) -> TenantImage {
                             let own = BucketKind::Own as u8;
                             e.1.retain(|k, _| k.0 != own);
                             let copies: Vec<(Key, Agg)> =
-                                e.1.iter().map(|(k, a)| ((own, k.1, k.2), a.clone())).collect();
+                                e.1.iter()
+                                    .map(|(k, a)| ((own, k.1, k.2), a.clone()))
+                                    .collect();
                             e.1.extend(copies);
                         }
                         true
@@ -592,7 +594,10 @@ async fn with_every_idle_node_passivated_kills_still_restart_single_nodes_exactl
     let mut cfg = small_rounds();
     cfg.tenant.passivate_idle_checkpoints = 1;
     let e = kills_restart_single_nodes_exactly(cfg).await;
-    let (p, a) = (e.stats.passivations.load(Relaxed), e.stats.activations.load(Relaxed));
+    let (p, a) = (
+        e.stats.passivations.load(Relaxed),
+        e.stats.activations.load(Relaxed),
+    );
     assert!(p > 10 && a > 10, "{p} passivations and {a} activations");
 }
 

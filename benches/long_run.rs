@@ -24,7 +24,7 @@ use env::env_or;
 
 #[path = "support/cpu.rs"]
 mod cpu;
-use cpu::cpu_secs;
+use cpu::{cpu_secs, peak_rss_mb};
 
 /// One sample of the run: elapsed seconds, records processed, checkpoints committed, their
 /// changes and bytes so far.
@@ -45,15 +45,6 @@ fn sample(s: &Stats, t0: Instant) -> Sample {
         changes: s.checkpoint_changes.load(Relaxed),
         bytes: s.checkpoint_bytes.load(Relaxed),
     }
-}
-
-fn peak_rss_mb() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 fn main() {

@@ -26,16 +26,7 @@ use env::env_or;
 
 #[path = "support/cpu.rs"]
 mod cpu;
-use cpu::cpu_secs;
-
-fn peak_rss_mb() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
-}
+use cpu::{cpu_secs, peak_rss_mb};
 
 fn main() {
     canopy::tune_allocator();

@@ -223,13 +223,7 @@ impl Coord {
             )));
         }
         recent.push_back(Instant::now());
-        let (hierarchy, name) = {
-            let slot = self.t.slot(ix);
-            (
-                self.t.hierarchies[slot.hierarchy as usize].name.clone(),
-                slot.name.clone(),
-            )
-        };
+        let (hierarchy, name) = self.names(ix);
         let stored = match self
             .store
             .load_node(&self.t.id, &hierarchy, &name, Load::Headers)
@@ -289,6 +283,15 @@ impl Coord {
             }
         }
         Ok(())
+    }
+
+    /// Node `ix`'s hierarchy and name (what the store keys it by).
+    fn names(&self, ix: NodeIx) -> (String, String) {
+        let slot = self.t.slot(ix);
+        (
+            self.t.hierarchies[slot.hierarchy as usize].name.clone(),
+            slot.name.clone(),
+        )
     }
 
     fn fail(&mut self, why: String) -> TenantError {
@@ -672,13 +675,7 @@ impl Coord {
         {
             return Ok((FullBuckets::default(), self.last_snap));
         }
-        let (hierarchy, name) = {
-            let slot = self.t.slot(ix);
-            (
-                self.t.hierarchies[slot.hierarchy as usize].name.clone(),
-                slot.name.clone(),
-            )
-        };
+        let (hierarchy, name) = self.names(ix);
         let r = match self
             .store
             .load_node(&self.t.id, &hierarchy, &name, Load::Buckets)

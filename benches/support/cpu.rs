@@ -13,3 +13,14 @@ pub fn cpu_secs() -> f64 {
     // USER_HZ is 100 on every Linux architecture canopy targets.
     (ticks(11) + ticks(12)) / 100.0
 }
+
+/// The process's peak resident memory so far (VmHWM), in MB.
+#[allow(dead_code)]
+pub fn peak_rss_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}

@@ -34,6 +34,9 @@ pub use canopy_actors as core;
 
 /// mimalloc: node actors allocate and free many small aggregates from two worker threads, where
 /// glibc's arenas contended measurably (lock waits and page faults in profiles).
+/// The `system-alloc` feature leaves the system allocator in place, for heap profilers that
+/// intercept malloc (heaptrack).
+#[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -52,7 +55,10 @@ pub fn tune_allocator() {
     // mimalloc's option numbers are stable (a retired option keeps its slot, renamed
     // `deprecated_*`). libmimalloc-sys names 14 (`eager_commit_delay`) and 16
     // (`use_numa_nodes`) but not 15, which is `mi_option_purge_delay` in mimalloc.h (v3).
-    const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-    // SAFETY: mi_option_set only stores an integer in mimalloc's option table.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) }
+    #[cfg(not(feature = "system-alloc"))]
+    {
+        const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+        // SAFETY: mi_option_set only stores an integer in mimalloc's option table.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) }
+    }
 }

@@ -24,7 +24,9 @@ use crate::node::{
     NodeState, SnapshotCall, TenantSignal, STOP_REASON,
 };
 use crate::record::{Mode, Record, Refusal};
-use crate::store::{DedupBatch, Load, NodeHeader, NodeRow, Store, StoreError, TenantChanges};
+use crate::store::{
+    BucketWrite, DedupBatch, Load, NodeHeader, NodeRow, Store, StoreError, TenantChanges,
+};
 use crate::tenant::{Effect, NodeIx, Tenant, TenantSettings};
 
 /// Records of one tenant, tagged by their position in the source (line number, offset...).
@@ -124,11 +126,57 @@ pub struct Coord {
     starting: Vec<NodeStart>,
     /// Nodes hydrated in this interval (they hold their complete buckets until the snapshot).
     hydrated: HashSet<NodeIx>,
-    /// Passivated nodes (no actor): their totals, everything they hold (their buckets are in the
-    /// store). A slot has an actor or a parked header, never both.
-    parked: Vec<Option<Box<NodeHeader>>>,
+    /// Nodes without an actor (passivated, restored, or created and not yet addressed): what
+    /// they hold besides their stored buckets. A slot has an actor or a parked entry, never both.
+    parked: Vec<Option<Parked>>,
     /// The last checkpoint each node took part in (was dirty in), for idle passivation.
     last_dirty: Vec<u64>,
+}
+
+/// A node without an actor. Its buckets are in the store (or it has none yet); what an actor
+/// would hold beyond them is this: its totals, and the changes its next row must carry.
+#[derive(Debug, Clone, Default)]
+struct Parked {
+    /// The totals as of its last row, or as created (`None`: empty, which is what a created
+    /// node has; a million created nodes then cost no header each).
+    header: Option<Box<NodeHeader>>,
+    /// Created after this snapshot: a stored row of its name from a checkpoint at or below it
+    /// belongs to an earlier node (see [`Journal::created_after`]).
+    fresh_after: Option<u64>,
+    /// Got its first child while parked (`current` mode): its next row keeps `own` buckets
+    /// apart, and the store copies its `subtree` buckets to `own` first.
+    grow: bool,
+}
+
+impl Parked {
+    fn stored(header: NodeHeader) -> Self {
+        Parked {
+            header: Some(Box::new(header)),
+            ..Parked::default()
+        }
+    }
+
+    fn header(&self) -> NodeHeader {
+        self.header.as_deref().cloned().unwrap_or_default()
+    }
+
+    fn journal(&self) -> JournalRef {
+        match self.fresh_after {
+            Some(seq) => Journal::created_after(seq),
+            None => Journal::restored(),
+        }
+    }
+
+    /// Its row for a checkpoint, the same as its actor would have sent: no bucket changes.
+    fn row(&mut self) -> (NodeHeader, BucketWrite) {
+        let mut header = self.header();
+        let copy_own = std::mem::take(&mut self.grow);
+        header.own_buckets |= copy_own;
+        if copy_own {
+            self.header = Some(Box::new(header.clone()));
+        }
+        (header, BucketWrite::Fold { copy_own })
+    }
 }
 
 type NodeStart =
@@ -318,21 +366,21 @@ impl Coord {
         }
     }
 
-    /// Node `ix` with an actor: a passivated node is spawned again from its parked header (its
-    /// buckets are in the store, its journal empty: everything it held was durable).
+    /// Node `ix` with an actor: a parked node is spawned from its parked entry (its buckets are
+    /// in the store, its journal empty: everything it held was durable or is in the entry).
     fn activate(&mut self, ix: NodeIx) -> Result<(), TenantError> {
         if self.actors[ix as usize].is_some() {
             return Ok(());
         }
-        let Some(header) = self.parked[ix as usize].take() else {
+        let Some(p) = self.parked[ix as usize].take() else {
             return Err(self.fail(format!("node {ix} has neither an actor nor a parked state")));
         };
-        self.spawn_node(
-            ix,
-            NodeState::from_header(*header),
-            Journal::restored(),
-            None,
-        )?;
+        self.spawn_node(ix, NodeState::from_header(p.header()), p.journal(), None)?;
+        // A first child that came while it was parked: the actor keeps `own` apart from now on
+        // and has the store copy them, exactly as if the `Grow` had reached it then.
+        if p.grow && self.actor(ix).send_message(NodeMsg::Grow).is_err() {
+            return Err(self.fail(format!("node {ix} is gone")));
+        }
         self.stats.activations.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("canopy_node_activations_total").increment(1);
         Ok(())
@@ -383,7 +431,7 @@ impl Coord {
             if let Some(a) = self.actors[ix as usize].take() {
                 self.ids.remove(&a.get_id());
             }
-            self.parked[ix as usize] = Some(Box::new(header));
+            self.parked[ix as usize] = Some(Parked::stored(header));
             self.journals[ix as usize] = None;
             self.restarts.remove(&ix);
             gone += 1;
@@ -594,12 +642,23 @@ impl Coord {
         }
     }
 
-    /// Tells a node's parent that it has a child (it then keeps its own buckets apart).
+    /// Tells a node's parent that it has a child (it then keeps its own buckets apart). A
+    /// parked parent is not activated for it: its next row carries the change.
     fn grow_parent(&mut self, node: NodeIx) -> Result<(), TenantError> {
         if let Some(p) = self.t.slot(node).parent {
-            self.activate(p)?;
-            if self.actor(p).send_message(NodeMsg::Grow).is_err() {
-                return Err(self.fail(format!("node {p} is gone")));
+            let mode = self.t.mode_of(p);
+            match &mut self.parked[p as usize] {
+                Some(parked) => {
+                    let kept_apart = parked.header.as_ref().is_some_and(|h| h.own_buckets);
+                    if mode == Mode::Current && !kept_apart {
+                        parked.grow = true;
+                    }
+                }
+                None => {
+                    if self.actor(p).send_message(NodeMsg::Grow).is_err() {
+                        return Err(self.fail(format!("node {p} is gone")));
+                    }
+                }
             }
             // Its header (own buckets kept apart) must reach the next checkpoint.
             self.dirty.insert(p);
@@ -762,9 +821,14 @@ impl Coord {
                         .get_or_insert_with(std::time::Instant::now);
                 }
                 Effect::Create { node } => {
+                    self.grow();
                     self.grow_parent(node)?;
-                    let journal = Journal::created_after(self.last_snap);
-                    self.spawn_node(node, NodeState::default(), journal, None)?;
+                    // Parked until something is addressed to it: most nodes of a large tree
+                    // are quiet, and an actor costs ~5 KB and a spawn.
+                    self.parked[node as usize] = Some(Parked {
+                        fresh_after: Some(self.last_snap),
+                        ..Parked::default()
+                    });
                     self.dirty.insert(node);
                 }
                 Effect::Move { node, from } => {
@@ -773,8 +837,8 @@ impl Coord {
                     if self.t.mode_of(node) == Mode::Current {
                         self.move_numbers(node, from, to).await?;
                     }
-                    // Its next round names its new parent. Its row must name it too.
-                    self.activate(node)?;
+                    // Its next round names its new parent, and its next row (written by its
+                    // actor, or from its parked entry) names it too.
                     self.dirty.insert(node);
                 }
                 Effect::Delete { node, parent } => {
@@ -841,8 +905,21 @@ impl Coord {
         let g = self.generation;
         let answered = |n: NodeIx| in_round.is_some() && self.mark[n as usize] == g;
         let mut waits = Vec::new();
+        let mut parked_rows = Vec::new();
         for &n in &self.dirty {
             if answered(n) {
+                continue;
+            }
+            if let Some(p) = &mut self.parked[n as usize] {
+                let (header, write) = p.row();
+                parked_rows.push((
+                    n,
+                    NodeSnapshot {
+                        header,
+                        buckets: Vec::new(),
+                        write,
+                    },
+                ));
                 continue;
             }
             let (tx, rx) = oneshot();
@@ -859,7 +936,8 @@ impl Coord {
             waits.push((n, rx));
         }
         let mut snaps = in_round.unwrap_or_default();
-        snaps.reserve_exact(waits.len());
+        snaps.reserve_exact(waits.len() + parked_rows.len());
+        snaps.append(&mut parked_rows);
         for (n, rx) in waits {
             match rx.await {
                 Ok(s) => snaps.push((n, s)),
@@ -950,7 +1028,7 @@ impl Coord {
                 .t
                 .node_ix(&row.hierarchy, &row.node)
                 .expect("restored node");
-            self.parked[ix as usize] = Some(Box::new(row.header));
+            self.parked[ix as usize] = Some(Parked::stored(row.header));
         }
         debug!(tenant = %self.t.id, nodes = restored, "tenant restored from checkpoint (nodes parked)");
         Ok(())

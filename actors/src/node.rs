@@ -249,10 +249,10 @@ pub enum TenantSignal {
 /// them costs what the messages already cost: the events and deltas are moved in, not cloned.
 #[derive(Debug)]
 enum Entry {
-    Round {
-        events: Vec<NodeEvent>,
-        expect: u32,
-    },
+    /// The node's own events of a round (a round without any is not journaled).
+    Round { events: Vec<NodeEvent> },
+    /// Children's deltas: consecutive ones, across rounds, are merged into one entry (see
+    /// [`Journal::push`]).
     Child(Box<Delta>),
     /// A `Remove`, with the extremes it resolved by asking the children at the time (a replay
     /// must not ask again: the children have moved on since).
@@ -283,6 +283,9 @@ pub struct Journal {
     /// The `seq` of the oldest snapshot marker in `entries`: lets every push check in O(1)
     /// whether a checkpoint that landed since makes a prefix droppable.
     oldest_marker: Option<u64>,
+    /// The `Child` entry the next child delta merges into: the last one, unless an entry that
+    /// does not commute with adding deltas (a snapshot marker, a move, a hydration) came since.
+    children_at: Option<usize>,
 }
 
 pub type JournalRef = Arc<Mutex<Journal>>;
@@ -324,6 +327,7 @@ impl Journal {
             return;
         };
         self.entries.drain(..=i);
+        self.children_at = self.children_at.and_then(|c| c.checked_sub(i + 1));
         self.oldest_marker = self.entries.iter().find_map(|e| match e {
             Entry::Snapshot { seq } => Some(*seq),
             _ => None,
@@ -333,14 +337,35 @@ impl Journal {
     /// Appends `e`, first dropping what checkpoint `durable` (the newest committed) covers.
     /// Without this, a busy node's journal held about two checkpoint intervals: entries
     /// were dropped only when the *next* checkpoint began.
+    ///
+    /// A child's delta is merged into the previous `Child` entry where nothing but own events
+    /// came between: replayed, both only add to `subtree` (a restart happens between rounds,
+    /// so every round in the journal completed), and adding commutes. An internal node's
+    /// journal then holds about one delta per checkpoint interval instead of every message
+    /// its children sent: on the 83-hour stream, messages kept until their checkpoint landed
+    /// were the largest part of the process's memory after the actors themselves.
     fn push(&mut self, e: Entry, durable: u64) {
         if self.oldest_marker.is_some_and(|m| m <= durable) {
             self.settle_through(durable);
         }
-        if let Entry::Snapshot { seq } = &e {
-            self.oldest_marker.get_or_insert(*seq);
+        match e {
+            Entry::Child(d) => {
+                if let Some(Entry::Child(acc)) = self.children_at.map(|i| &mut self.entries[i]) {
+                    acc.merge(&d);
+                    return;
+                }
+                self.children_at = Some(self.entries.len());
+                self.entries.push(Entry::Child(d));
+            }
+            Entry::Round { .. } => self.entries.push(e),
+            e => {
+                if let Entry::Snapshot { seq } = &e {
+                    self.oldest_marker.get_or_insert(*seq);
+                }
+                self.children_at = None;
+                self.entries.push(e);
+            }
         }
-        self.entries.push(e);
     }
 
     pub fn len(&self) -> usize {
@@ -696,21 +721,18 @@ impl Node {
     }
 
     /// Re-applies one journal entry. Nothing is sent: at a restart every round the entry took
-    /// part in has completed, so its flush already reached the parent.
+    /// part in has completed, so its flush already reached the parent, and the deltas of a
+    /// round (own events, children's) go straight to `subtree` as its flush put them.
     fn replay(&mut self, e: &Entry) {
         match e {
-            Entry::Round { events, expect } => {
+            Entry::Round { events } => {
                 for ev in events {
                     self.apply(ev);
                 }
-                self.expect = Some(*expect);
-                self.take_flush();
+                let d = std::mem::take(&mut self.pending);
+                self.add(&d);
             }
-            Entry::Child(d) => {
-                self.pending.merge(d);
-                self.received += 1;
-                self.take_flush();
-            }
+            Entry::Child(d) => self.add(d),
             Entry::Removed { gone, extremes } => {
                 self.dirty.mark_all(BucketKind::Subtree, &gone.buckets);
                 self.state.subtree.subtract(gone);
@@ -826,7 +848,9 @@ impl Actor for NodeActor {
                 }
                 s.expect = Some(expect);
                 s.snap = snapshot;
-                s.journal(Entry::Round { events, expect });
+                if !events.is_empty() {
+                    s.journal(Entry::Round { events });
+                }
                 s.maybe_flush()?;
             }
             NodeMsg::Child(d) => {
@@ -943,6 +967,8 @@ mod tests {
             .map(|e| match e {
                 Entry::Snapshot { seq } => format!("S{seq}"),
                 Entry::Grow => "G".into(),
+                Entry::Child(d) => format!("C{}", d.total.events),
+                Entry::Round { events } => format!("R{}", events.len()),
                 _ => "?".into(),
             })
             .collect()
@@ -975,5 +1001,50 @@ mod tests {
         assert_eq!(j.oldest_marker, Some(3));
         j.settle();
         assert_eq!(kinds(&j), ["G"]);
+    }
+
+    fn child(events: u64) -> Entry {
+        Entry::Child(Box::new(Delta {
+            total: Agg {
+                events,
+                ..Agg::default()
+            },
+            ..Delta::default()
+        }))
+    }
+
+    fn round(events: usize) -> Entry {
+        let e = NodeEvent {
+            keys: [None; 3],
+            metrics: Arc::from(Vec::<(MetricName, i64)>::new()),
+        };
+        Entry::Round {
+            events: vec![e; events],
+        }
+    }
+
+    #[test]
+    fn children_deltas_merge_across_rounds_but_not_across_a_marker_or_a_topology_change() {
+        let mut j = Journal::default();
+        j.push(child(1), 0);
+        j.push(round(2), 0);
+        j.push(child(2), 0);
+        j.push(child(4), 0);
+        assert_eq!(kinds(&j), ["C7", "R2"]);
+        j.push(marker(1), 0);
+        j.push(child(8), 0);
+        assert_eq!(kinds(&j), ["C7", "R2", "S1", "C8"]);
+        j.push(Entry::Grow, 0);
+        j.push(child(16), 0);
+        j.push(child(32), 0);
+        assert_eq!(kinds(&j), ["C7", "R2", "S1", "C8", "G", "C48"]);
+        // Dropping a landed prefix leaves no merge target pointing into it.
+        j.push(child(64), 1);
+        assert_eq!(kinds(&j), ["C8", "G", "C112"]);
+        j.push(marker(2), 1);
+        j.push(child(1), 2);
+        assert_eq!(kinds(&j), ["C1"]);
+        j.push(child(1), 2);
+        assert_eq!(kinds(&j), ["C2"]);
     }
 }

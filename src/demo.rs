@@ -13,6 +13,7 @@ use canopy_actors::store::{Store, StoreRead};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::mpsc;
 
+use crate::api::engine::EngineStatus;
 use crate::api::Tokens;
 use crate::app::{shutdown_on_signals, spawn_api, UntilShutdown};
 use crate::config::Config;
@@ -164,12 +165,14 @@ pub async fn run(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Resu
     };
     let tokens = Tokens::parse(&token_spec)?;
     let ready = Arc::new(AtomicBool::new(false));
+    let engine_status = EngineStatus::new(cfg.engine.checkpoint_interval_ms);
     let (addr, api) = spawn_api(
         &cfg.api,
         store.clone() as Arc<dyn StoreRead>,
         tokens,
         metrics,
         ready.clone(),
+        engine_status.clone(),
         stop.clone(),
     )
     .await?;
@@ -191,6 +194,7 @@ pub async fn run(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Resu
     )
     .await?;
     ready.store(true, Ordering::Release);
+    engine_status.attach(&engine.stats);
     let stats = engine.stats.clone();
     let done = Arc::new(AtomicBool::new(false));
     let status = {

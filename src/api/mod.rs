@@ -3,12 +3,14 @@
 //! dashboard page.
 //!
 //! - [`auth`]: tokens → tenants, the `Access` extractor.
+//! - [`engine`]: the engine panel's numbers (`/v1/engine`).
 //! - [`v1`]: the read endpoints.
 //! - [`error`]: the JSON error shape.
 //! - [`extract`]: path/query extractors that answer bad input with JSON 400s.
 //! - [`server`]: the HTTP/1 server with connection, time and size limits.
 
 pub mod auth;
+pub mod engine;
 pub mod error;
 pub mod extract;
 pub mod server;
@@ -38,12 +40,14 @@ pub struct ApiState {
     pub metrics: Option<PrometheusHandle>,
     /// Set once the engine (if any) has restored its state and runs.
     pub ready: Arc<AtomicBool>,
+    /// The process's engines, for `/v1/engine` (none attached in `serve`).
+    pub engine: Arc<engine::EngineStatus>,
 }
 
 #[derive(OpenApi)]
 #[openapi(
     info(title = "canopy query API", description = "Pre-aggregated hierarchy numbers, per tenant (SPEC.md section 6)."),
-    paths(v1::tenants, v1::hierarchies, v1::roots, v1::node, v1::children, v1::series, v1::entity),
+    paths(engine::engine, v1::tenants, v1::hierarchies, v1::roots, v1::node, v1::children, v1::series, v1::entity),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -72,6 +76,7 @@ const DASHBOARD: &str = include_str!("dashboard.html");
 
 pub fn router(state: ApiState) -> Router {
     let v1 = Router::new()
+        .route("/v1/engine", get(engine::engine))
         .route("/v1/tenants", get(v1::tenants))
         .route("/v1/tenants/{tenant}/hierarchies", get(v1::hierarchies))
         .route(

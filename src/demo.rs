@@ -176,12 +176,15 @@ pub async fn run(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Resu
         stop.clone(),
     )
     .await?;
-    let shown_token = token_spec
+    let all_tenants = token_spec
         .split(',')
-        .find_map(|e| e.trim().strip_suffix("=*"))
-        .unwrap_or("(see api.tokens)")
-        .to_string();
-    println!("canopy demo: dashboard at http://{addr}/  (API token: {shown_token})");
+        .find_map(|e| e.trim().strip_suffix("=*"));
+    let shown_token = all_tenants.unwrap_or("(see api.tokens)").to_string();
+    // The page takes the token from the link once, then keeps it out of the URL.
+    let query = all_tenants
+        .map(|t| format!("?token={}", crate::api::query_escape(t)))
+        .unwrap_or_default();
+    println!("canopy demo: dashboard at http://{addr}/{query}  (API token: {shown_token})");
     println!(
         "canopy demo: try  curl -H 'Authorization: Bearer {shown_token}' http://{addr}/v1/tenants"
     );

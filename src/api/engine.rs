@@ -47,7 +47,13 @@ struct Seen {
     at: Option<(SystemTime, Instant)>,
     /// When the first engine was attached: the age of "no checkpoint yet".
     since: Option<Instant>,
+    /// Records taken by the watched engines at each sample of the last [`RATE_WINDOW`].
+    taken: std::collections::VecDeque<(Instant, u64)>,
 }
+
+/// Records per second are measured over this window (sampled, not the browser's clock: a
+/// page polling irregularly still shows the engine's rate).
+const RATE_WINDOW: Duration = Duration::from_secs(5);
 
 /// The process's engines, watched for checkpoints. Shared by the engine runner (which
 /// attaches) and the API (which reads).
@@ -94,10 +100,12 @@ impl EngineStatus {
     fn sample(&self) {
         let mut s = self.seen.lock().expect("engine status lock");
         let mut moved = false;
+        let mut records = 0;
         s.engines.retain_mut(|w| {
             let Some(st) = w.stats.upgrade() else {
                 return false;
             };
+            records += st.records.load(Ordering::Acquire);
             let seq = st.durable_seq.load(Ordering::Acquire);
             if seq != w.durable_seq {
                 w.durable_seq = seq;
@@ -106,8 +114,27 @@ impl EngineStatus {
             }
             true
         });
+        let now = Instant::now();
         if moved {
-            s.at = Some((SystemTime::now(), Instant::now()));
+            s.at = Some((SystemTime::now(), now));
+        }
+        while s
+            .taken
+            .front()
+            .is_some_and(|(t, _)| now - *t > RATE_WINDOW)
+        {
+            s.taken.pop_front();
+        }
+        s.taken.push_back((now, records));
+    }
+
+    /// Records per second over the samples of the window (0 until it spans a second).
+    fn rate(s: &Seen) -> u64 {
+        match (s.taken.front(), s.taken.back()) {
+            (Some((t0, r0)), Some((t1, r1))) if *t1 - *t0 >= Duration::from_secs(1) => {
+                (r1.saturating_sub(*r0) as f64 / (*t1 - *t0).as_secs_f64()).round() as u64
+            }
+            _ => 0,
         }
     }
 
@@ -117,6 +144,7 @@ impl EngineStatus {
         let mut a = EngineAnswer {
             engine: s.since.is_some(),
             checkpoint_interval_ms: self.checkpoint_interval.as_millis() as u64,
+            records_per_sec: Self::rate(&s),
             ..Default::default()
         };
         for w in &s.engines {
@@ -210,6 +238,8 @@ pub struct EngineAnswer {
     /// False in `serve`, which only reads the store: the other numbers are then zero.
     pub engine: bool,
     pub records: u64,
+    /// Records taken per second over the last 5 s.
+    pub records_per_sec: u64,
     pub accepted: u64,
     pub refused: u64,
     pub duplicates: u64,
@@ -293,5 +323,17 @@ mod tests {
         assert!(a.checkpoint_at_ms.is_some() && a.checkpoint_age_ms.unwrap() < 1000);
         drop(stats);
         assert_eq!(status.answer(None).records, 0, "a dropped engine is forgotten");
+    }
+
+    #[test]
+    fn the_rate_spans_the_window() {
+        let t = Instant::now();
+        let mut s = Seen::default();
+        assert_eq!(EngineStatus::rate(&s), 0);
+        s.taken.push_back((t, 100));
+        s.taken.push_back((t + Duration::from_millis(500), 600));
+        assert_eq!(EngineStatus::rate(&s), 0, "less than a second");
+        s.taken.push_back((t + Duration::from_secs(2), 4100));
+        assert_eq!(EngineStatus::rate(&s), 2000);
     }
 }

@@ -74,6 +74,18 @@ pub fn openapi_json() -> String {
 
 const DASHBOARD: &str = include_str!("dashboard.html");
 
+/// `s` percent-encoded for a URL's query (everything but unreserved characters).
+pub fn query_escape(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 pub fn router(state: ApiState) -> Router {
     let v1 = Router::new()
         .route("/v1/engine", get(engine::engine))

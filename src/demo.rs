@@ -151,6 +151,8 @@ pub fn workload(cfg: &Config) -> LoadgenConfig {
         churn: d.churn,
         bad: d.bad,
         live: true,
+        // The demo runs for minutes or days and must look the same throughout.
+        steady: true,
         ..Default::default()
     }
 }

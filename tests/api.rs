@@ -531,3 +531,69 @@ fn openapi_document_is_served_and_committed() {
     }
     assert_eq!(s.get("/v1/nowhere", Some("root")).status, 404);
 }
+
+/// Every metric README's Observability section names is on `/metrics` from the start, at 0
+/// when nothing happened yet (issue 26: five documented metrics were missing until they first
+/// fired), and `canopy_checkpoint_rows` has row-count buckets, not seconds.
+#[test]
+fn metrics_lists_every_documented_metric_from_the_start() {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        .unwrap();
+    let start = readme
+        .find("- **Metrics.**")
+        .expect("README has a Metrics paragraph");
+    let rest = &readme[start + 2..];
+    let para = &rest[..rest.find("\n- **").unwrap_or(rest.len())];
+    let mut documented: Vec<String> = para
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("canopy_") && w.len() > "canopy_".len())
+        .map(str::to_string)
+        .collect();
+    documented.sort();
+    documented.dedup();
+    assert!(
+        documented.len() >= 20,
+        "README's metric list not found: {documented:?}"
+    );
+
+    // A store with one tenant and nothing else: `serve` starts, no engine ever runs.
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("one.ndjson");
+    std::fs::write(
+        &input,
+        "{\"type\":\"define_tenant\",\"tenant\":\"a\",\"timezone\":\"UTC\"}\n",
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    ingest(&input, &data, &[]);
+    let mut cmd = canopy();
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .env("CANOPY_API_TOKENS", TOKENS);
+    let s = Served::start(cmd);
+    // The request metrics are labelled by route: one request gives them their first series.
+    assert_eq!(s.get("/healthz", None).status, 200);
+    let m = s.get("/metrics", None);
+    assert_eq!(m.status, 200);
+    let missing: Vec<&String> = documented
+        .iter()
+        .filter(|name| !m.body.contains(&format!("# TYPE {name} ")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "documented but not on /metrics at start: {missing:?}\n{}",
+        m.body
+    );
+    for zero in [
+        "canopy_actor_restarts_total{kind=\"node\"} 0",
+        "canopy_tenants_parked 0",
+        "canopy_tenants_parked_total 0",
+        "canopy_records_skipped_total 0",
+        "canopy_store_retries_total 0",
+    ] {
+        assert!(m.body.contains(zero), "no `{zero}` at start");
+    }
+    // Row-count buckets (1 .. 10^7), not the latency buckets (0.0005 .. 10 s).
+    assert!(m.body.contains("canopy_checkpoint_rows_bucket{le=\"1000\"} 0"));
+    assert!(!m.body.contains("canopy_checkpoint_rows_bucket{le=\"0.0005\"}"));
+}

@@ -596,4 +596,51 @@ fn metrics_lists_every_documented_metric_from_the_start() {
     // Row-count buckets (1 .. 10^7), not the latency buckets (0.0005 .. 10 s).
     assert!(m.body.contains("canopy_checkpoint_rows_bucket{le=\"1000\"} 0"));
     assert!(!m.body.contains("canopy_checkpoint_rows_bucket{le=\"0.0005\"}"));
+    // The engine panel's endpoint: a token is needed; `serve` runs no engine and says so.
+    assert_eq!(s.get("/v1/engine", None).status, 401);
+    let e = s.get("/v1/engine", Some("tok-a")).json();
+    assert_eq!(e["engine"], false, "{e}");
+    assert!(e["checkpoint_age_ms"].is_null() && !e["stale"].as_bool().unwrap());
+}
+
+/// `count_children=true` adds each listed node's number of children (the dashboard draws no
+/// expand arrow on a leaf); without it the items are as before.
+#[test]
+fn ranked_lists_count_children_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = serve_conformance(dir.path());
+    let tok = Some("root");
+    let t = s.get("/v1/tenants", tok).json()["tenants"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let hs = s.get(&format!("/v1/tenants/{}/hierarchies", enc(&t)), tok).json();
+    let h = hs["hierarchies"][0]["hierarchy"].as_str().unwrap().to_string();
+    let base = format!("/v1/tenants/{}/hierarchies/{}", enc(&t), enc(&h));
+    let plain = s.get(&format!("{base}/roots?limit=1000"), tok).json();
+    assert!(plain["items"][0].get("children").is_none());
+    let mut seen_inner = false;
+    let roots = s
+        .get(&format!("{base}/roots?limit=1000&count_children=true"), tok)
+        .json();
+    let root = roots["items"][0]["node"].as_str().unwrap().to_string();
+    let kids = s
+        .get(
+            &format!("{base}/nodes/{}/children?limit=1000&count_children=true", enc(&root)),
+            tok,
+        )
+        .json();
+    for it in roots["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(kids["items"].as_array().unwrap())
+    {
+        let n = it["node"].as_str().unwrap();
+        let node = s.get(&format!("{base}/nodes/{}", enc(n)), tok).json();
+        let want = node["children"].as_array().unwrap().len() as u64;
+        assert_eq!(it["children"].as_u64(), Some(want), "{n}");
+        seen_inner |= want > 0;
+    }
+    assert!(seen_inner, "no node with children checked");
 }

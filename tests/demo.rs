@@ -250,14 +250,17 @@ fn demo_stream_outcome(events: usize) -> (f64, BTreeSet<String>, u64) {
             nodes += h["nodes"].as_u64().unwrap();
         }
     }
-    let share = dead.lines().count() as f64 / records as f64;
+    // Over the records after the set-up (tenants, hierarchies, nodes), which is never refused
+    // and would dilute a short run's share.
+    let share = dead.lines().count() as f64 / events as f64;
+    assert!(records > events as u64);
     (share, reasons, nodes)
 }
 
 /// The demo looks the same after a short and an eight times longer run (issue 26: its
 /// dead-letter share grew from 0.25 % to 2.5 % and its trees shrank): the refused share stays
-/// within 0.25 percentage points and under 1 %, and the trees keep at least 99 % of their
-/// nodes.
+/// within 0.1 percentage points and under 1 %, and the trees keep at least 99 % of their
+/// nodes. (The unbounded workload went from 0.30 % to 1.12 % between these two lengths.)
 #[test]
 fn demo_workload_keeps_a_small_stable_dead_letter_share_and_its_trees() {
     let cfg = canopy::demo::workload(&canopy::config::Config::default());
@@ -270,7 +273,7 @@ fn demo_workload_keeps_a_small_stable_dead_letter_share_and_its_trees() {
         long * 100.0
     );
     assert!(
-        (long - short).abs() <= 0.0025,
+        (long - short).abs() <= 0.001,
         "the refused share drifts: {:.3} % → {:.3} %",
         short * 100.0,
         long * 100.0

@@ -478,7 +478,9 @@ fn steady_churn(
                 // A parent one level up cannot be below `n`: no cycle.
                 Some(p) if h.alive[n] && h.parent[n] != Some(p) => {
                     h.parent[n] = Some(p);
-                    Some(json!({"type": "upsert_node", "tenant": t.id, "hierarchy": h.name, "node": node_name(&t.id, n), "parent": node_name(&t.id, p)}))
+                    Some(
+                        json!({"type": "upsert_node", "tenant": t.id, "hierarchy": h.name, "node": node_name(&t.id, n), "parent": node_name(&t.id, p)}),
+                    )
                 }
                 _ => None,
             }

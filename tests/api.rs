@@ -537,8 +537,8 @@ fn openapi_document_is_served_and_committed() {
 /// fired), and `canopy_checkpoint_rows` has row-count buckets, not seconds.
 #[test]
 fn metrics_lists_every_documented_metric_from_the_start() {
-    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
-        .unwrap();
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
     let start = readme
         .find("- **Metrics.**")
         .expect("README has a Metrics paragraph");
@@ -594,8 +594,12 @@ fn metrics_lists_every_documented_metric_from_the_start() {
         assert!(m.body.contains(zero), "no `{zero}` at start");
     }
     // Row-count buckets (1 .. 10^7), not the latency buckets (0.0005 .. 10 s).
-    assert!(m.body.contains("canopy_checkpoint_rows_bucket{le=\"1000\"} 0"));
-    assert!(!m.body.contains("canopy_checkpoint_rows_bucket{le=\"0.0005\"}"));
+    assert!(m
+        .body
+        .contains("canopy_checkpoint_rows_bucket{le=\"1000\"} 0"));
+    assert!(!m
+        .body
+        .contains("canopy_checkpoint_rows_bucket{le=\"0.0005\"}"));
     // The engine panel's endpoint: a token is needed; `serve` runs no engine and says so.
     assert_eq!(s.get("/v1/engine", None).status, 401);
     let e = s.get("/v1/engine", Some("tok-a")).json();
@@ -614,8 +618,13 @@ fn ranked_lists_count_children_when_asked() {
         .as_str()
         .unwrap()
         .to_string();
-    let hs = s.get(&format!("/v1/tenants/{}/hierarchies", enc(&t)), tok).json();
-    let h = hs["hierarchies"][0]["hierarchy"].as_str().unwrap().to_string();
+    let hs = s
+        .get(&format!("/v1/tenants/{}/hierarchies", enc(&t)), tok)
+        .json();
+    let h = hs["hierarchies"][0]["hierarchy"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let base = format!("/v1/tenants/{}/hierarchies/{}", enc(&t), enc(&h));
     let plain = s.get(&format!("{base}/roots?limit=1000"), tok).json();
     assert!(plain["items"][0].get("children").is_none());
@@ -626,7 +635,10 @@ fn ranked_lists_count_children_when_asked() {
     let root = roots["items"][0]["node"].as_str().unwrap().to_string();
     let kids = s
         .get(
-            &format!("{base}/nodes/{}/children?limit=1000&count_children=true", enc(&root)),
+            &format!(
+                "{base}/nodes/{}/children?limit=1000&count_children=true",
+                enc(&root)
+            ),
             tok,
         )
         .json();

@@ -199,11 +199,15 @@ fn dashboard_shows_exact_numbers_the_path_and_a_chart_with_axes_in_chromium() {
     // leaf has no expand arrow, its parent is a link.
     let tree = part(&dom, "tree-root", "</section>");
     assert!(
-        tree.contains(r#"<li data-node="r"><span class="toggle" role="button" title="collapse">▾</span>"#),
+        tree.contains(
+            r#"<li data-node="r"><span class="toggle" role="button" title="collapse">▾</span>"#
+        ),
         "root not expanded: {tree}"
     );
     assert!(
-        tree.contains(r#"<li data-node="c"><span class="toggle" role="button" title="collapse">▾</span>"#),
+        tree.contains(
+            r#"<li data-node="c"><span class="toggle" role="button" title="collapse">▾</span>"#
+        ),
         "parent not expanded: {tree}"
     );
     assert!(
@@ -220,7 +224,10 @@ fn dashboard_shows_exact_numbers_the_path_and_a_chart_with_axes_in_chromium() {
     }
     assert!(part(&dom, "node-facts", "</p>").contains("node=c\">c</a>"));
     // The token is out of the URL after first use.
-    assert!(!dom.contains("token=dash"), "the token stays in the page's URL");
+    assert!(
+        !dom.contains("token=dash"),
+        "the token stays in the page's URL"
+    );
     assert!(dom.contains(r#"id="permalink" href="?tenant=big&amp;hierarchy=h&amp;node=g""#));
 
     // The overview: tenants and hierarchies with totals, exact.
@@ -269,8 +276,14 @@ fn dashboard_shows_exact_numbers_the_path_and_a_chart_with_axes_in_chromium() {
     let dom = b.dom(&url);
     let chart = part(&dom, "chart", "</svg>");
     assert!(chart.contains("<polyline"), "no line: {chart}");
-    assert!(chart.matches("class=\"xtick\"").count() >= 2, "no time axis");
-    assert!(chart.matches("class=\"ytick\"").count() >= 2, "no value axis");
+    assert!(
+        chart.matches("class=\"xtick\"").count() >= 2,
+        "no time axis"
+    );
+    assert!(
+        chart.matches("class=\"ytick\"").count() >= 2,
+        "no value axis"
+    );
     assert!(chart.contains("tenant's local time (UTC+09:00)"), "{chart}");
     assert!(chart.contains(">sum of amount</text>"), "{chart}");
     assert!(!chart.contains("partial"), "an old bucket marked open");
@@ -287,7 +300,10 @@ fn dashboard_shows_exact_numbers_the_path_and_a_chart_with_axes_in_chromium() {
     assert!(first.ends_with("+09:00"), "{first}");
     // The first x label is the first bucket's local hour, as the tenant's zone has it.
     let label = format!("{}-{} {}:00", &first[5..7], &first[8..10], &first[11..13]);
-    assert!(chart.contains(&format!(">{label}</text>")), "no {label}: {chart}");
+    assert!(
+        chart.contains(&format!(">{label}</text>")),
+        "no {label}: {chart}"
+    );
     assert!(dom.contains(r#"<select id="stat">"#), "no statistic choice");
     b.screenshot(&url, "chart.png", 1000);
 }
@@ -320,7 +336,10 @@ fn dashboard_says_which_tenant_a_token_cannot_read_in_chromium() {
     let dom = b.dom(&format!("http://{}/?token=nope&tenant=big", s.addr));
     let err = part(&dom, "error", "</div>");
     assert!(err.contains("This token was refused"), "{err}");
-    assert!(dom.contains(r#"<form id="signin">"#), "no sign-in form shown");
+    assert!(
+        dom.contains(r#"<form id="signin">"#),
+        "no sign-in form shown"
+    );
     assert!(dom.contains(r#"<input id="token" type="password""#));
 
     // No token at all: asked for one.
@@ -333,7 +352,8 @@ fn dashboard_says_which_tenant_a_token_cannot_read_in_chromium() {
         s.addr
     ));
     assert!(
-        part(&dom, "error", "</div>").contains("cannot read node nobody of big/h, or it does not exist"),
+        part(&dom, "error", "</div>")
+            .contains("cannot read node nobody of big/h, or it does not exist"),
         "{}",
         part(&dom, "error", "</div>")
     );
@@ -408,7 +428,9 @@ fn dashboard_overview_and_deep_node_of_a_running_demo_in_chromium() {
     }
     let fresh = part(&dom, "fresh", "</span></span>");
     assert!(
-        fresh.contains("checkpoint #") && fresh.contains(" old ") && fresh.contains("class=\"badge ok\">live"),
+        fresh.contains("checkpoint #")
+            && fresh.contains(" old ")
+            && fresh.contains("class=\"badge ok\">live"),
         "{fresh}"
     );
     let tenants = s.get("/v1/tenants", tok).json();
@@ -427,7 +449,10 @@ fn dashboard_overview_and_deep_node_of_a_running_demo_in_chromium() {
     // open minute marked partial.
     let t = tenants["tenants"][0].as_str().unwrap().to_string();
     let roots = s
-        .get(&format!("/v1/tenants/{}/hierarchies/h0/roots", enc(&t)), tok)
+        .get(
+            &format!("/v1/tenants/{}/hierarchies/h0/roots", enc(&t)),
+            tok,
+        )
         .json();
     let root = roots["items"][0]["node"].as_str().unwrap().to_string();
     let path = deepest(&s, tok, &t, "h0", &root);
@@ -455,7 +480,10 @@ fn dashboard_overview_and_deep_node_of_a_running_demo_in_chromium() {
     );
     let crumbs = part(&dom, "crumbs", "</nav>");
     for a in &path[..path.len() - 1] {
-        assert!(crumbs.contains(&format!(">{a}</a>")), "breadcrumbs lack {a}");
+        assert!(
+            crumbs.contains(&format!(">{a}</a>")),
+            "breadcrumbs lack {a}"
+        );
     }
     let chart = part(&dom, "chart", "</svg>");
     assert!(

@@ -118,11 +118,7 @@ impl EngineStatus {
         if moved {
             s.at = Some((SystemTime::now(), now));
         }
-        while s
-            .taken
-            .front()
-            .is_some_and(|(t, _)| now - *t > RATE_WINDOW)
-        {
+        while s.taken.front().is_some_and(|(t, _)| now - *t > RATE_WINDOW) {
             s.taken.pop_front();
         }
         s.taken.push_back((now, records));
@@ -322,7 +318,11 @@ mod tests {
         assert_eq!((a.checkpoint_seq, a.records_waiting), (1, 0));
         assert!(a.checkpoint_at_ms.is_some() && a.checkpoint_age_ms.unwrap() < 1000);
         drop(stats);
-        assert_eq!(status.answer(None).records, 0, "a dropped engine is forgotten");
+        assert_eq!(
+            status.answer(None).records,
+            0,
+            "a dropped engine is forgotten"
+        );
     }
 
     #[test]

@@ -319,7 +319,7 @@ async fn items(
             .buffered(16)
             .map(|r| {
                 let r = r?;
-            // A node deleted since the list was read has none.
+                // A node deleted since the list was read has none.
                 Ok::<_, ApiError>(Some(r.value.map_or(0, |v| v.children.len() as u64)))
             })
             .try_collect()

@@ -35,8 +35,8 @@ use rdkafka::producer::FutureProducer;
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
-use crate::api::Tokens;
 use crate::api::engine::EngineStatus;
+use crate::api::Tokens;
 use crate::app::{shutdown_on_signals, spawn_api};
 use crate::config::Config;
 use crate::store::{MultiRead, Shards};

@@ -143,6 +143,7 @@ fn main() {
             tokens: Tokens::parse("bench=*").unwrap(),
             metrics: None,
             ready: Arc::new(AtomicBool::new(true)),
+            engine: canopy::api::engine::EngineStatus::new(1000),
         });
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
 

@@ -76,6 +76,7 @@ pub async fn spawn_api(
     tokens: Tokens,
     metrics: Option<PrometheusHandle>,
     ready: Arc<AtomicBool>,
+    engine: Arc<api::engine::EngineStatus>,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<(SocketAddr, JoinHandle<std::io::Result<()>>)> {
     let listen = cfg.listen.as_str();
@@ -88,6 +89,7 @@ pub async fn spawn_api(
         tokens,
         metrics,
         ready,
+        engine,
     });
     tracing::info!(%addr, "query API listening");
     let limits = api::server::Limits::from(cfg);

@@ -13,6 +13,7 @@ use canopy_actors::store::{Store, StoreRead};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::mpsc;
 
+use crate::api::engine::EngineStatus;
 use crate::api::Tokens;
 use crate::app::{shutdown_on_signals, spawn_api, UntilShutdown};
 use crate::config::Config;
@@ -150,6 +151,8 @@ pub fn workload(cfg: &Config) -> LoadgenConfig {
         churn: d.churn,
         bad: d.bad,
         live: true,
+        // The demo runs for minutes or days and must look the same throughout.
+        steady: true,
         ..Default::default()
     }
 }
@@ -164,21 +167,26 @@ pub async fn run(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Resu
     };
     let tokens = Tokens::parse(&token_spec)?;
     let ready = Arc::new(AtomicBool::new(false));
+    let engine_status = EngineStatus::new(cfg.engine.checkpoint_interval_ms);
     let (addr, api) = spawn_api(
         &cfg.api,
         store.clone() as Arc<dyn StoreRead>,
         tokens,
         metrics,
         ready.clone(),
+        engine_status.clone(),
         stop.clone(),
     )
     .await?;
-    let shown_token = token_spec
+    let all_tenants = token_spec
         .split(',')
-        .find_map(|e| e.trim().strip_suffix("=*"))
-        .unwrap_or("(see api.tokens)")
-        .to_string();
-    println!("canopy demo: dashboard at http://{addr}/  (API token: {shown_token})");
+        .find_map(|e| e.trim().strip_suffix("=*"));
+    let shown_token = all_tenants.unwrap_or("(see api.tokens)").to_string();
+    // The page takes the token from the link once, then keeps it out of the URL.
+    let query = all_tenants
+        .map(|t| format!("?token={}", crate::api::query_escape(t)))
+        .unwrap_or_default();
+    println!("canopy demo: dashboard at http://{addr}/{query}  (API token: {shown_token})");
     println!(
         "canopy demo: try  curl -H 'Authorization: Bearer {shown_token}' http://{addr}/v1/tenants"
     );
@@ -191,6 +199,7 @@ pub async fn run(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Resu
     )
     .await?;
     ready.store(true, Ordering::Release);
+    engine_status.attach(&engine.stats);
     let stats = engine.stats.clone();
     let done = Arc::new(AtomicBool::new(false));
     let status = {

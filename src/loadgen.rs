@@ -42,6 +42,12 @@ pub struct LoadgenConfig {
     pub attributed: bool,
     /// Events carry the wall-clock time instead of spreading over `span_secs` (the demo).
     pub live: bool,
+    /// Churn and suspensions that keep the system's shape (the demo, issue 26): at most
+    /// [`LoadgenConfig::steady_cap`] entities suspended per tenant and nodes deleted per
+    /// hierarchy, only leaves deleted, and moves within a level. Without it, random
+    /// suspend/resume and deletes accumulate: the refused share grows and the trees shrink
+    /// the longer the stream runs.
+    pub steady: bool,
 }
 
 impl Default for LoadgenConfig {
@@ -65,6 +71,7 @@ impl Default for LoadgenConfig {
             start_ms: 1_793_507_400_000,
             attributed: true,
             live: false,
+            steady: false,
         }
     }
 }
@@ -108,6 +115,8 @@ struct TenantGen {
     nodes: usize,
     hiers: Vec<Hier>,
     next_event: u64,
+    /// With `steady`: the entities suspended now.
+    suspended: Vec<usize>,
 }
 
 fn node_name(t: &str, i: usize) -> String {
@@ -123,6 +132,12 @@ impl LoadgenConfig {
 
     pub fn nodes_per_tree(&self) -> usize {
         (0..self.depth).map(|l| self.fanout.pow(l as u32)).sum()
+    }
+
+    /// With `steady`: the most entities suspended at once per tenant, and the most nodes
+    /// deleted at once per hierarchy (a few per thousand nodes).
+    pub fn steady_cap(&self) -> usize {
+        (self.nodes_per_tree() / 500).max(1)
     }
 
     /// Nodes of the whole stream: every tenant's every hierarchy.
@@ -206,6 +221,7 @@ pub fn generate(cfg: &LoadgenConfig, out: &mut impl Write) -> std::io::Result<u6
             nodes: per_tree,
             hiers,
             next_event: 0,
+            suspended: Vec::new(),
         });
     }
     let mut recent: Vec<(usize, String, String, serde_json::Value)> = Vec::new();
@@ -228,10 +244,33 @@ pub fn generate(cfg: &LoadgenConfig, out: &mut impl Write) -> std::io::Result<u6
         }
         let r = r - cfg.bad;
         if r < cfg.churn {
-            churn(&mut rng, t, &mut line, out)?;
+            if cfg.steady {
+                steady_churn(&mut rng, cfg, t, &mut line, out)?;
+            } else {
+                churn(&mut rng, t, &mut line, out)?;
+            }
             continue;
         }
         let r = r - cfg.churn;
+        if r < cfg.suspensions && cfg.steady {
+            // Suspend up to the cap, then resume one of those suspended: the suspended share
+            // stays at the cap instead of drifting towards half of the entities.
+            let (typ, ent) = if t.suspended.len() < cfg.steady_cap() {
+                let e = rng.random_range(0..t.nodes);
+                if !t.suspended.contains(&e) {
+                    t.suspended.push(e);
+                }
+                ("suspend_entity", e)
+            } else {
+                let k = rng.random_range(0..t.suspended.len());
+                ("resume_entity", t.suspended.swap_remove(k))
+            };
+            line(
+                out,
+                json!({"type": typ, "tenant": t.id, "entity": node_name(&t.id, ent)}),
+            )?;
+            continue;
+        }
         if r < cfg.suspensions {
             let ent = node_name(&t.id, rng.random_range(0..t.nodes));
             let typ = if rng.random_bool(0.5) {
@@ -374,6 +413,83 @@ fn churn(
         }
     }
     Ok(())
+}
+
+/// The first node index of each level of a tree, and the level's length.
+fn levels(cfg: &LoadgenConfig) -> Vec<(usize, usize)> {
+    let per_tree = cfg.nodes_per_tree();
+    let (mut out, mut start, mut len) = (Vec::new(), 0, 1);
+    while start < per_tree {
+        let l = len.min(per_tree - start);
+        out.push((start, l));
+        start += l;
+        len *= cfg.fanout.max(1);
+    }
+    out
+}
+
+/// Churn that keeps the trees' shape: a leaf deleted while fewer than the cap are, else a
+/// deleted node re-created, or a node moved under another node of its parent's level. Every
+/// record is valid for the engine (no `has_children` or `cycle` refusals from churn).
+fn steady_churn(
+    rng: &mut StdRng,
+    cfg: &LoadgenConfig,
+    t: &mut TenantGen,
+    line: &mut impl FnMut(&mut dyn Write, serde_json::Value) -> std::io::Result<()>,
+    out: &mut dyn Write,
+) -> std::io::Result<()> {
+    let lv = levels(cfg);
+    if lv.len() < 2 {
+        return Ok(());
+    }
+    let level_of = |i: usize| lv.iter().rposition(|(s, _)| *s <= i).expect("a level");
+    let hi = rng.random_range(0..t.hiers.len());
+    let h = &mut t.hiers[hi];
+    // A random live node of level `l`, if one is found in a few tries.
+    let live_at = |h: &Hier, rng: &mut StdRng, l: usize| {
+        let (s, n) = lv[l];
+        (0..16)
+            .map(|_| s + rng.random_range(0..n))
+            .find(|&i| h.alive[i])
+    };
+    let deleted: Vec<usize> = (lv[1].0..t.nodes).filter(|&i| !h.alive[i]).collect();
+    let rec = match rng.random_range(0..10) {
+        0..=3 if deleted.len() < cfg.steady_cap() => {
+            let leaf = (0..16)
+                .map(|_| rng.random_range(lv[1].0..t.nodes))
+                .find(|&i| h.alive[i] && !h.has_children(i));
+            leaf.map(|n| {
+                h.alive[n] = false;
+                json!({"type": "delete_node", "tenant": t.id, "hierarchy": h.name, "node": node_name(&t.id, n)})
+            })
+        }
+        0..=3 => {
+            let n = deleted[rng.random_range(0..deleted.len())];
+            live_at(h, rng, level_of(n) - 1).map(|p| {
+                h.alive[n] = true;
+                h.parent[n] = Some(p);
+                json!({"type": "upsert_node", "tenant": t.id, "hierarchy": h.name, "node": node_name(&t.id, n), "parent": node_name(&t.id, p)})
+            })
+        }
+        _ => {
+            let n = rng.random_range(lv[1].0..t.nodes);
+            let p = live_at(h, rng, level_of(n) - 1);
+            match p {
+                // A parent one level up cannot be below `n`: no cycle.
+                Some(p) if h.alive[n] && h.parent[n] != Some(p) => {
+                    h.parent[n] = Some(p);
+                    Some(
+                        json!({"type": "upsert_node", "tenant": t.id, "hierarchy": h.name, "node": node_name(&t.id, n), "parent": node_name(&t.id, p)}),
+                    )
+                }
+                _ => None,
+            }
+        }
+    };
+    match rec {
+        Some(r) => line(out, r),
+        None => Ok(()),
+    }
 }
 
 fn bad_record(rng: &mut StdRng, t: &str) -> serde_json::Value {

@@ -380,6 +380,8 @@ async fn run(cmd: Cmd, cfg: Config) -> anyhow::Result<Finished> {
                 tokens,
                 Some(metrics),
                 Arc::new(AtomicBool::new(true)),
+                // No engine here: the store is written by another process.
+                canopy::api::engine::EngineStatus::new(cfg.engine.checkpoint_interval_ms),
                 stop,
             )
             .await?;

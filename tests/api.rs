@@ -531,3 +531,128 @@ fn openapi_document_is_served_and_committed() {
     }
     assert_eq!(s.get("/v1/nowhere", Some("root")).status, 404);
 }
+
+/// Every metric README's Observability section names is on `/metrics` from the start, at 0
+/// when nothing happened yet (issue 26: five documented metrics were missing until they first
+/// fired), and `canopy_checkpoint_rows` has row-count buckets, not seconds.
+#[test]
+fn metrics_lists_every_documented_metric_from_the_start() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let start = readme
+        .find("- **Metrics.**")
+        .expect("README has a Metrics paragraph");
+    let rest = &readme[start + 2..];
+    let para = &rest[..rest.find("\n- **").unwrap_or(rest.len())];
+    let mut documented: Vec<String> = para
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("canopy_") && w.len() > "canopy_".len())
+        .map(str::to_string)
+        .collect();
+    documented.sort();
+    documented.dedup();
+    assert!(
+        documented.len() >= 20,
+        "README's metric list not found: {documented:?}"
+    );
+
+    // A store with one tenant and nothing else: `serve` starts, no engine ever runs.
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("one.ndjson");
+    std::fs::write(
+        &input,
+        "{\"type\":\"define_tenant\",\"tenant\":\"a\",\"timezone\":\"UTC\"}\n",
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    ingest(&input, &data, &[]);
+    let mut cmd = canopy();
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .env("CANOPY_API_TOKENS", TOKENS);
+    let s = Served::start(cmd);
+    // The request metrics are labelled by route: one request gives them their first series.
+    assert_eq!(s.get("/healthz", None).status, 200);
+    let m = s.get("/metrics", None);
+    assert_eq!(m.status, 200);
+    let missing: Vec<&String> = documented
+        .iter()
+        .filter(|name| !m.body.contains(&format!("# TYPE {name} ")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "documented but not on /metrics at start: {missing:?}\n{}",
+        m.body
+    );
+    for zero in [
+        "canopy_actor_restarts_total{kind=\"node\"} 0",
+        "canopy_tenants_parked 0",
+        "canopy_tenants_parked_total 0",
+        "canopy_records_skipped_total 0",
+        "canopy_store_retries_total 0",
+    ] {
+        assert!(m.body.contains(zero), "no `{zero}` at start");
+    }
+    // Row-count buckets (1 .. 10^7), not the latency buckets (0.0005 .. 10 s).
+    assert!(m
+        .body
+        .contains("canopy_checkpoint_rows_bucket{le=\"1000\"} 0"));
+    assert!(!m
+        .body
+        .contains("canopy_checkpoint_rows_bucket{le=\"0.0005\"}"));
+    // The engine panel's endpoint: a token is needed; `serve` runs no engine and says so.
+    assert_eq!(s.get("/v1/engine", None).status, 401);
+    let e = s.get("/v1/engine", Some("tok-a")).json();
+    assert_eq!(e["engine"], false, "{e}");
+    assert!(e["checkpoint_age_ms"].is_null() && !e["stale"].as_bool().unwrap());
+}
+
+/// `count_children=true` adds each listed node's number of children (the dashboard draws no
+/// expand arrow on a leaf); without it the items are as before.
+#[test]
+fn ranked_lists_count_children_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = serve_conformance(dir.path());
+    let tok = Some("root");
+    let t = s.get("/v1/tenants", tok).json()["tenants"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let hs = s
+        .get(&format!("/v1/tenants/{}/hierarchies", enc(&t)), tok)
+        .json();
+    let h = hs["hierarchies"][0]["hierarchy"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let base = format!("/v1/tenants/{}/hierarchies/{}", enc(&t), enc(&h));
+    let plain = s.get(&format!("{base}/roots?limit=1000"), tok).json();
+    assert!(plain["items"][0].get("children").is_none());
+    let mut seen_inner = false;
+    let roots = s
+        .get(&format!("{base}/roots?limit=1000&count_children=true"), tok)
+        .json();
+    let root = roots["items"][0]["node"].as_str().unwrap().to_string();
+    let kids = s
+        .get(
+            &format!(
+                "{base}/nodes/{}/children?limit=1000&count_children=true",
+                enc(&root)
+            ),
+            tok,
+        )
+        .json();
+    for it in roots["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(kids["items"].as_array().unwrap())
+    {
+        let n = it["node"].as_str().unwrap();
+        let node = s.get(&format!("{base}/nodes/{}", enc(n)), tok).json();
+        let want = node["children"].as_array().unwrap().len() as u64;
+        assert_eq!(it["children"].as_u64(), Some(want), "{n}");
+        seen_inner |= want > 0;
+    }
+    assert!(seen_inner, "no node with children checked");
+}

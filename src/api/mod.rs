@@ -3,12 +3,14 @@
 //! dashboard page.
 //!
 //! - [`auth`]: tokens → tenants, the `Access` extractor.
+//! - [`engine`]: the engine panel's numbers (`/v1/engine`).
 //! - [`v1`]: the read endpoints.
 //! - [`error`]: the JSON error shape.
 //! - [`extract`]: path/query extractors that answer bad input with JSON 400s.
 //! - [`server`]: the HTTP/1 server with connection, time and size limits.
 
 pub mod auth;
+pub mod engine;
 pub mod error;
 pub mod extract;
 pub mod server;
@@ -38,12 +40,14 @@ pub struct ApiState {
     pub metrics: Option<PrometheusHandle>,
     /// Set once the engine (if any) has restored its state and runs.
     pub ready: Arc<AtomicBool>,
+    /// The process's engines, for `/v1/engine` (none attached in `serve`).
+    pub engine: Arc<engine::EngineStatus>,
 }
 
 #[derive(OpenApi)]
 #[openapi(
     info(title = "canopy query API", description = "Pre-aggregated hierarchy numbers, per tenant (SPEC.md section 6)."),
-    paths(v1::tenants, v1::hierarchies, v1::roots, v1::node, v1::children, v1::series, v1::entity),
+    paths(engine::engine, v1::tenants, v1::hierarchies, v1::roots, v1::node, v1::children, v1::series, v1::entity),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -70,8 +74,21 @@ pub fn openapi_json() -> String {
 
 const DASHBOARD: &str = include_str!("dashboard.html");
 
+/// `s` percent-encoded for a URL's query (everything but unreserved characters).
+pub fn query_escape(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 pub fn router(state: ApiState) -> Router {
     let v1 = Router::new()
+        .route("/v1/engine", get(engine::engine))
         .route("/v1/tenants", get(v1::tenants))
         .route("/v1/tenants/{tenant}/hierarchies", get(v1::hierarchies))
         .route(

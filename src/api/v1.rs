@@ -211,6 +211,9 @@ pub struct RankQuery {
     // Text, so that `-1` or `x` answer `bad_limit` rather than a generic `bad_query`.
     #[param(value_type = Option<u32>)]
     pub limit: Option<String>,
+    /// `true`: each item also says how many children it has (the dashboard draws no expand
+    /// arrow on a leaf). Read per item after the ranking, so at most `limit` more reads.
+    pub count_children: Option<bool>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -218,6 +221,10 @@ pub struct RankedItem {
     pub node: String,
     #[schema(value_type = AggDoc)]
     pub subtree: Raw,
+    /// With `count_children=true`: the node's children, from the checkpoint current when it
+    /// was read (the same as `as_of`, or a newer one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub children: Option<u64>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -288,17 +295,50 @@ pub fn rank(items: &mut Vec<(String, Agg)>, q: &RankQuery) -> Result<(), ApiErro
     Ok(())
 }
 
-fn items(list: Vec<(String, Agg)>, as_of: u64) -> ItemsAnswer {
-    ItemsAnswer {
+async fn items(
+    st: &ApiState,
+    (tenant, hierarchy): (&str, &str),
+    list: Vec<(String, Agg)>,
+    as_of: u64,
+    q: &RankQuery,
+) -> Result<ItemsAnswer, ApiError> {
+    use futures::{StreamExt as _, TryStreamExt as _};
+    let counts: Vec<Option<u64>> = if q.count_children == Some(true) {
+        // Owned per item: a stream of futures borrowing the list does not satisfy the
+        // handler's `Send` bound (higher-ranked lifetimes).
+        let reads = list.iter().map(|(node, _)| {
+            let (store, t, h, n) = (
+                st.store.clone(),
+                tenant.to_string(),
+                hierarchy.to_string(),
+                node.clone(),
+            );
+            async move { store.node(&t, &h, &n).await }
+        });
+        futures::stream::iter(reads.collect::<Vec<_>>())
+            .buffered(16)
+            .map(|r| {
+                let r = r?;
+                // A node deleted since the list was read has none.
+                Ok::<_, ApiError>(Some(r.value.map_or(0, |v| v.children.len() as u64)))
+            })
+            .try_collect()
+            .await?
+    } else {
+        vec![None; list.len()]
+    };
+    Ok(ItemsAnswer {
         items: list
             .into_iter()
-            .map(|(node, a)| RankedItem {
+            .zip(counts)
+            .map(|((node, a), children)| RankedItem {
                 subtree: agg(&a),
                 node,
+                children,
             })
             .collect(),
         as_of,
-    }
+    })
 }
 
 #[utoipa::path(get, path = "/v1/tenants/{tenant}/hierarchies/{hierarchy}/roots",
@@ -317,7 +357,9 @@ pub async fn roots(
     let r = st.store.children(&tenant, &hierarchy, None).await?;
     let mut list = r.value.ok_or_else(|| ApiError::not_found(&what))?;
     rank(&mut list, &q)?;
-    Ok(Json(items(list, r.as_of)))
+    Ok(Json(
+        items(&st, (&tenant, &hierarchy), list, r.as_of, &q).await?,
+    ))
 }
 
 #[utoipa::path(get, path = "/v1/tenants/{tenant}/hierarchies/{hierarchy}/nodes/{node}/children",
@@ -337,7 +379,9 @@ pub async fn children(
     let r = st.store.children(&tenant, &hierarchy, Some(&node)).await?;
     let mut list = r.value.ok_or_else(|| ApiError::not_found(&what))?;
     rank(&mut list, &q)?;
-    Ok(Json(items(list, r.as_of)))
+    Ok(Json(
+        items(&st, (&tenant, &hierarchy), list, r.as_of, &q).await?,
+    ))
 }
 
 /// A time range of one granularity: buckets with `from` ≤ start < `to` (both optional).

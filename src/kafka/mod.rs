@@ -35,6 +35,7 @@ use rdkafka::producer::FutureProducer;
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
+use crate::api::engine::EngineStatus;
 use crate::api::Tokens;
 use crate::app::{shutdown_on_signals, spawn_api};
 use crate::config::Config;
@@ -86,6 +87,8 @@ struct Runner {
     stop: watch::Receiver<bool>,
     /// Dead-letter scans started at assignment, consumed when the shard opens.
     scans: BTreeMap<i32, dead_letters::Scan>,
+    /// The dashboard's engine panel watches each shard's engine while it is open.
+    engine_status: Arc<EngineStatus>,
 }
 
 /// Failures of a dependency that may come back (broker, store), as opposed to bad state.
@@ -164,6 +167,7 @@ impl Runner {
             Some(b) => anyhow::bail!("partition {p}: stored position of {} bytes", b.len()),
         };
         info!(partition = p, next_offset, "partition shard open");
+        self.engine_status.attach(&engine.stats);
         let _ = self.restored.send((p, next_offset));
         metrics::gauge!("canopy_partition_owned", "partition" => p.to_string()).set(1.0);
         self.reads
@@ -381,12 +385,14 @@ pub async fn run(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Resu
     let dlq_partitions = partitions(&cfg, &k.dlq_topic, Some(input_partitions)).await?;
     let reads = Arc::new(MultiRead::default());
     let ready = Arc::new(AtomicBool::new(false));
+    let engine_status = EngineStatus::new(cfg.engine.checkpoint_interval_ms);
     let (addr, api) = spawn_api(
         &cfg.api,
         reads.clone() as Arc<dyn StoreRead>,
         Tokens::parse(&cfg.api.tokens)?,
         metrics,
         ready.clone(),
+        engine_status.clone(),
         stop.clone(),
     )
     .await?;
@@ -445,6 +451,7 @@ pub async fn run(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Resu
         .create()?;
     let mut r = Runner {
         engine_cfg: cfg.engine(),
+        engine_status,
         topic: k.topic.clone(),
         dlq_topic: k.dlq_topic.clone(),
         dlq_partitions,

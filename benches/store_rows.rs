@@ -19,8 +19,8 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let input =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/conformance/input.ndjson");
+    let input = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/conformance/input.ndjson");
     if !input.exists() {
         println!("store_rows bench SKIPPED: {} is missing", input.display());
         return;

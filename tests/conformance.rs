@@ -40,10 +40,17 @@ fn the_fixtures_are_the_shared_public_case() {
     let Some(shared) = shared_conformance() else {
         return;
     };
-    for f in ["input.ndjson", "expected-dump.ndjson", "expected-dlq.ndjson"] {
+    for f in [
+        "input.ndjson",
+        "expected-dump.ndjson",
+        "expected-dlq.ndjson",
+    ] {
         let ours = std::fs::read(conformance_dir().join(f)).unwrap();
         let theirs = std::fs::read(shared.join(f)).unwrap();
-        assert!(ours == theirs, "tests/fixtures/conformance/{f} differs from ../shared/conformance/{f}");
+        assert!(
+            ours == theirs,
+            "tests/fixtures/conformance/{f} differs from ../shared/conformance/{f}"
+        );
     }
 }
 

@@ -19,7 +19,11 @@ pub enum DumpError {
     #[error("{what}:{line}: not a dump row")]
     NotARow { what: String, line: usize },
     #[error("{what}:{line}: row {key:?} appears twice")]
-    Twice { what: String, line: usize, key: RowKey },
+    Twice {
+        what: String,
+        line: usize,
+        key: RowKey,
+    },
     #[error("{what}:{line}: not a dead letter")]
     NotADeadLetter { what: String, line: usize },
 }
@@ -35,7 +39,11 @@ pub struct Mismatch {
 impl Mismatch {
     fn report(&self) -> String {
         let mut out: Vec<String> = self.problems.iter().take(25).cloned().collect();
-        out.push(format!("{} differences; {} nodes expected", self.problems.len(), self.expected_nodes));
+        out.push(format!(
+            "{} differences; {} nodes expected",
+            self.problems.len(),
+            self.expected_nodes
+        ));
         out.join("\n")
     }
 }
@@ -57,7 +65,11 @@ pub struct Matched {
 
 impl fmt::Display for Matched {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "conformance: {} nodes match, {} dead letters match", self.nodes, self.dead_letters)
+        write!(
+            f,
+            "conformance: {} nodes match, {} dead letters match",
+            self.nodes, self.dead_letters
+        )
     }
 }
 
@@ -72,12 +84,24 @@ pub fn load_dump(text: &str, what: &str) -> Result<Rows, DumpError> {
         if line.trim().is_empty() {
             continue;
         }
-        let err = || DumpError::NotARow { what: what.into(), line: i + 1 };
+        let err = || DumpError::NotARow {
+            what: what.into(),
+            line: i + 1,
+        };
         let row = json::parse(line).ok_or_else(err)?;
-        let field = |k| row.get(k).and_then(J::str).map(str::to_string).ok_or_else(err);
+        let field = |k| {
+            row.get(k)
+                .and_then(J::str)
+                .map(str::to_string)
+                .ok_or_else(err)
+        };
         let key = (field("tenant")?, field("hierarchy")?, field("node")?);
         if rows.contains_key(&key) {
-            return Err(DumpError::Twice { what: what.into(), line: i + 1, key });
+            return Err(DumpError::Twice {
+                what: what.into(),
+                line: i + 1,
+                key,
+            });
         }
         rows.insert(key, row);
     }
@@ -91,13 +115,22 @@ pub fn load_dead_letters(text: &str, what: &str) -> Result<DeadLetters, DumpErro
         if line.trim().is_empty() {
             continue;
         }
-        let err = || DumpError::NotADeadLetter { what: what.into(), line: i + 1 };
+        let err = || DumpError::NotADeadLetter {
+            what: what.into(),
+            line: i + 1,
+        };
         let r = json::parse(line).ok_or_else(err)?;
         let n = match r.get("line") {
             Some(J::Num(json::Num::Int(n))) => u64::try_from(*n).map_err(|_| err())?,
             _ => return Err(err()),
         };
-        out.insert((n, r.get("reason").and_then(J::str).ok_or_else(err)?.to_string()));
+        out.insert((
+            n,
+            r.get("reason")
+                .and_then(J::str)
+                .ok_or_else(err)?
+                .to_string(),
+        ));
     }
     Ok(out)
 }
@@ -132,24 +165,37 @@ pub fn compare(
         problems.push(format!("dead letter not expected: line {line} ({reason})"));
     }
     if problems.is_empty() {
-        Ok(Matched { nodes: expected.len(), dead_letters: expected_dl.len() })
+        Ok(Matched {
+            nodes: expected.len(),
+            dead_letters: expected_dl.len(),
+        })
     } else {
-        Err(Mismatch { problems, expected_nodes: expected.len() })
+        Err(Mismatch {
+            problems,
+            expected_nodes: expected.len(),
+        })
     }
 }
 
 /// Removes from the expected rows the out-of-retention buckets that the actual rows lack.
 fn drop_expired(expected: &mut Rows, actual: &Rows, watermarks: &BTreeMap<String, i64>) {
     for (key, row) in expected.iter_mut() {
-        let (Some(&wm), Some(got)) = (watermarks.get(&key.0), actual.get(key)) else { continue };
+        let (Some(&wm), Some(got)) = (watermarks.get(&key.0), actual.get(key)) else {
+            continue;
+        };
         let J::Obj(fields) = row else { continue };
-        let Some(J::Obj(buckets)) = fields.get_mut("buckets") else { continue };
+        let Some(J::Obj(buckets)) = fields.get_mut("buckets") else {
+            continue;
+        };
         for (g, retention) in GRANULARITIES.iter().zip(RETENTION_SECS) {
-            let Some(J::Obj(mine)) = buckets.get_mut(*g) else { continue };
+            let Some(J::Obj(mine)) = buckets.get_mut(*g) else {
+                continue;
+            };
             let theirs = got.get("buckets").and_then(|b| b.get(g));
             mine.retain(|k, _| {
                 let present = theirs.and_then(|t| t.get(k)).is_some();
-                let expired = time::key_start_ms(k).is_some_and(|start| start < wm - retention * 1000);
+                let expired =
+                    time::key_start_ms(k).is_some_and(|start| start < wm - retention * 1000);
                 present || !expired
             });
         }
@@ -189,7 +235,13 @@ mod tests {
     fn equal_rows_match_and_any_change_does_not() {
         let none = DeadLetters::new();
         let m = compare(rows(ROW), &rows(ROW), &none, &none, None).unwrap();
-        assert_eq!(m, Matched { nodes: 1, dead_letters: 0 });
+        assert_eq!(
+            m,
+            Matched {
+                nodes: 1,
+                dead_letters: 0
+            }
+        );
         for changed in [
             ROW.replace(r#""own":{"events":1"#, r#""own":{"events":2"#),
             ROW.replace(r#""own":{"events":1"#, r#""own":{"events":1.0"#),
@@ -197,14 +249,21 @@ mod tests {
             ROW.replace(r#""node":"n""#, r#""node":"m""#),
             ROW.replace(r#""hour":{}"#, r#""hour":{},"x":1"#),
         ] {
-            assert!(compare(rows(ROW), &rows(&changed), &none, &none, None).is_err(), "{changed}");
+            assert!(
+                compare(rows(ROW), &rows(&changed), &none, &none, None).is_err(),
+                "{changed}"
+            );
         }
-        assert!(matches!(load_dump(&format!("{ROW}\n{ROW}"), "t"), Err(DumpError::Twice { .. })));
+        assert!(matches!(
+            load_dump(&format!("{ROW}\n{ROW}"), "t"),
+            Err(DumpError::Twice { .. })
+        ));
     }
 
     #[test]
     fn dead_letters_are_line_and_reason_pairs() {
-        let a = load_dead_letters(r#"{"line": 3, "reason": "malformed", "record": "x"}"#, "a").unwrap();
+        let a =
+            load_dead_letters(r#"{"line": 3, "reason": "malformed", "record": "x"}"#, "a").unwrap();
         let b = load_dead_letters(r#"{"line": 3, "reason": "malformed"}"#, "b").unwrap();
         let c = load_dead_letters(r#"{"line": 4, "reason": "malformed"}"#, "c").unwrap();
         assert!(compare(Rows::new(), &Rows::new(), &a, &b, None).is_ok());
@@ -215,15 +274,25 @@ mod tests {
     #[test]
     fn watermarks_excuse_only_missing_buckets_out_of_retention() {
         let none = DeadLetters::new();
-        let without = ROW.replace(r#"{"2026-01-01T00:00:00Z":{"events":1,"metrics":{}}}"#, "{}");
+        let without = ROW.replace(
+            r#"{"2026-01-01T00:00:00Z":{"events":1,"metrics":{}}}"#,
+            "{}",
+        );
         let start_ms = time::key_start_ms("2026-01-01T00:00:00Z").unwrap();
         let limit = 48 * 3600 * 1000;
         for (wm, ok) in [(start_ms + limit, false), (start_ms + limit + 1, true)] {
             let w = BTreeMap::from([("t".to_string(), wm)]);
-            assert_eq!(compare(rows(ROW), &rows(&without), &none, &none, Some(&w)).is_ok(), ok, "{wm}");
+            assert_eq!(
+                compare(rows(ROW), &rows(&without), &none, &none, Some(&w)).is_ok(),
+                ok,
+                "{wm}"
+            );
         }
         // A bucket present must match even when it is out of retention.
-        let wrong = ROW.replace(r#"{"2026-01-01T00:00:00Z":{"events":1"#, r#"{"2026-01-01T00:00:00Z":{"events":2"#);
+        let wrong = ROW.replace(
+            r#"{"2026-01-01T00:00:00Z":{"events":1"#,
+            r#"{"2026-01-01T00:00:00Z":{"events":2"#,
+        );
         let w = BTreeMap::from([("t".to_string(), start_ms + 10 * limit)]);
         assert!(compare(rows(ROW), &rows(&wrong), &none, &none, Some(&w)).is_err());
     }

@@ -38,7 +38,12 @@ impl Agg {
     fn add_event(&mut self, metrics: &BTreeMap<String, i64>) {
         self.events += 1;
         for (name, &v) in metrics {
-            let one = Stat { count: 1, sum: v.into(), min: v, max: v };
+            let one = Stat {
+                count: 1,
+                sum: v.into(),
+                min: v,
+                max: v,
+            };
             self.add_stat(name, one);
         }
     }
@@ -51,7 +56,12 @@ impl Agg {
     }
 
     fn add_stat(&mut self, name: &str, s: Stat) {
-        let e = self.metrics.entry(name.to_string()).or_insert(Stat { count: 0, sum: 0, min: s.min, max: s.max });
+        let e = self.metrics.entry(name.to_string()).or_insert(Stat {
+            count: 0,
+            sum: 0,
+            min: s.min,
+            max: s.max,
+        });
         e.count += s.count;
         e.sum += s.sum;
         e.min = e.min.min(s.min);
@@ -63,16 +73,29 @@ impl Agg {
             .metrics
             .iter()
             .map(|(name, s)| {
-                let stat = [("count", J::int(s.count.into())), ("sum", J::int(s.sum)), ("min", J::int(s.min.into())), ("max", J::int(s.max.into()))];
+                let stat = [
+                    ("count", J::int(s.count.into())),
+                    ("sum", J::int(s.sum)),
+                    ("min", J::int(s.min.into())),
+                    ("max", J::int(s.max.into())),
+                ];
                 (name.clone(), obj(stat))
             })
             .collect();
-        obj([("events", J::int(self.events.into())), ("metrics", J::Obj(metrics))])
+        obj([
+            ("events", J::int(self.events.into())),
+            ("metrics", J::Obj(metrics)),
+        ])
     }
 }
 
 fn obj<const N: usize>(fields: [(&str, J); N]) -> J {
-    J::Obj(fields.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
+    J::Obj(
+        fields
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+    )
 }
 
 /// Buckets of one granularity by key.
@@ -96,7 +119,10 @@ struct Hierarchy {
 
 impl Hierarchy {
     fn children<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a str> {
-        self.nodes.iter().filter(move |(_, n)| n.parent.as_deref() == Some(node)).map(|(id, _)| id.as_str())
+        self.nodes
+            .iter()
+            .filter(move |(_, n)| n.parent.as_deref() == Some(node))
+            .map(|(id, _)| id.as_str())
     }
 
     /// The node and its ancestors, nearest first.
@@ -192,7 +218,12 @@ pub fn fold(input: &[u8]) -> Expected {
             dead_letters.push((i as u64 + 1, reason));
         }
     }
-    Expected { dump: m.dump(), dead_letters, watermarks: m.watermarks(), duplicates: m.duplicates }
+    Expected {
+        dump: m.dump(),
+        dead_letters,
+        watermarks: m.watermarks(),
+        duplicates: m.duplicates,
+    }
 }
 
 /// An identifier: a non-empty string of at most 256 bytes.
@@ -209,7 +240,10 @@ fn optional<'a>(rec: &'a J, key: &str) -> Option<&'a J> {
 }
 
 fn metric_name_ok(name: &str) -> bool {
-    (1..=64).contains(&name.len()) && name.bytes().all(|c| c.is_ascii_alphanumeric() || b"_.-".contains(&c))
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"_.-".contains(&c))
 }
 
 /// Decodes a record: MessagePack when the first byte marks a map, JSON otherwise (section 1).
@@ -220,14 +254,24 @@ fn decode(bytes: &[u8]) -> Option<J> {
     }
 }
 
-const TYPES: [&str; 7] = ["define_tenant", "define_hierarchy", "upsert_node", "delete_node", "suspend_entity", "resume_entity", "event"];
+const TYPES: [&str; 7] = [
+    "define_tenant",
+    "define_hierarchy",
+    "upsert_node",
+    "delete_node",
+    "suspend_entity",
+    "resume_entity",
+    "event",
+];
 
 impl Model {
     /// Applies one record; `Err` is its refusal reason. Checks run in section 2's order: the
     /// shape of the whole record first, then the state.
     pub fn apply(&mut self, bytes: &[u8]) -> Result<(), Reason> {
         let rec = decode(bytes).ok_or("malformed")?;
-        let J::Obj(_) = rec else { return Err("malformed") };
+        let J::Obj(_) = rec else {
+            return Err("malformed");
+        };
         let typ = rec.get("type").and_then(J::str).ok_or("malformed")?;
         if !TYPES.contains(&typ) {
             return Err("unknown_type");
@@ -261,7 +305,13 @@ impl Model {
                     Some(h) if h.attributed != attributed => Err("hierarchy_mode_locked"),
                     Some(_) => Ok(()),
                     None => {
-                        t.hierarchies.insert(name.to_string(), Hierarchy { attributed, nodes: BTreeMap::new() });
+                        t.hierarchies.insert(
+                            name.to_string(),
+                            Hierarchy {
+                                attributed,
+                                nodes: BTreeMap::new(),
+                            },
+                        );
                         Ok(())
                     }
                 }
@@ -270,7 +320,10 @@ impl Model {
                 let h_name = id(rec.get("hierarchy"))?;
                 let node = id(rec.get("node"))?;
                 let parent = optional(&rec, "parent").map(|p| id(Some(p))).transpose()?;
-                let h = self.tenants.get(&tenant).and_then(|t| t.hierarchies.get(h_name));
+                let h = self
+                    .tenants
+                    .get(&tenant)
+                    .and_then(|t| t.hierarchies.get(h_name));
                 if let Some(p) = parent {
                     let Some(h) = h.filter(|h| h.nodes.contains_key(p)) else {
                         return Err("unknown_parent");
@@ -281,7 +334,13 @@ impl Model {
                     }
                 }
                 let t = self.tenants.entry(tenant).or_default();
-                let h = t.hierarchies.entry(h_name.to_string()).or_insert(Hierarchy { attributed: false, nodes: BTreeMap::new() });
+                let h = t
+                    .hierarchies
+                    .entry(h_name.to_string())
+                    .or_insert(Hierarchy {
+                        attributed: false,
+                        nodes: BTreeMap::new(),
+                    });
                 // A move only changes the pointer: `current` subtrees are summed at the end,
                 // `attributed` ones keep what was counted.
                 h.nodes.entry(node.to_string()).or_default().parent = parent.map(str::to_string);
@@ -290,7 +349,10 @@ impl Model {
             "delete_node" => {
                 let h_name = id(rec.get("hierarchy"))?;
                 let node = id(rec.get("node"))?;
-                let h = self.tenants.get_mut(&tenant).and_then(|t| t.hierarchies.get_mut(h_name));
+                let h = self
+                    .tenants
+                    .get_mut(&tenant)
+                    .and_then(|t| t.hierarchies.get_mut(h_name));
                 let Some(h) = h.filter(|h| h.nodes.contains_key(node)) else {
                     return Err("unknown_node");
                 };
@@ -302,7 +364,11 @@ impl Model {
             }
             "suspend_entity" | "resume_entity" => {
                 let entity = id(rec.get("entity"))?;
-                let t = self.tenants.get_mut(&tenant).filter(|t| t.entity_exists(entity)).ok_or("unknown_entity")?;
+                let t = self
+                    .tenants
+                    .get_mut(&tenant)
+                    .filter(|t| t.entity_exists(entity))
+                    .ok_or("unknown_entity")?;
                 if typ == "suspend_entity" {
                     t.suspended.insert(entity.to_string());
                 } else {
@@ -319,7 +385,11 @@ impl Model {
         let entity = id(rec.get("entity"))?;
         let ts = time::parse_ts(rec.get("ts").ok_or("malformed")?).ok_or("malformed")?;
         let metrics = self::metrics(optional(rec, "metrics"))?;
-        let t = self.tenants.get_mut(tenant).filter(|t| t.entity_exists(entity)).ok_or("unknown_entity")?;
+        let t = self
+            .tenants
+            .get_mut(tenant)
+            .filter(|t| t.entity_exists(entity))
+            .ok_or("unknown_entity")?;
         if t.suspended.contains(entity) {
             return Err("suspended");
         }
@@ -332,7 +402,9 @@ impl Model {
         t.watermark = Some(watermark);
         let keys = time::bucket_keys(&t.zone, ts);
         // Retention at acceptance (section 6): the watermark moves first.
-        let kept: Vec<usize> = (0..3).filter(|&g| watermark - ts <= RETENTION_SECS[g] * MICROS_PER_SEC).collect();
+        let kept: Vec<usize> = (0..3)
+            .filter(|&g| watermark - ts <= RETENTION_SECS[g] * MICROS_PER_SEC)
+            .collect();
         for h in t.hierarchies.values_mut() {
             if !h.nodes.contains_key(entity) {
                 continue;
@@ -341,14 +413,20 @@ impl Model {
             let n = h.nodes.get_mut(entity).unwrap();
             n.own.add_event(&metrics);
             for &g in &kept {
-                n.own_buckets[g].entry(keys[g].clone()).or_default().add_event(&metrics);
+                n.own_buckets[g]
+                    .entry(keys[g].clone())
+                    .or_default()
+                    .add_event(&metrics);
             }
             if h.attributed {
                 for a in &chain {
                     let n = h.nodes.get_mut(a).unwrap();
                     n.attributed.add_event(&metrics);
                     for &g in &kept {
-                        n.attributed_buckets[g].entry(keys[g].clone()).or_default().add_event(&metrics);
+                        n.attributed_buckets[g]
+                            .entry(keys[g].clone())
+                            .or_default()
+                            .add_event(&metrics);
                     }
                 }
             }
@@ -366,7 +444,12 @@ impl Model {
                     let buckets = GRANULARITIES
                         .iter()
                         .zip(&buckets)
-                        .map(|(g, b)| (g.to_string(), J::Obj(b.iter().map(|(k, a)| (k.clone(), a.to_json())).collect())))
+                        .map(|(g, b)| {
+                            (
+                                g.to_string(),
+                                J::Obj(b.iter().map(|(k, a)| (k.clone(), a.to_json())).collect()),
+                            )
+                        })
                         .collect();
                     rows.push(obj([
                         ("tenant", J::string(t_name)),
@@ -385,15 +468,22 @@ impl Model {
 
     /// Each tenant's watermark (ms since the epoch), for tenants with an accepted event.
     pub fn watermarks(&self) -> BTreeMap<String, i64> {
-        self.tenants.iter().filter_map(|(name, t)| Some((name.clone(), t.watermark?.div_euclid(1000)))).collect()
+        self.tenants
+            .iter()
+            .filter_map(|(name, t)| Some((name.clone(), t.watermark?.div_euclid(1000))))
+            .collect()
     }
 }
 
 /// An event's `metrics` (absent or `null`: none). Any bad name, non-number or integer outside
 /// i64 is `malformed`; only then does a fraction or exponent make it `non_integer_metric`.
 fn metrics(v: Option<&J>) -> Result<BTreeMap<String, i64>, Reason> {
-    let Some(v) = v else { return Ok(BTreeMap::new()) };
-    let J::Obj(m) = v else { return Err("malformed") };
+    let Some(v) = v else {
+        return Ok(BTreeMap::new());
+    };
+    let J::Obj(m) = v else {
+        return Err("malformed");
+    };
     let mut out = BTreeMap::new();
     let mut fraction = false;
     for (name, v) in m {

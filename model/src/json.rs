@@ -119,7 +119,10 @@ const MAX_DEPTH: usize = 900;
 /// it is not JSON: the grammar of RFC 8259, as strict as Python's `json.loads` with `NaN` and
 /// `Infinity` refused.
 pub fn parse(text: &str) -> Option<J> {
-    let mut p = Parser { b: text.as_bytes(), i: 0 };
+    let mut p = Parser {
+        b: text.as_bytes(),
+        i: 0,
+    };
     let v = p.value(0)?;
     p.ws();
     (p.i == p.b.len()).then_some(v)
@@ -164,7 +167,9 @@ impl Parser<'_> {
                 self.i += 1;
                 let mut m = BTreeMap::new();
                 let mut bad_key = false;
-                let done = |m: BTreeMap<String, J>, bad_key: bool| Some(if bad_key { J::Other } else { J::Obj(m) });
+                let done = |m: BTreeMap<String, J>, bad_key: bool| {
+                    Some(if bad_key { J::Other } else { J::Obj(m) })
+                };
                 if self.eat(b'}') {
                     return done(m, bad_key);
                 }

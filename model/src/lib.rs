@@ -35,15 +35,20 @@ impl Expected {
 
     /// The tenants' final watermarks as one JSON object (ms), like `oracle.py --watermarks`.
     pub fn watermarks_text(&self) -> String {
-        let m: BTreeMap<String, json::J> =
-            self.watermarks.iter().map(|(t, w)| (t.clone(), json::J::int((*w).into()))).collect();
+        let m: BTreeMap<String, json::J> = self
+            .watermarks
+            .iter()
+            .map(|(t, w)| (t.clone(), json::J::int((*w).into())))
+            .collect();
         json::J::Obj(m).to_text()
     }
 }
 
 /// Parses `oracle.py --watermarks` output (or [`Expected::watermarks_text`]).
 pub fn load_watermarks(text: &str) -> Option<BTreeMap<String, i64>> {
-    let json::J::Obj(m) = json::parse(text)? else { return None };
+    let json::J::Obj(m) = json::parse(text)? else {
+        return None;
+    };
     m.into_iter()
         .map(|(t, v)| match v {
             json::J::Num(json::Num::Int(ms)) => Some((t, i64::try_from(ms).ok()?)),

@@ -23,7 +23,10 @@ fn main() -> ExitCode {
 }
 
 /// Positional arguments and `--flag VALUE...` options, `n` values per flag.
-fn options(args: &[String], flags: &[(&str, usize)]) -> Result<(Vec<String>, Vec<(String, Vec<String>)>), String> {
+fn options(
+    args: &[String],
+    flags: &[(&str, usize)],
+) -> Result<(Vec<String>, Vec<(String, Vec<String>)>), String> {
     let (mut pos, mut opts) = (Vec::new(), Vec::new());
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -43,7 +46,9 @@ fn options(args: &[String], flags: &[(&str, usize)]) -> Result<(Vec<String>, Vec
 }
 
 fn get<'a>(opts: &'a [(String, Vec<String>)], flag: &str) -> Option<&'a [String]> {
-    opts.iter().find(|(f, _)| f == flag).map(|(_, v)| v.as_slice())
+    opts.iter()
+        .find(|(f, _)| f == flag)
+        .map(|(_, v)| v.as_slice())
 }
 
 fn read(path: &str) -> Result<String, String> {
@@ -57,8 +62,13 @@ fn write(path: &str, text: &str) -> Result<(), String> {
 fn run(args: Vec<String>) -> Result<ExitCode, String> {
     match args.first().map(String::as_str) {
         Some("fold") => {
-            let (pos, opts) = options(&args[1..], &[("--dump", 1), ("--dlq", 1), ("--watermarks", 1)])?;
-            let ([input], Some([dump]), Some([dlq])) = (pos.as_slice(), get(&opts, "--dump"), get(&opts, "--dlq")) else {
+            let (pos, opts) = options(
+                &args[1..],
+                &[("--dump", 1), ("--dlq", 1), ("--watermarks", 1)],
+            )?;
+            let ([input], Some([dump]), Some([dlq])) =
+                (pos.as_slice(), get(&opts, "--dump"), get(&opts, "--dlq"))
+            else {
                 return Err(USAGE.into());
             };
             let bytes = std::fs::read(input).map_err(|e| format!("{input}: {e}"))?;
@@ -73,7 +83,9 @@ fn run(args: Vec<String>) -> Result<ExitCode, String> {
         }
         Some("compare") => {
             let (pos, opts) = options(&args[1..], &[("--dlq", 2), ("--watermarks", 1)])?;
-            let [expected, actual] = pos.as_slice() else { return Err(USAGE.into()) };
+            let [expected, actual] = pos.as_slice() else {
+                return Err(USAGE.into());
+            };
             let exp = load_dump(&read(expected)?, expected).map_err(|e| e.to_string())?;
             let act = load_dump(&read(actual)?, actual).map_err(|e| e.to_string())?;
             let (e_dl, a_dl) = match get(&opts, "--dlq") {
@@ -84,7 +96,10 @@ fn run(args: Vec<String>) -> Result<ExitCode, String> {
                 _ => Default::default(),
             };
             let wm = match get(&opts, "--watermarks") {
-                Some([w]) => Some(load_watermarks(&read(w)?).ok_or_else(|| format!("{w}: not a watermarks object"))?),
+                Some([w]) => Some(
+                    load_watermarks(&read(w)?)
+                        .ok_or_else(|| format!("{w}: not a watermarks object"))?,
+                ),
                 _ => None,
             };
             match compare(exp, &act, &e_dl, &a_dl, wm.as_ref()) {

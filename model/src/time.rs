@@ -20,7 +20,9 @@ pub fn parse_ts(v: &J) -> Option<i64> {
         J::Str(Some(s)) => parse_rfc3339(s)?,
         _ => return None,
     };
-    (0..TS_END_SECS * MICROS_PER_SEC).contains(&micros).then_some(micros)
+    (0..TS_END_SECS * MICROS_PER_SEC)
+        .contains(&micros)
+        .then_some(micros)
 }
 
 /// `YYYY-MM-DDTHH:MM:SS[.F](Z|±HH:MM)`, F of 1 to 9 digits truncated to microseconds.
@@ -52,7 +54,11 @@ pub fn parse_rfc3339(s: &str) -> Option<i64> {
             return None;
         }
         // Pad or cut to six digits: truncation, never rounding.
-        let six: String = s[i + 1..i + 1 + digits].chars().chain("00000".chars()).take(6).collect();
+        let six: String = s[i + 1..i + 1 + digits]
+            .chars()
+            .chain("00000".chars())
+            .take(6)
+            .collect();
         micros = six.parse::<i64>().ok()?;
         i += 1 + digits;
     }
@@ -72,7 +78,8 @@ pub fn parse_rfc3339(s: &str) -> Option<i64> {
         }
         _ => return None,
     };
-    let local = days_from_civil(year, month, day) * SECS_PER_DAY + hour * 3600 + minute * 60 + second;
+    let local =
+        days_from_civil(year, month, day) * SECS_PER_DAY + hour * 3600 + minute * 60 + second;
     Some((local - offset_secs) * MICROS_PER_SEC + micros)
 }
 
@@ -94,9 +101,13 @@ fn days_in_month(y: i64, m: i64) -> i64 {
 pub fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     let mut days = 0;
     if y >= 1970 {
-        days += (1970..y).map(|yy| if is_leap(yy) { 366 } else { 365 }).sum::<i64>();
+        days += (1970..y)
+            .map(|yy| if is_leap(yy) { 366 } else { 365 })
+            .sum::<i64>();
     } else {
-        days -= (y..1970).map(|yy| if is_leap(yy) { 366 } else { 365 }).sum::<i64>();
+        days -= (y..1970)
+            .map(|yy| if is_leap(yy) { 366 } else { 365 })
+            .sum::<i64>();
     }
     days + (1..m).map(|mm| days_in_month(y, mm)).sum::<i64>() + d - 1
 }
@@ -129,12 +140,19 @@ fn civil(secs: i64) -> (i64, i64, i64, i64, i64, i64) {
 /// A zone by its exact, case-sensitive IANA name (or `UTC`), from the bundled database.
 pub fn zone(name: &str) -> Option<TimeZone> {
     static NAMES: OnceLock<HashSet<String>> = OnceLock::new();
-    let names =
-        NAMES.get_or_init(|| jiff::tz::db().available().map(|n| n.as_str().to_string()).collect());
+    let names = NAMES.get_or_init(|| {
+        jiff::tz::db()
+            .available()
+            .map(|n| n.as_str().to_string())
+            .collect()
+    });
     if name == "UTC" {
         return Some(TimeZone::UTC);
     }
-    names.contains(name).then(|| TimeZone::get(name).ok()).flatten()
+    names
+        .contains(name)
+        .then(|| TimeZone::get(name).ok())
+        .flatten()
 }
 
 fn offset_at(tz: &TimeZone, secs: i64) -> i64 {
@@ -180,7 +198,11 @@ pub fn bucket_keys(tz: &TimeZone, micros: i64) -> [String; 3] {
         };
         format_key(start, off)
     };
-    [key(60, fold), key(3600, fold), key(SECS_PER_DAY as usize, false)]
+    [
+        key(60, fold),
+        key(3600, fold),
+        key(SECS_PER_DAY as usize, false),
+    ]
 }
 
 /// `YYYY-MM-DDTHH:MM:SS` of the local start, then `Z` or `±HH:MM` (seconds of an offset dropped).
@@ -214,17 +236,47 @@ mod tests {
     #[test]
     fn dst_examples_of_the_spec() {
         let rows = [
-            ("America/New_York", "2026-11-01T05:30:00Z", "2026-11-01T01:30:00-04:00", "2026-11-01T01:00:00-04:00", "2026-11-01T00:00:00-04:00"),
-            ("America/New_York", "2026-11-01T06:30:00Z", "2026-11-01T01:30:00-05:00", "2026-11-01T01:00:00-05:00", "2026-11-01T00:00:00-04:00"),
-            ("America/New_York", "2026-03-08T07:10:00Z", "2026-03-08T03:10:00-04:00", "2026-03-08T03:00:00-04:00", "2026-03-08T00:00:00-05:00"),
-            ("America/Santiago", "2026-09-06T12:00:00Z", "2026-09-06T09:00:00-03:00", "2026-09-06T09:00:00-03:00", "2026-09-06T00:00:00-04:00"),
+            (
+                "America/New_York",
+                "2026-11-01T05:30:00Z",
+                "2026-11-01T01:30:00-04:00",
+                "2026-11-01T01:00:00-04:00",
+                "2026-11-01T00:00:00-04:00",
+            ),
+            (
+                "America/New_York",
+                "2026-11-01T06:30:00Z",
+                "2026-11-01T01:30:00-05:00",
+                "2026-11-01T01:00:00-05:00",
+                "2026-11-01T00:00:00-04:00",
+            ),
+            (
+                "America/New_York",
+                "2026-03-08T07:10:00Z",
+                "2026-03-08T03:10:00-04:00",
+                "2026-03-08T03:00:00-04:00",
+                "2026-03-08T00:00:00-05:00",
+            ),
+            (
+                "America/Santiago",
+                "2026-09-06T12:00:00Z",
+                "2026-09-06T09:00:00-03:00",
+                "2026-09-06T09:00:00-03:00",
+                "2026-09-06T00:00:00-04:00",
+            ),
         ];
         for (z, ts, m, h, d) in rows {
             assert_eq!(keys(z, ts), [m, h, d].map(String::from), "{z} {ts}");
         }
-        assert_eq!(keys("UTC", "2026-11-21T10:15:30.999Z")[0], "2026-11-21T10:15:00Z");
+        assert_eq!(
+            keys("UTC", "2026-11-21T10:15:30.999Z")[0],
+            "2026-11-21T10:15:00Z"
+        );
         // 15:45:30 local: the hour starts at 15:00 local, half past a UTC hour.
-        assert_eq!(keys("Asia/Kolkata", "2026-11-21T10:15:30Z")[1], "2026-11-21T15:00:00+05:30");
+        assert_eq!(
+            keys("Asia/Kolkata", "2026-11-21T10:15:30Z")[1],
+            "2026-11-21T15:00:00+05:30"
+        );
     }
 
     #[test]
@@ -232,7 +284,10 @@ mod tests {
         let at = |s: &str| parse_ts(&J::string(s));
         assert_eq!(at("1970-01-01T00:00:00Z"), Some(0));
         assert_eq!(at("1970-01-01T09:00:00.0000019+09:00"), Some(1));
-        assert_eq!(at("2199-12-31T23:59:59.999999Z"), Some(TS_END_SECS * MICROS_PER_SEC - 1));
+        assert_eq!(
+            at("2199-12-31T23:59:59.999999Z"),
+            Some(TS_END_SECS * MICROS_PER_SEC - 1)
+        );
         assert_eq!(parse_ts(&J::int(1500)), Some(1_500_000));
         for bad in [
             "2200-01-01T00:00:00Z",

@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use canopy_model::{compare, fold, load_dead_letters, load_dump};
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/conformance").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/conformance")
+        .join(name)
 }
 
 fn read(name: &str) -> String {

@@ -162,13 +162,22 @@ fn model_agrees_with_oracle(shared: &Path, input: &Path, exp: &canopy_model::Exp
     let oracle_dl = canopy_model::load_dead_letters(&read(&q), "oracle dlq").unwrap();
     let model_dl = canopy_model::load_dead_letters(&exp.dead_letters_text(), "model dlq").unwrap();
     if let Err(e) = canopy_model::compare(oracle, &model, &oracle_dl, &model_dl, None) {
-        panic!("the model disagrees with oracle.py on {}:\n{e}", input.display());
+        panic!(
+            "the model disagrees with oracle.py on {}:\n{e}",
+            input.display()
+        );
     }
     // oracle.py converts through a float: a watermark may be 1 ms lower there.
     let oracle_wm = canopy_model::load_watermarks(&read(&w)).expect("oracle watermarks");
     let close = oracle_wm.len() == exp.watermarks.len()
-        && oracle_wm.iter().all(|(t, ms)| exp.watermarks.get(t).is_some_and(|m| (m - ms).abs() <= 1));
-    assert!(close, "watermarks: oracle.py {oracle_wm:?}, model {:?}", exp.watermarks);
+        && oracle_wm
+            .iter()
+            .all(|(t, ms)| exp.watermarks.get(t).is_some_and(|m| (m - ms).abs() <= 1));
+    assert!(
+        close,
+        "watermarks: oracle.py {oracle_wm:?}, model {:?}",
+        exp.watermarks
+    );
 }
 
 /// Compares an engine's dump and dead letters with the expected ones (the model's rules of
@@ -191,7 +200,12 @@ pub fn compare_retained(
 }
 
 /// [`compare`] without `compare.py`, for results of [`model_expected`].
-pub fn compare_model_only(exp_dump: &Path, act_dump: &Path, exp_dlq: &Path, act_dlq: &Path) -> String {
+pub fn compare_model_only(
+    exp_dump: &Path,
+    act_dump: &Path,
+    exp_dlq: &Path,
+    act_dlq: &Path,
+) -> String {
     compare_rust(exp_dump, act_dump, exp_dlq, act_dlq, None)
 }
 
@@ -217,7 +231,8 @@ fn compare_rust(
     act_dlq: &Path,
     watermarks: Option<&Path>,
 ) -> String {
-    let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let read =
+        |p: &Path| std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     let name = |p: &Path| p.display().to_string();
     let wm = watermarks.map(|w| canopy_model::load_watermarks(&read(w)).expect("watermarks"));
     let result = canopy_model::compare(

@@ -1,5 +1,5 @@
 //! Store rows written per checkpoint and per accepted event for the public conformance
-//! workload (`../shared/conformance/input.ndjson`), at several checkpoint cadences, on the
+//! workload (`tests/fixtures/conformance/input.ndjson`), at several checkpoint cadences, on the
 //! embedded store. It writes one row per page of dirty nodes (many nodes to a page), per page of
 //! changed `children` index entries and per changed node count, plus spilled bucket rows, the
 //! changed tenant rows, the dedup batch and the pointer. Scylla writes more: one row per dirty
@@ -19,8 +19,8 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let input =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/conformance/input.ndjson");
+    let input = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/conformance/input.ndjson");
     if !input.exists() {
         println!("store_rows bench SKIPPED: {} is missing", input.display());
         return;

@@ -1,4 +1,4 @@
-//! `canopy dump`: every node as one JSON line, sorted by tenant, hierarchy, node (SPEC.md §4).
+//! `canopy dump`: every node as one JSON line, sorted by tenant, hierarchy, node (docs/SPEC.md §8).
 
 use std::io::Write;
 

@@ -1,4 +1,4 @@
-//! The `canopy` command line (SPEC.md section 4). Settings come from one tree
+//! The `canopy` command line (docs/SPEC.md section 8). Settings come from one tree
 //! ([`canopy::config::Config`]): defaults, `--config FILE`, `CANOPY_*` variables, then flags.
 
 use std::path::PathBuf;

@@ -70,7 +70,7 @@ fn ok(r: support::http::Reply, what: &str) -> String {
 }
 
 /// Walks every tenant → hierarchy → roots → children through the API and writes what it
-/// reads as dump rows (SPEC.md §4), to be compared with the expected dump by compare.py.
+/// reads as dump rows (docs/SPEC.md §8), to be compared with the expected dump.
 fn dump_via_api(s: &Served) -> (String, usize) {
     let tok = Some("root");
     let tenants: serde_json::Value = s.get("/v1/tenants", tok).json();

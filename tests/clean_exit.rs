@@ -55,7 +55,7 @@ fn a_finished_ingest_leaves_a_cleanly_closed_store_and_the_same_dump() {
         "canopy ingest exited with its store still open"
     );
     // The process exited right after its final commit: the store holds every record.
-    let (exp_dump, exp_dlq) = oracle(&input);
+    let (exp_dump, exp_dlq) = expected(&input);
     let dlq = data.with_extension("dlq.ndjson");
     compare(&exp_dump, &dump(&data), &exp_dlq, &dlq);
 }

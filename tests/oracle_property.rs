@@ -1,6 +1,7 @@
 //! Property-style check: random streams (seeds, tenants, depth up to 7, moves, deletes,
 //! suspensions, duplicates, bad records, DST time zones, attributed hierarchies, days of event
-//! time with late events) give exactly the reference oracle's dump and dead letters.
+//! time with late events) give exactly the expected dump and dead letters of the reference
+//! model (`canopy-model`), and of `oracle.py` when ../shared/conformance is there.
 
 mod support;
 
@@ -17,7 +18,7 @@ fn check_env(seed: u64, args: &[&str], env: &[(&str, &str)]) {
     let mut all = vec!["--seed", seed_s.as_str()];
     all.extend_from_slice(args);
     loadgen(&input, &all);
-    let (exp_dump, exp_dlq) = oracle(&input);
+    let (exp_dump, exp_dlq) = expected(&input);
     let data = dir.path().join("data");
     let dlq = ingest_env(
         &input,
@@ -117,7 +118,7 @@ fn random_streams_match_the_oracle_under_chaos() {
                 "0.03",
             ],
         );
-        let (exp_dump, exp_dlq) = oracle(&input);
+        let (exp_dump, exp_dlq) = expected(&input);
         let data = dir.path().join("data");
         let dlq = ingest_env(
             &input,
@@ -165,11 +166,11 @@ fn check_long_env(seed: u64, extra: &[&str], ingest_flags: &[&str], env: &[(&str
     ];
     args.extend_from_slice(extra);
     loadgen(&input, &args);
-    let (exp_dump, exp_dlq, wm) = oracle_with_watermarks(&input);
+    let (exp_dump, exp_dlq, wm) = expected_with_watermarks(&input);
     let data = dir.path().join("data");
-    // The oracle remembers every event id; the engine only for its dedup horizon (SPEC: at
-    // least 1 h behind the watermark), and loadgen repeats late events too: a horizon longer
-    // than the stream makes both agree on every duplicate.
+    // The model (like oracle.py) remembers every event id; the engine only for its dedup
+    // horizon (at least 1 h behind the watermark), and loadgen repeats late events too: a
+    // horizon longer than the stream makes both agree on every duplicate.
     let mut flags = vec!["--dedup-horizon-secs", "1000000"];
     flags.extend_from_slice(ingest_flags);
     let dlq = ingest_env(&input, &data, &flags, env);
@@ -228,4 +229,107 @@ fn streams_over_days_with_late_events_match_the_oracle_under_chaos() {
             env,
         );
     }
+}
+
+/// The model and `oracle.py` on more streams than the engine runs: the two references agree
+/// (each call to `expected` runs both and compares them when ../shared/conformance is there).
+#[test]
+fn the_model_agrees_with_oracle_py_on_random_streams() {
+    if shared_conformance().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for seed in 100u64..112 {
+        let input = dir.path().join(format!("x-{seed}.ndjson"));
+        let s = seed.to_string();
+        let late = if seed % 2 == 0 { "0.2" } else { "0" };
+        loadgen(
+            &input,
+            &[
+                "--seed",
+                &s,
+                "--tenants",
+                "3",
+                "--hierarchies",
+                "2",
+                "--depth",
+                "5",
+                "--fanout",
+                "3",
+                "--events",
+                "3000",
+                "--churn",
+                "0.08",
+                "--bad",
+                "0.08",
+                "--late",
+                late,
+                "--late-max-secs",
+                "300000",
+                "--spacing-ms",
+                "60000",
+            ],
+        );
+        expected(&input);
+    }
+}
+
+/// docs/SPEC.md section 1: a line whose first byte marks a MessagePack map is a MessagePack
+/// record. A third of a random stream's objects re-encoded as MessagePack give the model's
+/// results. Only the model: `oracle.py` reads every line as text.
+#[test]
+fn random_streams_with_messagepack_lines_match_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("json.ndjson");
+    loadgen(
+        &json,
+        &[
+            "--seed",
+            "61",
+            "--tenants",
+            "2",
+            "--hierarchies",
+            "2",
+            "--depth",
+            "4",
+            "--fanout",
+            "2",
+            "--events",
+            "2000",
+            "--churn",
+            "0.06",
+            "--bad",
+            "0.05",
+        ],
+    );
+    let mut mixed = Vec::new();
+    let mut packed = 0;
+    for (i, line) in std::fs::read_to_string(&json).unwrap().lines().enumerate() {
+        let value = serde_json::from_str::<serde_json::Value>(line)
+            .ok()
+            .filter(|v| v.is_object());
+        // A MessagePack record must not hold a newline byte: lines split at `\n`.
+        let bytes = value
+            .filter(|_| i % 3 == 0)
+            .map(|v| rmp_serde::to_vec(&v).unwrap())
+            .filter(|b| !b.contains(&b'\n'));
+        match bytes {
+            Some(b) => {
+                mixed.extend_from_slice(&b);
+                packed += 1;
+            }
+            None => mixed.extend_from_slice(line.as_bytes()),
+        }
+        mixed.push(b'\n');
+    }
+    assert!(packed > 100, "only {packed} lines re-encoded");
+    let input = dir.path().join("mixed.ndjson");
+    std::fs::write(&input, mixed).unwrap();
+    let (exp_dump, exp_dlq) = model_expected(&input);
+    // The re-encoded lines mean what they meant as JSON, to the model too.
+    let (json_dump, json_dlq) = model_expected(&json);
+    compare_model_only(&json_dump, &exp_dump, &json_dlq, &exp_dlq);
+    let data = dir.path().join("data");
+    let dlq = ingest(&input, &data, &["--checkpoint-every-records", "300"]);
+    compare_model_only(&exp_dump, &dump(&data), &exp_dlq, &dlq);
 }

@@ -1,5 +1,5 @@
 //! `canopy ingest` killed with SIGKILL at random moments, restarted each time, ends with exactly
-//! the oracle's results.
+//! the reference model's results.
 
 mod support;
 
@@ -53,7 +53,7 @@ fn sigkill_then_resume(stream: &[&str], env: &[(&str, &str)]) {
     ];
     gen.extend_from_slice(stream);
     loadgen(&input, &gen);
-    let (exp_dump, exp_dlq, watermarks) = oracle_with_watermarks(&input);
+    let (exp_dump, exp_dlq, watermarks) = expected_with_watermarks(&input);
     let data = dir.path().join("data");
     let dlq = dir.path().join("dead.ndjson");
     let args = |c: &mut std::process::Command| {
@@ -64,7 +64,7 @@ fn sigkill_then_resume(stream: &[&str], env: &[(&str, &str)]) {
             .arg("--dlq")
             .arg(&dlq)
             .args(["--checkpoint-interval-ms", "50", "--batch-size", "512"])
-            // Loadgen repeats late events too; the oracle remembers every id (see
+            // Loadgen repeats late events too; the model (like oracle.py) remembers every id (see
             // oracle_property.rs, `check_long_env`).
             .args(["--dedup-horizon-secs", "1000000"])
             .envs(env.iter().copied())

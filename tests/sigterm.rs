@@ -1,5 +1,5 @@
 //! SIGTERM during `canopy ingest`: a final checkpoint, exit 0, and resuming loses nothing (the
-//! final results equal the oracle's).
+//! final results equal the reference model's).
 
 mod support;
 
@@ -33,7 +33,7 @@ fn sigterm_mid_stream_exits_0_after_a_final_checkpoint_and_resume_is_exact() {
             "0.01",
         ],
     );
-    let (exp_dump, exp_dlq) = oracle(&input);
+    let (exp_dump, exp_dlq) = expected(&input);
     let data = dir.path().join("data");
     let dlq = dir.path().join("dead.ndjson");
     let cmd = || {

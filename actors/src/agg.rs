@@ -1,4 +1,4 @@
-//! Aggregates: the numbers every node owns (SPEC.md section 2).
+//! Aggregates: the numbers every node owns (docs/SPEC.md section 4).
 //!
 //! `Agg` is `{"events", "metrics": {name: {count, sum, min, max}}}`. Sums are i128 so they never
 //! overflow for any realistic stream of i64 values. Metric names are interned once per process
@@ -347,7 +347,7 @@ impl Agg {
 
     /// Subtracts the additive parts of `o` (events, count, sum). Returns the metric names whose
     /// min or max may have been determined by `o` and therefore must be recomputed by the caller.
-    /// Metrics whose count falls to zero are removed (SPEC: a metric with count 0 is absent).
+    /// Metrics whose count falls to zero are removed (docs/SPEC.md section 4: a metric with count 0 is absent).
     pub fn subtract(&mut self, o: &Agg) -> Vec<MetricName> {
         self.events -= o.events;
         let mut tainted = Vec::new();
@@ -551,7 +551,7 @@ fn count_missing(mine: &[(u64, Agg)], theirs: &[(u64, Agg)]) -> usize {
     missing
 }
 
-/// The three bucket granularities of SPEC.md section 2.
+/// The three bucket granularities of docs/SPEC.md section 5.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Granularity {
     Minute,

@@ -2,7 +2,7 @@
 //!
 //! Everything that decides a number lives here, with no Kafka, ScyllaDB or HTTP in sight:
 //!
-//! - [`record`]: decoding JSON/MessagePack records and the shape checks of SPEC.md section 1.
+//! - [`record`]: decoding JSON/MessagePack records and the shape checks of docs/SPEC.md section 2.
 //! - [`time`]: timestamps and DST-exact local bucket keys.
 //! - [`agg`]: aggregates (`events`, `count`, `sum`, `min`, `max`) and subtree deltas.
 //! - [`tenant`]: a tenant's bookkeeping and state checks (topology, suspensions, dedup).

@@ -1,4 +1,4 @@
-//! Input records: decoding (JSON or MessagePack) and shape validation (SPEC.md section 1).
+//! Input records: decoding (JSON or MessagePack) and shape validation (docs/SPEC.md sections 1 and 2).
 //!
 //! Decoding yields a [`Record`] or a [`Refusal`] with reason `malformed`, `unknown_type` or
 //! `non_integer_metric`; the state checks (`unknown_*`, `suspended`, ...) belong to the tenant.
@@ -86,7 +86,7 @@ impl Record {
     }
 }
 
-/// Why a record was refused. The `reason()` strings are the contract of SPEC.md section 1.
+/// Why a record was refused. The `reason()` strings are the contract of docs/SPEC.md section 2.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum Refusal {
     #[error("malformed record: {0}")]
@@ -117,7 +117,7 @@ pub enum Refusal {
         current: &'static str,
         requested: &'static str,
     },
-    /// Kafka only, beyond SPEC.md's list: a tenant's records must all share its partition, so
+    /// Kafka only, beyond the shared list (docs/SPEC.md section 2): a tenant's records must all share its partition, so
     /// a record keyed by anything but its tenant id is refused rather than split from its
     /// tenant's state.
     #[error(

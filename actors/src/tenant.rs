@@ -1,6 +1,6 @@
 //! A tenant's bookkeeping: time zone, hierarchies and their topology, suspended entities,
 //! dedup memory and watermark. Pure logic: it validates one record against the state of
-//! SPEC.md section 1 and says what the node actors must do ([`Effect`]); it never touches numbers.
+//! docs/SPEC.md sections 2 and 3 and says what the node actors must do ([`Effect`]); it never touches numbers.
 //!
 //! Nodes are addressed by a dense index (`NodeIx`) so that round planning walks vectors, not maps.
 
@@ -19,7 +19,7 @@ pub type NodeIx = u32;
 /// Settings that shape a tenant's behaviour.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TenantSettings {
-    /// Event ids are remembered at least this long behind the watermark (SPEC default 1 h).
+    /// Event ids are remembered at least this long behind the watermark (docs/SPEC.md section 3: default 1 h).
     pub dedup_horizon_secs: i64,
     pub retention: Retention,
     /// A round (the coalescing flush up the tree) runs once this many events are pending...
@@ -367,7 +367,7 @@ impl Tenant {
                 }
                 let all = self.cache.keys(ts);
                 // In µs, not whole seconds: an event 48 h and half a second behind is more than
-                // 48 h behind (SPEC), and truncating kept its minute bucket.
+                // 48 h behind (docs/SPEC.md section 6), and truncating kept its minute bucket.
                 let behind = wm - ts;
                 let r = self.settings.retention;
                 let within = |secs: i64| behind <= secs.saturating_mul(1_000_000);

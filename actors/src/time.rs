@@ -1,4 +1,4 @@
-//! Timestamps and local-time bucket keys (SPEC.md sections 1 and 2).
+//! Timestamps and local-time bucket keys (docs/SPEC.md sections 1 and 5).
 //!
 //! A bucket key is the bucket's local start plus the UTC offset in force at that start, packed into
 //! a `u64` so that node state stays small and keys of one granularity sort in local-time order.
@@ -199,7 +199,7 @@ fn parse_offset_exact(b: &[u8]) -> Option<i32> {
     Some(if b[0] == b'-' { -v } else { v })
 }
 
-/// Validates the range of SPEC.md: 1970-01-01T00:00:00Z ≤ ts < 2200-01-01T00:00:00Z.
+/// Validates the range of docs/SPEC.md section 1: 1970-01-01T00:00:00Z ≤ ts < 2200-01-01T00:00:00Z.
 pub fn in_range(ts: Micros) -> bool {
     (0..TS_MAX_SECS * 1_000_000).contains(&ts)
 }
@@ -285,7 +285,7 @@ impl BucketCache {
     }
 }
 
-/// Retention windows per granularity in microseconds (SPEC.md defaults: 48 h, 35 days, 400 days).
+/// Retention windows per granularity in microseconds (docs/SPEC.md section 6 defaults: 48 h, 35 days, 400 days).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Retention {
     pub minute_secs: i64,

@@ -1,7 +1,7 @@
 //! A fuzz target for the record decoder (issue 24), as property tests: arbitrary bytes,
 //! mutated valid records, and generated JSON and MessagePack values over the record's keys.
 //! Every input must come back as a record or as a refusal with a shape reason, never a panic;
-//! a record must satisfy the shape rules (SPEC.md section 1), and a JSON value and the same
+//! a record must satisfy the shape rules (docs/SPEC.md section 1), and a JSON value and the same
 //! value in MessagePack must decode alike.
 //!
 //! CI runs a few thousand cases per property. A long run:

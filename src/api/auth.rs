@@ -1,4 +1,4 @@
-//! Bearer tokens mapped to one tenant or to all (`*`), e.g. `tokA=acme,root=*` (SPEC.md §6).
+//! Bearer tokens mapped to one tenant or to all (`*`), e.g. `tokA=acme,root=*` (docs/SPEC.md §10).
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -1,4 +1,4 @@
-//! The query API (SPEC.md §6): pre-aggregated numbers read from the store, per tenant, with
+//! The query API (docs/SPEC.md §10): pre-aggregated numbers read from the store, per tenant, with
 //! bearer-token auth; plus `/metrics`, `/healthz`, `/readyz`, the OpenAPI document and the
 //! dashboard page.
 //!
@@ -46,7 +46,7 @@ pub struct ApiState {
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "canopy query API", description = "Pre-aggregated hierarchy numbers, per tenant (SPEC.md section 6)."),
+    info(title = "canopy query API", description = "Pre-aggregated hierarchy numbers, per tenant (docs/SPEC.md section 10)."),
     paths(engine::engine, v1::tenants, v1::hierarchies, v1::roots, v1::node, v1::children, v1::series, v1::entity),
     modifiers(&BearerAuth)
 )]

@@ -1,4 +1,4 @@
-//! The `/v1` read endpoints of SPEC.md §6. Every handler answers from one store read, so the
+//! The `/v1` read endpoints of docs/SPEC.md §10. Every handler answers from one store read, so the
 //! numbers of one answer come from one checkpoint (`as_of`).
 
 use std::collections::{BTreeMap, HashMap};
@@ -39,7 +39,7 @@ pub struct StatDoc {
     pub max: i64,
 }
 
-/// An aggregate (SPEC.md §2): events, and per metric count/sum/min/max. Identical to the dump's.
+/// An aggregate (docs/SPEC.md §4): events, and per metric count/sum/min/max. Identical to the dump's.
 #[derive(Serialize, ToSchema)]
 pub struct AggDoc {
     pub events: u64,

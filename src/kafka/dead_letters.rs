@@ -1,6 +1,6 @@
 //! Dead letters to a Kafka topic: the original key and value, with UTF-8 headers
 //! `canopy-reason`, `canopy-message`, `canopy-source-topic`, `canopy-source-partition`,
-//! `canopy-source-offset` (SPEC.md §4).
+//! `canopy-source-offset` (docs/SPEC.md §9).
 //!
 //! Exactly once: the dead letters of source partition P go, in source order, to dead-letter
 //! partition P mod N. When a shard opens, it reads the end of that partition back to find the

@@ -47,8 +47,8 @@
 //! granularity)) and it also removes the null versions that emptied and expired buckets left,
 //! which nothing else deletes, so partitions stay bounded by retention. The price: a tombstone
 //! is not versioned, so a reader still at the previous pointer sees out-of-retention buckets
-//! go slightly early (and so does everyone, if the commit then fails); SPEC lets buckets out of
-//! retention be dropped at any time. The store remembers per node the cutoffs it last applied
+//! go slightly early (and so does everyone, if the commit then fails); docs/SPEC.md section 6
+//! lets buckets out of retention be dropped at any time. The store remembers per node the cutoffs it last applied
 //! (next to `placed`) and writes a tombstone only when a cutoff moved: for the minute
 //! granularity about once a minute per dirty node, not once per checkpoint.
 //!

@@ -120,6 +120,7 @@ const MAX_DEPTH: usize = 900;
 /// `Infinity` refused.
 pub fn parse(text: &str) -> Option<J> {
     let mut p = Parser {
+        text,
         b: text.as_bytes(),
         i: 0,
     };
@@ -129,6 +130,7 @@ pub fn parse(text: &str) -> Option<J> {
 }
 
 struct Parser<'a> {
+    text: &'a str,
     b: &'a [u8],
     i: usize,
 }
@@ -306,9 +308,8 @@ impl Parser<'_> {
                 // Raw control characters are not allowed inside a string.
                 0x00..=0x1f => return None,
                 _ => {
-                    // One whole UTF-8 character (the text is a &str, so it is valid).
-                    let rest = std::str::from_utf8(&self.b[self.i..]).ok()?;
-                    let ch = rest.chars().next()?;
+                    // One whole character: `i` is at a character boundary of the text.
+                    let ch = self.text.get(self.i..)?.chars().next()?;
                     let mut buf = [0u16; 2];
                     units.extend_from_slice(ch.encode_utf16(&mut buf));
                     self.i += ch.len_utf8();

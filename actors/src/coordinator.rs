@@ -476,7 +476,8 @@ impl Coord {
         self.ids.insert(actor.get_id(), ix);
         // A restart replaces a dead actor: the count already holds the slot.
         if self.actors[ix as usize].is_none() {
-            self.stats.resident_nodes.fetch_add(1, Ordering::Relaxed);
+            let resident = self.stats.resident_nodes.fetch_add(1, Ordering::Relaxed) + 1;
+            metrics::gauge!("canopy_node_actors_resident").set(resident as f64);
         }
         self.actors[ix as usize] = Some(actor);
         self.journals[ix as usize] = Some(journal);

@@ -250,7 +250,9 @@ pub enum TenantSignal {
 #[derive(Debug)]
 enum Entry {
     /// The node's own events of a round (a round without any is not journaled).
-    Round { events: Vec<NodeEvent> },
+    Round {
+        events: Vec<NodeEvent>,
+    },
     /// Children's deltas: consecutive ones, across rounds, are merged into one entry (see
     /// [`Journal::push`]).
     Child(Box<Delta>),

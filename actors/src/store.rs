@@ -118,8 +118,9 @@ pub struct TenantChanges {
     pub dedup: Option<DedupBatch>,
     pub expire_dedup: Vec<u64>,
     /// Retention, per granularity (minute, hour, day): bucket keys below these are out of
-    /// retention for this tenant. The store drops such buckets of every node it writes in this
-    /// checkpoint (0: keep all).
+    /// retention for this tenant (0: keep all). The store writes no bucket below them and
+    /// drops the stored ones when it likes: the embedded store for every node at once, by
+    /// time chunk, the Scylla store with each node's next write.
     #[serde(default)]
     pub retain_from: [u64; 3],
 }

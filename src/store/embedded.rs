@@ -1,15 +1,20 @@
 //! The embedded store: a redb database file in the data directory (the default backend).
 //!
-//! Layout (all values MessagePack). `node_pages`, `bucket_pages` and `child_pages` are sorted
+//! Layout (all values MessagePack). `node_pages`, `bucket_chunks` and `child_pages` are sorted
 //! maps kept many entries to a table row ([`super::pages`]): a checkpoint writes one row per
-//! page it changes, not one per node, which is what keeps store writes per event low.
+//! page it changes, not one per node or bucket.
 //! - `meta`: `"checkpoint"` → the last checkpoint's sequence number and source position
 //! - `tenants`: tenant → [`TenantRow`]
 //! - `node_pages`: (tenant, hierarchy, node) → (parent, totals: own and subtree, and the node's
-//!   buckets inline while it has at most [`INLINE_MAX`] of them)
-//! - `bucket_pages`: (tenant, hierarchy, node, kind, granularity, key) → one bucket's aggregate,
-//!   for nodes whose buckets outgrew the inline set ("spilled"): a checkpoint then writes only
-//!   the pages of the buckets that changed, so a busy root does not rewrite its history.
+//!   [`Spans`]: which time chunks may hold its buckets)
+//! - `bucket_chunks`: (tenant, granularity, time chunk, hierarchy, node) → the node's buckets
+//!   of that granularity and chunk, both kinds, as one compact set ([`packed`]). **Time
+//!   first**: a chunk is an hour of minute buckets, six hours of hour buckets, a day of day
+//!   buckets ([`CHUNK_MINUTES`]). New buckets of every node land in the few most recent chunks,
+//!   so a checkpoint rewrites the sets, and the pages, of the chunks its buckets fall in,
+//!   whatever history the nodes have; reading a node's series is one lookup per chunk of its
+//!   span.
+//! - `retention`: tenant → the retention cutoffs last committed (bucket keys per granularity)
 //! - `dedup`: (tenant, checkpoint seq) → the event ids accepted in that checkpoint interval
 //! - `child_pages`: (tenant, hierarchy, parent or None for roots, child) → (): the query API's
 //!   children and roots reads, kept in step with `node_pages` inside the same transaction
@@ -18,12 +23,14 @@
 //! One checkpoint is one redb write transaction, so a reader sees all of it or none of it.
 //!
 //! A checkpoint's buckets mostly come as deltas ([`BucketWrite::Fold`]): each is merged into the
-//! stored bucket inside the commit's transaction (the inline set is decoded, folded and
-//! re-encoded; a spilled bucket's entry is read, merged and rewritten), and buckets of written
-//! nodes that fell out of retention ([`TenantChanges::retain_from`]) are dropped in the same
-//! transaction (a range of the inline set; a key range of the spilled rows). A commit whose seq
-//! is already stored changes nothing, so a retried commit never folds twice.
+//! stored bucket inside the commit's transaction (the node's set of that chunk is decoded, folded
+//! and re-encoded).
+//! Retention ([`TenantChanges::retain_from`]) is a range delete of whole chunks below the
+//! cutoffs, for every node of the tenant at once, plus a read filter: buckets below the cutoff
+//! that share a chunk with retained ones are never returned and go with their chunk. A commit
+//! whose seq is already stored changes nothing, so a retried commit never folds twice.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -33,8 +40,7 @@ use canopy_actors::agg::Granularity;
 use canopy_actors::packed::{self, SetBucket};
 use canopy_actors::store::{
     AsOf, BucketKind, BucketRow, BucketWrite, Checkpoint, CheckpointMeta, DedupBatch, EntityView,
-    HierarchyInfo, Load, NodeHeader, NodeRow, NodeView, Store, StoreError, StoreRead,
-    TenantChanges, TenantImage,
+    HierarchyInfo, Load, NodeHeader, NodeRow, NodeView, Store, StoreError, StoreRead, TenantImage,
 };
 use canopy_actors::tenant::TenantRow;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -46,73 +52,64 @@ const TENANTS: TableDefinition<&str, &[u8]> = TableDefinition::new("tenants");
 /// Node rows, many to a table row: key [`node_key`] → the node row (see [`pages`]).
 const NODE_PAGES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("node_pages");
 const DEDUP: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("dedup");
-/// Spilled buckets, many to a table row: key [`bucket_key`] → one bucket's `Agg`.
-const BUCKET_PAGES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("bucket_pages");
+/// Bucket sets, many to a table row: key [`node_chunk_prefix`] → a node's buckets of one chunk.
+const BUCKET_CHUNKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("bucket_chunks");
 /// The children index, many entries to a table row: key [`child_key`] → nothing.
 const CHILD_PAGES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("child_pages");
 const COUNTS: TableDefinition<(&str, &str), u64> = TableDefinition::new("node_counts");
+/// Tenant → the retention cutoffs (`[u64; 3]`) the last commit applied.
+const RETENTION: TableDefinition<&str, &[u8]> = TableDefinition::new("retention");
 
 pub const FILE_NAME: &str = "canopy.redb";
 
 /// The layout version, kept in `meta["format"]`: a data directory of another layout is refused
 /// with a clear error at open instead of failing to decode rows later. Format 1 (no marker)
-/// kept every bucket in its own row; format 2 kept inline sets as MessagePack arrays, over
-/// twice the bytes of the compact encoding ([`canopy_actors::packed`]).
-/// Format 3 kept one table row per node and per `children` index entry.
-const FORMAT: &str = "4";
+/// kept every bucket in its own row; format 2 kept inline sets as MessagePack arrays;
+/// format 3 kept one table row per node and per `children` index entry; format 4 kept a
+/// node's buckets inline in its row, or node by node in their own pages once it had many.
+const FORMAT: &str = "5";
+
+/// The width of a time chunk per granularity, in minutes of local time (bucket keys carry
+/// local minutes). Wider chunks mean fewer seeks to read a long series; narrower ones mean
+/// fewer bytes rewritten when a checkpoint adds a bucket to every node of a chunk (a chunk's
+/// pages hold every node's buckets of that time, and a checkpoint touching most nodes rewrites
+/// them). At full retention a series read is at most 48 + 140 + 400 seeks.
+pub const CHUNK_MINUTES: [u64; 3] = [60, 6 * 60, 24 * 60];
+
+/// The time chunk of a bucket key of granularity `g` (monotonic in the key).
+fn chunk_of(g: u8, key: u64) -> u64 {
+    (key >> 20) / CHUNK_MINUTES[g as usize % 3]
+}
 
 fn node_key(t: &str, h: &str, n: &str) -> Vec<u8> {
     KeyBuf::new().str(t).str(h).str(n).0
 }
 
-/// A spilled bucket's key: the node's key, then kind, granularity and the big-endian key, so
-/// that a node's buckets, and those of one kind and granularity, are contiguous and in key order.
-fn bucket_key(t: &str, h: &str, n: &str, kind: u8, g: u8, key: u64) -> Vec<u8> {
-    let mut k = node_key(t, h, n);
-    k.extend_from_slice(&[kind, g]);
-    k.extend_from_slice(&key.to_be_bytes());
+/// The first key of a tenant's chunk of one granularity.
+fn chunk_prefix(t: &str, g: u8, chunk: u64) -> Vec<u8> {
+    let mut k = KeyBuf::new().str(t).0;
+    k.push(g);
+    k.extend_from_slice(&chunk.to_be_bytes());
     k
 }
 
-/// The `(kind, granularity, key)` that follows the node's key in a bucket key.
-fn bucket_suffix(rest: &[u8]) -> Result<(u8, u8, u64), StoreError> {
-    match rest {
-        [kd, g, key @ ..] if key.len() == 8 => Ok((
-            *kd,
-            *g,
-            u64::from_be_bytes(key.try_into().expect("8 bytes")),
-        )),
-        _ => Err(StoreError::Corrupt(
-            "a bucket key of the wrong length".into(),
-        )),
+/// The key of one node's bucket set of one chunk.
+fn node_chunk_prefix(t: &str, g: u8, chunk: u64, h: &str, n: &str) -> Vec<u8> {
+    let mut k = chunk_prefix(t, g, chunk);
+    k.extend_from_slice(&KeyBuf::new().str(h).str(n).0);
+    k
+}
+
+/// A set's key after its tenant prefix: `(granularity, hierarchy, node)`.
+fn parse_set_key(rest: &[u8]) -> Result<(u8, String, String), StoreError> {
+    let short = || StoreError::Corrupt("a bucket set key too short".into());
+    let (&g, rest) = rest.split_first().ok_or_else(short)?;
+    let mut r = KeyReader::new(rest.get(8..).ok_or_else(short)?);
+    let (h, n) = (r.str()?, r.str()?);
+    if !r.rest().is_empty() {
+        return Err(StoreError::Corrupt("a bucket set key too long".into()));
     }
-}
-
-/// A spilled bucket as a row.
-fn spilled_row(rest: &[u8], v: &[u8]) -> Result<BucketRow, StoreError> {
-    let (kd, g, key) = bucket_suffix(rest)?;
-    Ok(BucketRow {
-        kind: kind(kd)?,
-        granularity: granularity(g)?,
-        key,
-        agg: Some(rmp_serde::from_slice(v).map_err(corrupt)?),
-    })
-}
-
-/// A spilled node's buckets, in key order.
-fn spilled_rows<T: ReadableTable<&'static [u8], &'static [u8]>>(
-    buckets: &T,
-    t: &str,
-    h: &str,
-    n: &str,
-) -> Result<Vec<BucketRow>, StoreError> {
-    let prefix = node_key(t, h, n);
-    let mut out = Vec::new();
-    pages::scan_prefix(buckets, &prefix, |k, v| {
-        out.push(spilled_row(&k[prefix.len()..], v)?);
-        Ok(())
-    })?;
-    Ok(out)
+    Ok((g, h, n))
 }
 
 fn children_prefix(t: &str, h: &str, parent: Option<&str>) -> Vec<u8> {
@@ -123,42 +120,55 @@ fn child_key(t: &str, h: &str, parent: Option<&str>, child: &str) -> Vec<u8> {
     KeyBuf::new().str(t).str(h).opt(parent).str(child).0
 }
 
-/// A node keeps its buckets inside its own row while it has at most this many (all kinds and
-/// granularities together). Past it they move to `buckets` rows for good: rewriting a row of
-/// this size costs about as much as a few separate bucket rows, and a long-lived busy node
-/// (thousands of minute buckets) must not rewrite its whole history every checkpoint.
-pub const INLINE_MAX: usize = 192;
+/// Per granularity, the first and last time chunk that may hold a node's buckets (a
+/// superset: emptied buckets do not shrink it; retention does). Reads of a node's buckets seek
+/// each chunk of its span above the retention cutoff, and no other.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Spans([Option<(u64, u64)>; 3]);
 
-/// One inline bucket: (kind, granularity, key) sorts like the `buckets` table's key.
-type InlineBucket = SetBucket;
+impl Spans {
+    fn add(&mut self, g: u8, chunk: u64) {
+        let s = &mut self.0[g as usize % 3];
+        *s = Some(match *s {
+            Some((lo, hi)) => (lo.min(chunk), hi.max(chunk)),
+            None => (chunk, chunk),
+        });
+    }
 
-/// A node row's value: `(parent, header, inline buckets or None when spilled)`, the inline set
-/// as a MessagePack `bin` holding its compact encoding ([`canopy_actors::packed`]).
+    /// The chunks of granularity `g` that may hold buckets at or above the cutoff.
+    fn chunks(&self, g: u8, cut: &[u64; 3]) -> std::ops::RangeInclusive<u64> {
+        match self.0[g as usize % 3] {
+            Some((lo, hi)) => lo.max(chunk_of(g, cut[g as usize % 3]))..=hi,
+            #[allow(clippy::reversed_empty_ranges)]
+            None => 1..=0,
+        }
+    }
+
+    /// Forgets chunks that retention removed.
+    fn clamp(&mut self, cut: &[u64; 3]) {
+        for g in 0..3u8 {
+            let c = chunk_of(g, cut[g as usize]);
+            let s = &mut self.0[g as usize];
+            *s = s.and_then(|(lo, hi)| (hi >= c).then_some((lo.max(c), hi)));
+        }
+    }
+}
+
+/// A node row's value: `(parent, header, spans)`.
 #[derive(serde::Serialize)]
-struct NodeValue<'a>(
-    &'a Option<String>,
-    &'a NodeHeader,
-    Option<&'a serde_bytes::Bytes>,
-);
+struct NodeValue<'a>(&'a Option<String>, &'a NodeHeader, &'a Spans);
 
 #[derive(serde::Deserialize)]
-struct StoredNode(Option<String>, NodeHeader, Option<serde_bytes::ByteBuf>);
+struct StoredNode(Option<String>, NodeHeader, Spans);
 
 impl StoredNode {
     fn decode(v: &[u8]) -> Result<Self, StoreError> {
         rmp_serde::from_slice(v).map_err(corrupt)
     }
-
-    /// The inline set, decoded (`None`: the buckets are spilled to rows).
-    fn inline(&self) -> Result<Option<Vec<InlineBucket>>, StoreError> {
-        self.2.as_ref().map(|b| packed::decode(b)).transpose()
-    }
 }
 
 /// What most uses of a node row need: its parent and its header (decoded, or skipped with
-/// `IgnoredAny`), checking that a set or nil follows. The inline set, ~1 KB on the benchmark, is
-/// not walked: a row is `[parent, header, set or nil]`, so the set's first byte says which.
-/// (Decoding the set as `IgnoredAny` walked every bucket: ~2% of an ingest's CPU.)
+/// `IgnoredAny`).
 struct RowPrefix<H> {
     parent: Option<String>,
     header: H,
@@ -175,79 +185,70 @@ fn row_prefix<H: serde::de::DeserializeOwned>(mut v: &[u8]) -> Result<RowPrefix<
     let mut de = rmp_serde::Deserializer::new(&mut v);
     let parent = Option::<String>::deserialize(&mut de).map_err(corrupt)?;
     let header = H::deserialize(&mut de).map_err(corrupt)?;
-    drop(de);
-    match v.first() {
-        Some(0xc0 | 0xc4..=0xc6) => {}
-        other => {
-            return Err(StoreError::Corrupt(format!(
-                "a node row's bucket set starts with {other:?}, neither bytes nor nil"
-            )))
-        }
-    };
     Ok(RowPrefix { parent, header })
 }
 
 type Skip = serde::de::IgnoredAny;
 
-/// An inline set as bucket rows (to spill it, or to load it).
-fn bucket_rows(set: Vec<InlineBucket>) -> Result<Vec<BucketRow>, StoreError> {
-    set.into_iter()
-        .map(|(kd, g, key, a)| {
-            Ok(BucketRow {
-                kind: kind(kd)?,
-                granularity: granularity(g)?,
-                key,
-                agg: Some(a),
-            })
-        })
-        .collect()
+/// What a checkpoint does to a node's bucket set of one chunk (several apply in order).
+enum BucketOp<'a> {
+    /// Every bucket goes (the node is deleted).
+    Clear,
+    /// The `own` buckets become a copy of the `subtree` ones (`copy_own`).
+    CopyOwn,
+    /// A value that replaces the stored one.
+    Set(u8, u64, &'a Agg),
+    /// The bucket goes.
+    Delete(u8, u64),
+    /// A delta merged into the stored value.
+    Fold(u8, u64, &'a Agg),
 }
 
-/// Applies a node's checkpoint rows (sorted by kind, granularity, key) to its inline set, as
-/// `write` says: values that replace, or deltas that fold (after the copy of `subtree` to `own`).
-fn apply_inline(set: &mut Vec<InlineBucket>, changes: &[BucketRow], write: BucketWrite) {
-    let fold = match write {
-        BucketWrite::Replace => false,
-        BucketWrite::Fold { copy_own } => {
-            if copy_own {
-                set.retain(|b| b.0 != BucketKind::Own as u8);
-                let copies: Vec<InlineBucket> = set
+/// One change of a bucket set, sorted by the parts of its set's key in key order
+/// (granularity, chunk, node) before any key bytes exist: a checkpoint carries millions on a
+/// long run, and sorting byte keys, or cloning deltas into them, cost more than the fold.
+struct BucketChange<'a> {
+    g: u8,
+    chunk: u64,
+    /// Index into [`IndexChanges::names`]: nodes are numbered in key order.
+    node: u32,
+    /// Arrival order: changes of one set apply in the order they arose.
+    seq: u32,
+    op: BucketOp<'a>,
+}
+
+/// Applies changes, in order, to a set of one granularity (sorted by kind, key).
+fn apply_set(set: &mut Vec<SetBucket>, g: u8, changes: &[BucketChange]) {
+    let find = |set: &[SetBucket], kind: u8, key: u64| {
+        set.binary_search_by(|(kd, _, k, _)| (*kd, *k).cmp(&(kind, key)))
+    };
+    for c in changes {
+        match &c.op {
+            BucketOp::Clear => set.clear(),
+            BucketOp::CopyOwn => {
+                let own = BucketKind::Own as u8;
+                set.retain(|b| b.0 != own);
+                let copies: Vec<SetBucket> = set
                     .iter()
-                    .filter(|b| b.0 == BucketKind::Subtree as u8)
-                    .map(|(_, g, k, a)| (BucketKind::Own as u8, *g, *k, a.clone()))
+                    .map(|(_, _, k, a)| (own, g, *k, a.clone()))
                     .collect();
                 set.extend(copies);
             }
-            true
-        }
-    };
-    for b in changes {
-        let k = (b.kind as u8, b.granularity as u8, b.key);
-        let at = set.binary_search_by(|(kd, g, key, _)| (*kd, *g, *key).cmp(&k));
-        match (&b.agg, at) {
-            (Some(a), Ok(i)) if fold => set[i].3.merge(a),
-            (Some(a), Ok(i)) => set[i].3 = a.clone(),
-            (Some(a), Err(i)) => set.insert(i, (k.0, k.1, k.2, a.clone())),
-            (None, Ok(i)) => {
-                set.remove(i);
+            BucketOp::Set(kind, key, a) => match find(set, *kind, *key) {
+                Ok(i) => set[i].3 = (*a).clone(),
+                Err(i) => set.insert(i, (*kind, g, *key, (*a).clone())),
+            },
+            BucketOp::Fold(kind, key, a) => match find(set, *kind, *key) {
+                Ok(i) => set[i].3.merge(a),
+                Err(i) => set.insert(i, (*kind, g, *key, (*a).clone())),
+            },
+            BucketOp::Delete(kind, key) => {
+                if let Ok(i) = find(set, *kind, *key) {
+                    set.remove(i);
+                }
             }
-            (None, Err(_)) => {}
         }
     }
-}
-
-/// Drops the buckets of an inline set below the retention cutoffs (0: none).
-fn prune_inline(set: &mut Vec<InlineBucket>, retain_from: &[u64; 3]) {
-    if retain_from.iter().any(|c| *c > 0) {
-        set.retain(|(_, g, key, _)| *key >= retain_from[*g as usize % 3]);
-    }
-}
-
-/// What a checkpoint does to one spilled bucket entry (several apply in order).
-enum BucketOp {
-    Put(Vec<u8>),
-    Delete,
-    Fold(Agg),
 }
 
 #[derive(Clone)]
@@ -299,7 +300,7 @@ impl EmbeddedStore {
                 other => {
                     return Err(StoreError::Corrupt(format!(
                         "{} was written in store format {} and this canopy reads format {FORMAT} \
-                         (node rows in pages, with compact inline bucket sets): ingest into a new data directory",
+                         (buckets kept by time chunk): ingest into a new data directory",
                         dir.join(FILE_NAME).display(),
                         other.unwrap_or("1")
                     )))
@@ -309,9 +310,10 @@ impl EmbeddedStore {
         tx.open_table(TENANTS).map_err(io)?;
         tx.open_table(NODE_PAGES).map_err(io)?;
         tx.open_table(DEDUP).map_err(io)?;
-        tx.open_table(BUCKET_PAGES).map_err(io)?;
+        tx.open_table(BUCKET_CHUNKS).map_err(io)?;
         tx.open_table(CHILD_PAGES).map_err(io)?;
         tx.open_table(COUNTS).map_err(io)?;
+        tx.open_table(RETENTION).map_err(io)?;
         tx.commit().map_err(io)?;
         Ok(EmbeddedStore { db: Arc::new(db) })
     }
@@ -324,6 +326,17 @@ impl EmbeddedStore {
         tokio::task::spawn_blocking(move || f(&db))
             .await
             .map_err(io)?
+    }
+}
+
+/// The retention cutoffs a tenant's last commit applied (zeros: none yet).
+fn stored_cut<T: ReadableTable<&'static str, &'static [u8]>>(
+    t: &T,
+    tenant: &str,
+) -> Result<[u64; 3], StoreError> {
+    match t.get(tenant).map_err(io)? {
+        Some(v) => rmp_serde::from_slice(v.value()).map_err(corrupt),
+        None => Ok([0; 3]),
     }
 }
 
@@ -348,9 +361,10 @@ fn commit(db: &Database, cp: &Checkpoint) -> Result<u64, StoreError> {
         let mut tenants = tx.open_table(TENANTS).map_err(io)?;
         let mut nodes = tx.open_table(NODE_PAGES).map_err(io)?;
         let mut dedup = tx.open_table(DEDUP).map_err(io)?;
-        let mut buckets = tx.open_table(BUCKET_PAGES).map_err(io)?;
+        let mut buckets = tx.open_table(BUCKET_CHUNKS).map_err(io)?;
         let mut children = tx.open_table(CHILD_PAGES).map_err(io)?;
         let mut counts = tx.open_table(COUNTS).map_err(io)?;
+        let mut retention = tx.open_table(RETENTION).map_err(io)?;
         for t in &cp.tenants {
             let tn = t.tenant.as_str();
             if let Some(row) = &t.row {
@@ -358,6 +372,12 @@ fn commit(db: &Database, cp: &Checkpoint) -> Result<u64, StoreError> {
                 tenants
                     .insert(tn, rmp_serde::to_vec(row).map_err(io)?.as_slice())
                     .map_err(io)?;
+            }
+            // Cutoffs only move forward: a checkpoint never brings back what one dropped.
+            let old_cut = stored_cut(&retention, tn)?;
+            let mut cut = old_cut;
+            for (c, new) in cut.iter_mut().zip(t.retain_from) {
+                *c = (*c).max(new);
             }
             // Deletes before puts of the same key (a stable sort): a node deleted and created
             // again in one interval ends up present.
@@ -371,33 +391,56 @@ fn commit(db: &Database, cp: &Checkpoint) -> Result<u64, StoreError> {
             }
             ops.sort_by(|a, b| a.0.cmp(&b.0));
             let mut ix = IndexChanges::default();
-            rows += pages::apply(&mut nodes, &ops, |_, old, op| match op {
-                NodeOp::Delete(h, n) => {
-                    if let Some(old) = old {
-                        let parent = row_prefix::<Skip>(old)?.parent;
-                        ix.children
-                            .push((child_key(tn, h, parent.as_deref(), n), false));
-                        *ix.counts.entry(h).or_default() -= 1;
+            // Node numbers in key order (a node deleted and created again keeps one number).
+            let mut numbers = Vec::with_capacity(ops.len());
+            for (i, (k, op)) in ops.iter().enumerate() {
+                if i == 0 || ops[i - 1].0 != *k {
+                    ix.names.push(match op {
+                        NodeOp::Delete(h, n) => (*h, *n),
+                        NodeOp::Put(n) => (n.hierarchy.as_str(), n.node.as_str()),
+                    });
+                }
+                numbers.push(ix.names.len() as u32 - 1);
+            }
+            let mut at = 0;
+            rows += pages::apply(&mut nodes, &ops, |_, old, op| {
+                let node = numbers[at];
+                at += 1;
+                match op {
+                    NodeOp::Delete(h, n) => {
+                        if let Some(old) = old {
+                            let old = StoredNode::decode(old)?;
+                            ix.children
+                                .push((child_key(tn, h, old.0.as_deref(), n), false));
+                            *ix.counts.entry(h).or_default() -= 1;
+                            delete_buckets(&mut ix, node, &old.2, &cut);
+                        }
+                        Ok(None)
                     }
-                    delete_bucket_rows(&buckets, &mut ix, tn, h, n)?;
-                    Ok(None)
-                }
-                NodeOp::Put(n) => put_node(&buckets, &mut ix, t, n, old).map(Some),
-            })?;
-            // Stable: several changes of one key keep their order (copy, fold, prune).
-            ix.buckets.sort_by(|a, b| a.0.cmp(&b.0));
-            rows += pages::apply(&mut buckets, &ix.buckets, |_, old, op| match op {
-                BucketOp::Put(v) => Ok(Some(v.clone())),
-                BucketOp::Delete => Ok(None),
-                BucketOp::Fold(d) => {
-                    let mut agg = match old {
-                        Some(v) => rmp_serde::from_slice::<Agg>(v).map_err(corrupt)?,
-                        None => Agg::default(),
-                    };
-                    agg.merge(d);
-                    Ok(Some(rmp_serde::to_vec(&agg).map_err(io)?))
+                    NodeOp::Put(n) => {
+                        put_node(&mut ix, tn, &cut, (n, node), old).map(Some)
+                    }
                 }
             })?;
+            rows += apply_buckets(&mut buckets, tn, &cut, &mut ix)?;
+            if cut != old_cut {
+                // Whole chunks below the cutoffs go, for every node of the tenant; what is
+                // below a cutoff inside its chunk is filtered out by reads until the chunk goes.
+                for g in 0..3u8 {
+                    let (from, to) = (old_cut[g as usize], cut[g as usize]);
+                    if chunk_of(g, to) > chunk_of(g, from) {
+                        rows += pages::delete_range(
+                            &mut buckets,
+                            &chunk_prefix(tn, g, chunk_of(g, from)),
+                            &chunk_prefix(tn, g, chunk_of(g, to)),
+                        )?;
+                    }
+                }
+                rows += 1;
+                retention
+                    .insert(tn, rmp_serde::to_vec(&cut).map_err(io)?.as_slice())
+                    .map_err(io)?;
+            }
             ix.children.sort_by(|a, b| a.0.cmp(&b.0));
             rows += pages::apply(&mut children, &ix.children, |_, _, add| {
                 Ok(add.then(Vec::new))
@@ -448,104 +491,121 @@ struct IndexChanges<'a> {
     children: Vec<(Vec<u8>, bool)>,
     /// Node count change per hierarchy.
     counts: std::collections::BTreeMap<&'a str, i64>,
-    /// Changes of spilled buckets, in the order they arose.
-    buckets: Vec<(Vec<u8>, BucketOp)>,
+    /// Bucket changes, in the order they arose.
+    buckets: Vec<BucketChange<'a>>,
+    /// (hierarchy, node) by node number.
+    names: Vec<(&'a str, &'a str)>,
 }
 
-/// The new row of a put node, given its stored row: its buckets folded (or replaced) and
-/// pruned to retention, inline, or as changes of its spilled rows.
+impl<'a> IndexChanges<'a> {
+    fn bucket(&mut self, node: u32, g: u8, chunk: u64, op: BucketOp<'a>) {
+        let seq = self.buckets.len() as u32;
+        self.buckets.push(BucketChange {
+            g,
+            chunk,
+            node,
+            seq,
+            op,
+        });
+    }
+}
+
+/// Applies a tenant's bucket changes: sorted by their set's key parts, then given byte keys
+/// (built in one buffer) and merged into the chunks' pages, one set decoded and re-encoded per
+/// (node, chunk) touched.
+fn apply_buckets(
+    buckets: &mut redb::Table<&'static [u8], &'static [u8]>,
+    tn: &str,
+    cut: &[u64; 3],
+    ix: &mut IndexChanges,
+) -> Result<u64, StoreError> {
+    ix.buckets
+        .sort_unstable_by_key(|c| (c.g, c.chunk, c.node, c.seq));
+    let sets: Vec<&[BucketChange]> = ix
+        .buckets
+        .chunk_by(|a, b| (a.g, a.chunk, a.node) == (b.g, b.chunk, b.node))
+        .collect();
+    let mut bytes = Vec::with_capacity(sets.len() * 48);
+    let mut ends = Vec::with_capacity(sets.len());
+    let mut node = (u32::MAX, Vec::new());
+    for set in &sets {
+        let c = &set[0];
+        if c.node != node.0 {
+            let (h, n) = ix.names[c.node as usize];
+            node = (c.node, KeyBuf::new().str(h).str(n).0);
+        }
+        bytes.extend_from_slice(&chunk_prefix(tn, c.g, c.chunk));
+        bytes.extend_from_slice(&node.1);
+        ends.push(bytes.len());
+    }
+    let mut start = 0;
+    let keyed: Vec<(&[u8], &[BucketChange])> = sets
+        .iter()
+        .zip(&ends)
+        .map(|(set, &end)| {
+            let k = &bytes[start..end];
+            start = end;
+            (k, *set)
+        })
+        .collect();
+    pages::apply(buckets, &keyed, |_, old, changes| {
+        let g = changes[0].g;
+        let mut set = match old {
+            Some(v) => packed::decode(v)?,
+            None => Vec::new(),
+        };
+        apply_set(&mut set, g, changes);
+        let from = cut[g as usize % 3];
+        set.retain(|b| b.2 >= from);
+        Ok((!set.is_empty()).then(|| packed::encode(&set).0))
+    })
+}
+
+/// The new row of a put node, given its stored row; its bucket changes go to `ix.buckets`:
+/// the copy of `subtree` to `own` first (for `copy_own`, read as committed), then the rows as
+/// values or deltas. Rows below the retention cutoff are not written.
 fn put_node<'a>(
-    buckets: &redb::Table<&'static [u8], &'static [u8]>,
     ix: &mut IndexChanges<'a>,
-    t: &TenantChanges,
-    n: &'a NodeRow,
+    tn: &str,
+    cut: &[u64; 3],
+    (n, number): (&'a NodeRow, u32),
     old: Option<&[u8]>,
 ) -> Result<Vec<u8>, StoreError> {
-    let tn = t.tenant.as_str();
-    let (h, node) = (n.hierarchy.as_str(), n.node.as_str());
-    let old = old.map(StoredNode::decode).transpose()?;
-    let (old_parent, mut inline) = match old {
-        Some(o) => {
-            let inline = o.inline()?;
-            (Some(o.0), inline)
-        }
-        None => (None, Some(Vec::new())),
+    let (old_parent, mut spans) = match old.map(StoredNode::decode).transpose()? {
+        Some(o) => (Some(o.0), o.2),
+        None => (None, Spans::default()),
     };
     place(ix, tn, n, old_parent.as_ref());
-    let Some(set) = &mut inline else {
-        spilled_changes(buckets, ix, t, n)?;
-        return node_value(&n.parent, &n.header, None);
-    };
-    apply_inline(set, &n.buckets, n.write);
-    prune_inline(set, &t.retain_from);
-    if set.len() <= INLINE_MAX {
-        return node_value(&n.parent, &n.header, inline.as_deref());
-    }
-    // Spill: a node that outgrows the inline set moves all its buckets to rows.
-    for b in bucket_rows(std::mem::take(set))? {
-        let k = bucket_key(tn, h, node, b.kind as u8, b.granularity as u8, b.key);
-        let v = rmp_serde::to_vec(b.agg.as_ref().expect("stored bucket")).map_err(io)?;
-        ix.buckets.push((k, BucketOp::Put(v)));
-    }
-    node_value(&n.parent, &n.header, None)
-}
-
-/// A spilled node's bucket changes: the copy of `subtree` to `own` (read from the rows as
-/// committed), the rows as values or deltas, then the rows below retention deleted.
-fn spilled_changes(
-    buckets: &redb::Table<&'static [u8], &'static [u8]>,
-    ix: &mut IndexChanges,
-    t: &TenantChanges,
-    n: &NodeRow,
-) -> Result<(), StoreError> {
-    let (tn, h, node) = (t.tenant.as_str(), n.hierarchy.as_str(), n.node.as_str());
     let fold = match n.write {
         BucketWrite::Replace => false,
         BucketWrite::Fold { copy_own } => {
             if copy_own {
-                let own = node_key(tn, h, node);
-                let mut own_prefix = own.clone();
-                own_prefix.push(BucketKind::Own as u8);
-                pages::scan_prefix(buckets, &own_prefix, |k, _| {
-                    ix.buckets.push((k.to_vec(), BucketOp::Delete));
-                    Ok(())
-                })?;
-                let mut sub_prefix = own;
-                sub_prefix.push(BucketKind::Subtree as u8);
-                let at = sub_prefix.len() - 1;
-                pages::scan_prefix(buckets, &sub_prefix, |k, v| {
-                    let mut copy = k.to_vec();
-                    copy[at] = BucketKind::Own as u8;
-                    ix.buckets.push((copy, BucketOp::Put(v.to_vec())));
-                    Ok(())
-                })?;
+                for g in 0..3u8 {
+                    for chunk in spans.chunks(g, cut) {
+                        ix.bucket(number, g, chunk, BucketOp::CopyOwn);
+                    }
+                }
             }
             true
         }
     };
     for b in &n.buckets {
-        let k = bucket_key(tn, h, node, b.kind as u8, b.granularity as u8, b.key);
-        let op = match &b.agg {
-            Some(a) if fold => BucketOp::Fold(a.clone()),
-            Some(a) => BucketOp::Put(rmp_serde::to_vec(a).map_err(io)?),
-            None => BucketOp::Delete,
-        };
-        ix.buckets.push((k, op));
-    }
-    for kind in [BucketKind::Subtree, BucketKind::Own] {
-        for (g, cut) in t.retain_from.iter().enumerate() {
-            if *cut == 0 {
-                continue;
-            }
-            let from = bucket_key(tn, h, node, kind as u8, g as u8, 0);
-            let to = bucket_key(tn, h, node, kind as u8, g as u8, *cut);
-            pages::scan_range(buckets, &from, &to, |k, _| {
-                ix.buckets.push((k.to_vec(), BucketOp::Delete));
-                Ok(())
-            })?;
+        let g = b.granularity as u8;
+        if b.key < cut[g as usize] {
+            continue;
         }
+        let kind = b.kind as u8;
+        let op = match &b.agg {
+            Some(a) if fold => BucketOp::Fold(kind, b.key, a),
+            Some(a) => BucketOp::Set(kind, b.key, a),
+            None => BucketOp::Delete(kind, b.key),
+        };
+        let chunk = chunk_of(g, b.key);
+        spans.add(g, chunk);
+        ix.bucket(number, g, chunk, op);
     }
-    Ok(())
+    spans.clamp(cut);
+    node_value(&n.parent, &n.header, &spans)
 }
 
 /// Keeps the `children` index and `node_counts` in step with a node put, given the parent
@@ -568,30 +628,59 @@ fn place<'a>(
         .push((child_key(tn, h, n.parent.as_deref(), node), true));
 }
 
-/// Deletes every spilled bucket of one node (as stored before this checkpoint).
-fn delete_bucket_rows(
-    buckets: &redb::Table<&'static [u8], &'static [u8]>,
-    ix: &mut IndexChanges,
-    t: &str,
-    h: &str,
-    n: &str,
-) -> Result<(), StoreError> {
-    let prefix = node_key(t, h, n);
-    pages::scan_prefix(buckets, &prefix, |k, _| {
-        ix.buckets.push((k.to_vec(), BucketOp::Delete));
-        Ok(())
+/// Deletes every stored bucket of one node (as stored before this checkpoint).
+fn delete_buckets(ix: &mut IndexChanges, number: u32, spans: &Spans, cut: &[u64; 3]) {
+    for g in 0..3u8 {
+        for chunk in spans.chunks(g, cut) {
+            ix.bucket(number, g, chunk, BucketOp::Clear);
+        }
+    }
+}
+
+/// One node's stored buckets at or above the cutoffs, in (kind, granularity, key) order: of
+/// every kind and granularity, or of one (`only`).
+fn node_buckets<T: ReadableTable<&'static [u8], &'static [u8]>>(
+    buckets: &T,
+    (t, h, n): (&str, &str, &str),
+    spans: &Spans,
+    cut: &[u64; 3],
+    only: Option<(BucketKind, Granularity)>,
+) -> Result<Vec<BucketRow>, StoreError> {
+    let mut out = Vec::new();
+    for g in 0..3u8 {
+        if only.is_some_and(|(_, og)| og as u8 != g) {
+            continue;
+        }
+        for chunk in spans.chunks(g, cut) {
+            let Some(v) = pages::get(buckets, &node_chunk_prefix(t, g, chunk, h, n))? else {
+                continue;
+            };
+            for (kd, _, key, agg) in packed::decode(&v)? {
+                if key >= cut[g as usize] && only.is_none_or(|(k, _)| k as u8 == kd) {
+                    out.push(set_row(kd, g, key, agg)?);
+                }
+            }
+        }
+    }
+    out.sort_by_key(|b| (b.kind, b.granularity as u8, b.key));
+    Ok(out)
+}
+
+fn set_row(kd: u8, g: u8, key: u64, agg: Agg) -> Result<BucketRow, StoreError> {
+    Ok(BucketRow {
+        kind: kind(kd)?,
+        granularity: granularity(g)?,
+        key,
+        agg: Some(agg),
     })
 }
 
-/// A node row as the changed-buckets path writes it: the inline set (if any) encoded here.
 fn node_value(
     parent: &Option<String>,
     header: &NodeHeader,
-    set: Option<&[InlineBucket]>,
+    spans: &Spans,
 ) -> Result<Vec<u8>, StoreError> {
-    let set = set.map(packed::encode);
-    let set = set.as_ref().map(|(b, _)| serde_bytes::Bytes::new(b));
-    rmp_serde::to_vec(&NodeValue(parent, header, set)).map_err(io)
+    rmp_serde::to_vec(&NodeValue(parent, header, spans)).map_err(io)
 }
 
 fn add_count(
@@ -673,25 +762,23 @@ impl Store for EmbeddedStore {
             pages::scan_prefix(&nodes, &prefix, |k, v| {
                 let mut key = KeyReader::new(&k[prefix.len()..]);
                 let (hierarchy, node) = (key.str()?, key.str()?);
-                let (parent, header, buckets) = match load {
-                    // The set is not even walked (`row_prefix`): a restore costs the nodes'
-                    // totals, not their history.
-                    Load::Headers => {
-                        let p = row_prefix::<NodeHeader>(v)?;
-                        (p.parent, p.header, Vec::new())
-                    }
+                let p = match load {
+                    // A restore costs the nodes' totals, not their history.
+                    Load::Headers => row_prefix::<NodeHeader>(v)?,
                     Load::Buckets => {
                         let row = StoredNode::decode(v)?;
-                        let buckets = bucket_rows(row.inline()?.unwrap_or_default())?;
-                        (row.0, row.1, buckets)
+                        RowPrefix {
+                            parent: row.0,
+                            header: row.1,
+                        }
                     }
                 };
                 image.nodes.push(NodeRow {
                     hierarchy,
                     node,
-                    parent,
-                    header,
-                    buckets,
+                    parent: p.parent,
+                    header: p.header,
+                    buckets: Vec::new(),
                     write: BucketWrite::Replace,
                 });
                 Ok(())
@@ -700,34 +787,35 @@ impl Store for EmbeddedStore {
                 load_dedup(&tx, &tenant, &mut image)?;
                 return Ok(image);
             }
-            // Bucket rows sort like node rows: attach them in one merge pass.
-            let buckets = tx.open_table(BUCKET_PAGES).map_err(io)?;
-            let mut i = 0;
+            // One pass over the tenant's chunks, each bucket handed to its node.
+            let cut = stored_cut(&tx.open_table(RETENTION).map_err(io)?, &tenant)?;
+            let at: HashMap<(String, String), usize> = image
+                .nodes
+                .iter()
+                .enumerate()
+                .map(|(i, n)| ((n.hierarchy.clone(), n.node.clone()), i))
+                .collect();
+            let buckets = tx.open_table(BUCKET_CHUNKS).map_err(io)?;
             pages::scan_prefix(&buckets, &prefix, |k, v| {
-                let mut key = KeyReader::new(&k[prefix.len()..]);
-                let (h, n) = (key.str()?, key.str()?);
-                let (h, n) = (h.as_str(), n.as_str());
-                let t = &tenant;
-                while i < image.nodes.len()
-                    && (
-                        image.nodes[i].hierarchy.as_str(),
-                        image.nodes[i].node.as_str(),
-                    ) < (h, n)
-                {
-                    i += 1;
-                }
-                let Some(node) = image
-                    .nodes
-                    .get_mut(i)
-                    .filter(|x| x.hierarchy == h && x.node == n)
-                else {
+                let (g, h, n) = parse_set_key(&k[prefix.len()..])?;
+                let node = (h, n);
+                let Some(&i) = at.get(&node) else {
+                    let (h, n) = node;
                     return Err(StoreError::Corrupt(format!(
-                        "bucket row of unknown node {t}/{h}/{n}"
+                        "bucket set of unknown node {tenant}/{h}/{n}"
                     )));
                 };
-                node.buckets.push(spilled_row(key.rest(), v)?);
+                for (kd, _, key, agg) in packed::decode(v)? {
+                    if key >= cut[g as usize % 3] {
+                        image.nodes[i].buckets.push(set_row(kd, g, key, agg)?);
+                    }
+                }
                 Ok(())
             })?;
+            for n in &mut image.nodes {
+                n.buckets
+                    .sort_by_key(|b| (b.kind, b.granularity as u8, b.key));
+            }
             load_dedup(&tx, &tenant, &mut image)?;
             Ok(image)
         })
@@ -758,16 +846,10 @@ impl Store for EmbeddedStore {
                     write: BucketWrite::Replace,
                 }));
             }
-            let row = StoredNode::decode(&v)?;
-            let inline = row.inline()?;
-            let StoredNode(parent, header, _) = row;
-            let buckets = match inline {
-                Some(set) => bucket_rows(set)?,
-                None => {
-                    let table = tx.open_table(BUCKET_PAGES).map_err(io)?;
-                    spilled_rows(&table, &t, &h, &n)?
-                }
-            };
+            let StoredNode(parent, header, spans) = StoredNode::decode(&v)?;
+            let cut = stored_cut(&tx.open_table(RETENTION).map_err(io)?, &t)?;
+            let table = tx.open_table(BUCKET_CHUNKS).map_err(io)?;
+            let buckets = node_buckets(&table, (&t, &h, &n), &spans, &cut, None)?;
             Ok(Some(NodeRow {
                 hierarchy: h,
                 node: n,
@@ -981,25 +1063,14 @@ impl StoreRead for EmbeddedStore {
             let Some(v) = pages::get(&nodes, &node_key(&t, &h, &n))? else {
                 return Ok(None);
             };
-            let inline = StoredNode::decode(&v)?.inline()?;
-            let (kd, g) = (BucketKind::Subtree as u8, granularity as u8);
-            if let Some(set) = inline {
-                return Ok(Some(
-                    set.into_iter()
-                        .filter(|(k, gg, _, _)| (*k, *gg) == (kd, g))
-                        .map(|(_, _, key, a)| (key, a))
-                        .collect(),
-                ));
-            }
-            let buckets = tx.open_table(BUCKET_PAGES).map_err(io)?;
-            let mut prefix = node_key(&t, &h, &n);
-            prefix.extend_from_slice(&[kd, g]);
-            let mut out = Vec::new();
-            pages::scan_prefix(&buckets, &prefix, |k, v| {
-                let (_, _, key) = bucket_suffix(&k[prefix.len() - 2..])?;
-                out.push((key, rmp_serde::from_slice(v).map_err(corrupt)?));
-                Ok(())
-            })?;
+            let spans = StoredNode::decode(&v)?.2;
+            let cut = stored_cut(&tx.open_table(RETENTION).map_err(io)?, &t)?;
+            let table = tx.open_table(BUCKET_CHUNKS).map_err(io)?;
+            let only = Some((BucketKind::Subtree, granularity));
+            let out = node_buckets(&table, (&t, &h, &n), &spans, &cut, only)?
+                .into_iter()
+                .map(|b| (b.key, b.agg.expect("stored bucket")))
+                .collect();
             Ok(Some(out))
         })
         .await
@@ -1135,19 +1206,22 @@ mod tests {
         )
     }
 
-    fn bucket_pages(s: &EmbeddedStore) -> usize {
+    /// Every bucket entry stored, visible or not.
+    fn stored_entries(s: &EmbeddedStore) -> usize {
         let tx = s.db.begin_read().unwrap();
-        redb::ReadableTableMetadata::len(&tx.open_table(BUCKET_PAGES).unwrap()).unwrap() as usize
-    }
-
-    fn bucket_rows(s: &EmbeddedStore) -> usize {
-        let tx = s.db.begin_read().unwrap();
-        let t = tx.open_table(BUCKET_PAGES).unwrap();
+        let t = tx.open_table(BUCKET_CHUNKS).unwrap();
         let mut n = 0;
         for e in t.iter().unwrap() {
-            n += pages::entries(e.unwrap().1.value()).unwrap().len();
+            for (_, set) in pages::entries(e.unwrap().1.value()).unwrap() {
+                n += packed::decode(set).unwrap().len();
+            }
         }
         n
+    }
+
+    /// The key of the minute bucket that starts `m` minutes after the epoch (UTC).
+    fn minute(m: u64) -> u64 {
+        canopy_actors::time::BucketKey::new(m as i64 * 60, 0).0
     }
 
     async fn keys_of(s: &EmbeddedStore, name: &str) -> Vec<u64> {
@@ -1165,6 +1239,13 @@ mod tests {
             loaded,
             "series read and load agree"
         );
+        let one = s
+            .load_node("t", "h", name, Load::Buckets)
+            .await
+            .unwrap()
+            .value
+            .unwrap();
+        assert_eq!(one.buckets, n.buckets, "node load and tenant load agree");
         for (k, a) in read {
             assert_eq!(a, agg(k));
         }
@@ -1172,74 +1253,109 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_node_that_outgrows_the_inline_set_spills_its_buckets_to_rows() {
+    async fn buckets_of_many_chunks_read_back_in_key_order() {
         let dir = tempfile::tempdir().unwrap();
         let s = EmbeddedStore::open(dir.path()).unwrap();
-        // A small node: one row, buckets inline.
-        let written = s
-            .commit(put(1, vec![node("small", &[1, 2, 3])]))
+        // Five hours of minutes, written out of order, beside a neighbour with the same keys.
+        let mut keys: Vec<u64> = (0..300).rev().step_by(7).map(minute).collect();
+        keys.rotate_left(11);
+        s.commit(put(1, vec![node("a", &keys), node("b", &keys)]))
             .await
             .unwrap();
-        assert_eq!(
-            written, 4,
-            "node page, children index page, node count, meta"
-        );
-        assert_eq!(bucket_rows(&s), 0);
-        assert_eq!(keys_of(&s, "small").await, [1, 2, 3]);
+        let mut want = keys.clone();
+        want.sort();
+        assert_eq!(keys_of(&s, "a").await, want);
+        assert_eq!(keys_of(&s, "b").await, want);
 
-        // Growing past INLINE_MAX moves every bucket to rows, which take several pages.
-        let many: Vec<u64> = (1..=INLINE_MAX as u64 * 10).collect();
-        let written = s.commit(put(2, vec![node("small", &many)])).await.unwrap();
-        let pages = bucket_pages(&s);
-        assert!(pages > 1, "{} buckets in {pages} page", many.len());
-        assert_eq!(
-            written,
-            1 + pages as u64 + 1,
-            "node page, bucket pages, meta"
-        );
-        assert_eq!(bucket_rows(&s), many.len());
-        assert_eq!(keys_of(&s, "small").await, many);
-
-        // Spilled: only the changed buckets are written; a `None` deletes one.
-        let mut change = node("small", &[5, 10_000]);
+        // A change, a new chunk far ahead and a deletion.
+        let mut change = node("a", &[keys[3], minute(10_000)]);
         change.buckets.push(BucketRow {
             kind: BucketKind::Subtree,
             granularity: Granularity::Minute,
-            key: 7,
+            key: want[0],
             agg: None,
         });
         change.buckets.sort_by_key(|b| b.key);
-        let written = s.commit(put(3, vec![change])).await.unwrap();
-        assert_eq!(
-            written, 3,
-            "the first bucket page (7 goes; 5 is written as it was), the last (10,000), meta; \
-             the node's row is unchanged, so its page is not rewritten"
-        );
-        let mut want: Vec<u64> = many.iter().copied().filter(|k| *k != 7).collect();
-        want.push(10_000);
-        assert_eq!(keys_of(&s, "small").await, want);
+        s.commit(put(2, vec![change])).await.unwrap();
+        let mut now: Vec<u64> = want[1..].to_vec();
+        now.push(minute(10_000));
+        assert_eq!(keys_of(&s, "a").await, now);
+        assert_eq!(keys_of(&s, "b").await, want, "the neighbour is untouched");
 
-        // Deleted and created again in one checkpoint: small again, inline again.
+        // Deleted and created again in one checkpoint: only the new buckets remain.
         let again = TenantChanges {
             tenant: "t".into(),
-            delete_nodes: vec![("h".into(), "small".into())],
-            put_nodes: vec![node("small", &[42])],
+            delete_nodes: vec![("h".into(), "a".into())],
+            put_nodes: vec![node("a", &[minute(42)])],
             ..Default::default()
         };
-        s.commit(cp(4, again)).await.unwrap();
-        assert_eq!(bucket_rows(&s), 0, "the spilled rows went with the node");
-        assert_eq!(keys_of(&s, "small").await, [42]);
+        s.commit(cp(3, again)).await.unwrap();
+        assert_eq!(keys_of(&s, "a").await, [minute(42)]);
+        assert_eq!(stored_entries(&s), 1 + want.len(), "a's old buckets went with it");
+    }
+
+    /// The property the layout exists for: what a checkpoint writes follows the buckets it
+    /// touches, not the history the nodes have.
+    #[tokio::test]
+    async fn a_checkpoint_rewrites_the_chunks_it_touches_not_the_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        let names: Vec<String> = (0..40).map(|i| format!("node-{i:03}")).collect();
+        let mut written = Vec::new();
+        for h in 0..120u64 {
+            // Every node gets a bucket of a new hour: each checkpoint touches every node.
+            let rows = names.iter().map(|n| node(n, &[minute(h * 60 + 5)])).collect();
+            written.push(s.commit(put(h + 1, rows)).await.unwrap());
+        }
+        assert_eq!(stored_entries(&s), 40 * 120, "the history is all there");
+        let (early, late) = (written[2], written[119]);
+        assert!(
+            late <= early + 1,
+            "rows written per checkpoint grew with history: {early} early, {late} at the end ({written:?})"
+        );
     }
 
     #[tokio::test]
-    async fn inline_buckets_take_changes_and_deletions() {
+    async fn retention_drops_whole_chunks_and_hides_the_rest() {
         let dir = tempfile::tempdir().unwrap();
         let s = EmbeddedStore::open(dir.path()).unwrap();
-        s.commit(put(1, vec![node("a", &[3, 1, 2])])).await.unwrap();
-        let mut n = node("a", &[0, 2, 9]);
-        n.buckets[1].agg = None;
-        s.commit(put(2, vec![n])).await.unwrap();
-        assert_eq!(keys_of(&s, "a").await, [0, 1, 3, 9]);
+        // Minutes 0..300: five hour chunks.
+        let keys: Vec<u64> = (0..300).step_by(10).map(minute).collect();
+        s.commit(put(1, vec![node("a", &keys), node("b", &keys[..3])]))
+            .await
+            .unwrap();
+        let retain = |seq, from: u64| {
+            cp(
+                seq,
+                TenantChanges {
+                    tenant: "t".into(),
+                    retain_from: [minute(from), 0, 0],
+                    ..Default::default()
+                },
+            )
+        };
+        // Minute 150 is inside the third chunk: the first two go, and what is below 150 in the
+        // third is no longer returned, for every node, written or not.
+        s.commit(retain(2, 150)).await.unwrap();
+        let visible: Vec<u64> = keys.iter().copied().filter(|k| *k >= minute(150)).collect();
+        assert_eq!(keys_of(&s, "a").await, visible);
+        assert_eq!(keys_of(&s, "b").await, Vec::<u64>::new());
+        assert_eq!(
+            stored_entries(&s),
+            keys.len() - 12,
+            "chunks 0 and 1 (12 of a's buckets, all of b's) are gone"
+        );
+        // A late delta below the cutoff is not written.
+        s.commit(put(3, vec![node("a", &[minute(100), minute(290)])]))
+            .await
+            .unwrap();
+        assert_eq!(keys_of(&s, "a").await, visible);
+        // The cutoff moves past the third chunk: it goes too.
+        s.commit(retain(4, 180)).await.unwrap();
+        assert_eq!(stored_entries(&s), keys.len() - 18);
+        // A cutoff never moves back.
+        s.commit(retain(5, 0)).await.unwrap();
+        assert_eq!(keys_of(&s, "a").await, visible[3..]);
     }
 
     #[tokio::test]
@@ -1285,7 +1401,7 @@ mod tests {
     }
 
     #[test]
-    fn a_row_prefix_reads_parent_header_and_spill_without_the_set() {
+    fn a_node_row_reads_back_whole_and_by_prefix() {
         use canopy_actors::agg::Stat;
         let agg = |v: i64| Agg {
             events: 1,
@@ -1296,35 +1412,51 @@ mod tests {
             subtree: agg(-7),
             own_buckets: true,
         };
-        // Sets of every bin-length encoding: bin8, bin16 and bin32 (past 65,535 bytes).
-        for (parent, set) in [
-            (None, Some(vec![])),
-            (
-                Some("p".to_string()),
-                Some(vec![(0u8, 0u8, 60u64, agg(1)); 3]),
-            ),
-            (Some("q".to_string()), Some(vec![(0, 1, 7, agg(2)); 200])),
-            (None, Some(vec![(1, 2, 9, agg(5)); 70_000])),
-            (Some("r".to_string()), None),
+        let mut wide = Spans::default();
+        wide.add(0, u64::MAX);
+        wide.add(0, 0);
+        wide.add(2, 1 << 40);
+        for (parent, spans) in [
+            (None, Spans::default()),
+            (Some("p".to_string()), wide),
         ] {
-            let v = node_value(&parent, &header, set.as_deref()).unwrap();
+            let v = node_value(&parent, &header, &spans).unwrap();
             let p = row_prefix::<NodeHeader>(&v).unwrap();
             assert_eq!(p.parent, parent);
             assert_eq!(p.header, header);
             let skipped = row_prefix::<Skip>(&v).unwrap();
             assert_eq!(skipped.parent, parent);
+            let whole = StoredNode::decode(&v).unwrap();
+            assert_eq!((whole.0, whole.1, whole.2), (parent, header.clone(), spans));
         }
         // Not a node row: a clear error, not a guess.
         for bad in [
             rmp_serde::to_vec(&("p", 1)).unwrap(),
-            rmp_serde::to_vec(&(Some("p"), &header, 5u8)).unwrap(),
-            rmp_serde::to_vec(&(Some("p"), &header, vec![1u8, 2])).unwrap(),
-            node_value(&Some("p".into()), &header, None).unwrap()[..6].to_vec(),
+            node_value(&Some("p".into()), &header, &wide).unwrap()[..6].to_vec(),
         ] {
             assert!(matches!(
                 row_prefix::<NodeHeader>(&bad),
                 Err(StoreError::Corrupt(_))
             ));
         }
+        let odd = rmp_serde::to_vec(&(Some("p"), &header, 5u8)).unwrap();
+        assert!(matches!(StoredNode::decode(&odd), Err(StoreError::Corrupt(_))));
+    }
+
+    #[test]
+    fn spans_clamp_to_retention_and_list_chunks_above_the_cutoff() {
+        let mut s = Spans::default();
+        assert!(s.chunks(0, &[0; 3]).is_empty());
+        s.add(0, 3);
+        s.add(0, 9);
+        s.add(1, 4);
+        let cut = [minute(5 * 60), 0, 0];
+        assert_eq!(s.chunks(0, &cut), 5..=9);
+        assert_eq!(s.chunks(1, &cut), 4..=4);
+        s.clamp(&cut);
+        assert_eq!(s.0[0], Some((5, 9)));
+        s.clamp(&[minute(10 * 60), 0, 0]);
+        assert_eq!(s.0[0], None, "every chunk of the span is below the cutoff");
+        assert_eq!(s.0[1], Some((4, 4)));
     }
 }

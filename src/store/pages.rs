@@ -271,43 +271,81 @@ pub fn scan_prefix<T: ReadableTable<&'static [u8], &'static [u8]>>(
     Ok(())
 }
 
-/// Calls `f` with every entry whose key is in `from..to`, in key order.
-pub fn scan_range<T: ReadableTable<&'static [u8], &'static [u8]>>(
-    t: &T,
+/// Removes every entry whose key is in `from..to`. Pages that lie wholly inside the range go
+/// without being read; only the (at most two) pages that straddle an end are rewritten, so
+/// dropping a range costs one table removal per page, not a decode per entry. Returns the table
+/// rows written (removals and inserts).
+pub fn delete_range(
+    t: &mut Table<&'static [u8], &'static [u8]>,
     from: &[u8],
     to: &[u8],
-    mut f: impl FnMut(&[u8], &[u8]) -> Result<(), StoreError>,
-) -> Result<(), StoreError> {
-    let start = floor_key(t, from)?;
-    let first = start.as_deref().unwrap_or(from);
-    for e in t.range::<&[u8]>(first..to).map_err(io)? {
-        let (_, page) = e.map_err(io)?;
-        for e in Entries(page.value()) {
-            let (k, v) = e?;
-            if k >= to {
-                return Ok(());
-            }
-            if k >= from {
-                f(k, v)?;
-            }
+) -> Result<u64, StoreError> {
+    if from >= to {
+        return Ok(0);
+    }
+    // First keys of the pages that may hold keys of the range, in order.
+    let mut firsts: Vec<Vec<u8>> = Vec::new();
+    if let Some(k) = floor_key(t, from)? {
+        firsts.push(k);
+    }
+    for e in t
+        .range::<&[u8]>((Bound::Excluded(from), Bound::Excluded(to)))
+        .map_err(io)?
+    {
+        let k = e.map_err(io)?.0.value().to_vec();
+        if firsts.last() != Some(&k) {
+            firsts.push(k);
         }
     }
-    Ok(())
+    let mut rows = 0u64;
+    for (i, first) in firsts.iter().enumerate() {
+        // A page ends before the next page's first key: when that key is at or below `to`,
+        // every entry of the page is below `to`.
+        let ends_inside = firsts.get(i + 1).is_some();
+        if first.as_slice() >= from && ends_inside {
+            t.remove(first.as_slice()).map_err(io)?;
+            rows += 1;
+            continue;
+        }
+        let Some(page) = t.get(first.as_slice()).map_err(io)?.map(|v| v.value().to_vec()) else {
+            continue;
+        };
+        let all = entries(&page)?;
+        let before = all.len();
+        let kept: Vec<Entry> = all
+            .into_iter()
+            .filter(|(k, _)| *k < from || *k >= to)
+            .collect();
+        if kept.len() == before {
+            continue;
+        }
+        t.remove(first.as_slice()).map_err(io)?;
+        rows += 1;
+        if let Some((k0, _)) = kept.first() {
+            let mut out = Vec::with_capacity(page.len());
+            for (k, v) in &kept {
+                push_entry(&mut out, k, v);
+            }
+            t.insert(*k0, out.as_slice()).map_err(io)?;
+            rows += 1;
+        }
+    }
+    Ok(rows)
 }
 
 /// Applies `changes` (sorted by key; several for one key apply in order) to the pages of `t`:
 /// for each, `f(key, old value, change)` returns the new value, or `None` to remove the entry.
 /// Returns the table rows written (page inserts and removals).
-pub fn apply<C>(
+pub fn apply<K: AsRef<[u8]>, C>(
     t: &mut Table<&'static [u8], &'static [u8]>,
-    changes: &[(Vec<u8>, C)],
+    changes: &[(K, C)],
     mut f: impl FnMut(&[u8], Option<&[u8]>, &C) -> Result<Option<Vec<u8>>, StoreError>,
 ) -> Result<u64, StoreError> {
-    debug_assert!(changes.windows(2).all(|w| w[0].0 <= w[1].0));
+    debug_assert!(changes.windows(2).all(|w| w[0].0.as_ref() <= w[1].0.as_ref()));
     let mut rows = 0u64;
     let mut i = 0;
     while i < changes.len() {
-        let key = changes[i].0.as_slice();
+        let key = changes[i].0.as_ref();
         // The page to merge into: the one that holds `key`, else (a key below every page)
         // the first page, which then starts at `key`.
         let page = match floor_page(t, key)? {
@@ -335,7 +373,7 @@ pub fn apply<C>(
             None => None,
         };
         let j = match &next_first {
-            Some(nf) => i + changes[i..].partition_point(|(k, _)| k < nf),
+            Some(nf) => i + changes[i..].partition_point(|(k, _)| k.as_ref() < nf.as_slice()),
             None => changes.len(),
         };
         let old = entries(&bytes)?;
@@ -344,14 +382,14 @@ pub fn apply<C>(
         let mut changed = false;
         let mut c = i;
         while c < j {
-            let k = changes[c].0.as_slice();
+            let k = changes[c].0.as_ref();
             let before = old
                 .binary_search_by(|(ok, _)| (*ok).cmp(k))
                 .ok()
                 .map(|x| old[x].1);
             let mut cur = f(k, before, &changes[c].1)?;
             c += 1;
-            while c < j && changes[c].0.as_slice() == k {
+            while c < j && changes[c].0.as_ref() == k {
                 cur = f(k, cur.as_deref(), &changes[c].1)?;
                 c += 1;
             }
@@ -461,10 +499,17 @@ mod tests {
         KeyBuf::new().str("t").str(&format!("n{n:05}")).0
     }
 
+    /// A range to delete after some batches, drawn from the batch itself (odd batches only).
+    fn cut_between(bi: usize, batch: &[(u32, Option<usize>)]) -> Option<(u32, u32)> {
+        let a = batch.first()?.0;
+        let b = batch.last()?.0;
+        (bi % 2 == 1).then(|| (a.min(b), a.max(b) + 1))
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(24))]
-        /// Random batches of puts and deletes (values of random size, so pages split and empty)
-        /// give the same map as a `BTreeMap`, read back by `get` and by `scan_prefix`.
+        /// Random batches of puts and deletes (values of random size, so pages split and empty),
+        /// and range deletes between them, give the same map as a `BTreeMap`, read back by `get` and by `scan_prefix`.
         #[test]
         fn pages_behave_like_a_sorted_map(
             batches in prop::collection::vec(
@@ -493,6 +538,13 @@ mod tests {
                     apply(&mut t, &changes, |_, _, v| Ok(v.clone())).unwrap();
                 }
                 tx.commit().unwrap();
+                if let Some((a, b)) = cut_between(bi, batch) {
+                    let (from, to) = (key(a), key(b));
+                    model.retain(|k, _| *k < from || *k >= to);
+                    let tx = db.begin_write().unwrap();
+                    delete_range(&mut tx.open_table(T).unwrap(), &from, &to).unwrap();
+                    tx.commit().unwrap();
+                }
             }
             let tx = db.begin_read().unwrap();
             let t = tx.open_table(T).unwrap();

@@ -5,10 +5,11 @@
 //! page it changes, not one per node or bucket.
 //! - `meta`: `"checkpoint"` → the last checkpoint's sequence number and source position
 //! - `tenants`: tenant → [`TenantRow`]
-//! - `node_pages`: (tenant, hierarchy, node) → (parent, totals: own and subtree, and the node's
-//!   [`Spans`]: which time chunks may hold its buckets)
-//! - `bucket_chunks`: (tenant, granularity, time chunk, hierarchy, node) → the node's buckets
-//!   of that granularity and chunk, both kinds, as one compact set ([`packed`]). **Time
+//! - `node_pages`: (tenant, hierarchy, node) → (parent, totals: own and subtree, the node's
+//!   buckets inline while it has at most [`INLINE_MAX`], and its [`Spans`]: which time chunks
+//!   may hold its buckets once they spilled)
+//! - `bucket_chunks`: (tenant, granularity, time chunk, hierarchy, node) → a spilled node's
+//!   buckets of that granularity and chunk, both kinds, as one compact set ([`packed`]). **Time
 //!   first**: a chunk is an hour of minute buckets, six hours of hour buckets, a day of day
 //!   buckets ([`CHUNK_MINUTES`]). New buckets of every node land in the few most recent chunks,
 //!   so a checkpoint rewrites the sets, and the pages, of the chunks its buckets fall in,
@@ -23,8 +24,8 @@
 //! One checkpoint is one redb write transaction, so a reader sees all of it or none of it.
 //!
 //! A checkpoint's buckets mostly come as deltas ([`BucketWrite::Fold`]): each is merged into the
-//! stored bucket inside the commit's transaction (the node's set of that chunk is decoded, folded
-//! and re-encoded).
+//! stored bucket inside the commit's transaction (the node's inline set, or its set of that
+//! chunk, is decoded, folded and re-encoded).
 //! Retention ([`TenantChanges::retain_from`]) is a range delete of whole chunks below the
 //! cutoffs, for every node of the tenant at once, plus a read filter: buckets below the cutoff
 //! that share a chunk with retained ones are never returned and go with their chunk. A commit
@@ -154,16 +155,70 @@ impl Spans {
     }
 }
 
-/// A node row's value: `(parent, header, spans)`.
+/// A node row's value: `(parent, header, inline set or None once spilled, spans)`, the inline
+/// set as a MessagePack `bin` holding its compact encoding ([`packed`]).
 #[derive(serde::Serialize)]
-struct NodeValue<'a>(&'a Option<String>, &'a NodeHeader, &'a Spans);
+struct NodeValue<'a>(
+    &'a Option<String>,
+    &'a NodeHeader,
+    Option<&'a serde_bytes::Bytes>,
+    &'a Spans,
+);
 
 #[derive(serde::Deserialize)]
-struct StoredNode(Option<String>, NodeHeader, Spans);
+struct StoredNode(
+    Option<String>,
+    NodeHeader,
+    Option<serde_bytes::ByteBuf>,
+    Spans,
+);
 
 impl StoredNode {
     fn decode(v: &[u8]) -> Result<Self, StoreError> {
         rmp_serde::from_slice(v).map_err(corrupt)
+    }
+
+    /// The inline set, decoded (`None`: the buckets are spilled to chunk sets).
+    fn inline(&self) -> Result<Option<Vec<SetBucket>>, StoreError> {
+        self.2.as_ref().map(|b| packed::decode(b)).transpose()
+    }
+}
+
+/// A node keeps its buckets inside its own row while it has at most this many (all kinds and
+/// granularities together); past it they move to chunk sets for good. Most nodes are leaves
+/// with a few buckets: one row rewrite per checkpoint is their cheapest form, and it stays
+/// bounded (~1 KB). A node with more would rewrite its growing history at every checkpoint.
+pub const INLINE_MAX: usize = 64;
+
+/// Applies a node's checkpoint rows (sorted by kind, granularity, key) to its inline set, as
+/// `write` says: values that replace, or deltas that fold (after the copy of `subtree` to `own`).
+fn apply_inline(set: &mut Vec<SetBucket>, changes: &[BucketRow], write: BucketWrite) {
+    let fold = match write {
+        BucketWrite::Replace => false,
+        BucketWrite::Fold { copy_own } => {
+            if copy_own {
+                set.retain(|b| b.0 != BucketKind::Own as u8);
+                let copies: Vec<SetBucket> = set
+                    .iter()
+                    .map(|(_, g, k, a)| (BucketKind::Own as u8, *g, *k, a.clone()))
+                    .collect();
+                set.extend(copies);
+            }
+            true
+        }
+    };
+    for b in changes {
+        let k = (b.kind as u8, b.granularity as u8, b.key);
+        let at = set.binary_search_by(|(kd, g, key, _)| (*kd, *g, *key).cmp(&k));
+        match (&b.agg, at) {
+            (Some(a), Ok(i)) if fold => set[i].3.merge(a),
+            (Some(a), Ok(i)) => set[i].3 = a.clone(),
+            (Some(a), Err(i)) => set.insert(i, (k.0, k.1, k.2, a.clone())),
+            (None, Ok(i)) => {
+                set.remove(i);
+            }
+            (None, Err(_)) => {}
+        }
     }
 }
 
@@ -177,9 +232,9 @@ struct RowPrefix<H> {
 fn row_prefix<H: serde::de::DeserializeOwned>(mut v: &[u8]) -> Result<RowPrefix<H>, StoreError> {
     use serde::Deserialize;
     let fields = rmp::decode::read_array_len(&mut v).map_err(corrupt)?;
-    if fields != 3 {
+    if fields != 4 {
         return Err(StoreError::Corrupt(format!(
-            "a node row has {fields} fields instead of 3"
+            "a node row has {fields} fields instead of 4"
         )));
     }
     let mut de = rmp_serde::Deserializer::new(&mut v);
@@ -198,6 +253,8 @@ enum BucketOp<'a> {
     CopyOwn,
     /// A value that replaces the stored one.
     Set(u8, u64, &'a Agg),
+    /// A bucket of an inline set that spills.
+    Spill(u8, u64, Agg),
     /// The bucket goes.
     Delete(u8, u64),
     /// A delta merged into the stored value.
@@ -237,6 +294,10 @@ fn apply_set(set: &mut Vec<SetBucket>, g: u8, changes: &[BucketChange]) {
             BucketOp::Set(kind, key, a) => match find(set, *kind, *key) {
                 Ok(i) => set[i].3 = (*a).clone(),
                 Err(i) => set.insert(i, (*kind, g, *key, (*a).clone())),
+            },
+            BucketOp::Spill(kind, key, a) => match find(set, *kind, *key) {
+                Ok(i) => set[i].3 = a.clone(),
+                Err(i) => set.insert(i, (*kind, g, *key, a.clone())),
             },
             BucketOp::Fold(kind, key, a) => match find(set, *kind, *key) {
                 Ok(i) => set[i].3.merge(a),
@@ -413,7 +474,7 @@ fn commit(db: &Database, cp: &Checkpoint) -> Result<u64, StoreError> {
                             ix.children
                                 .push((child_key(tn, h, old.0.as_deref(), n), false));
                             *ix.counts.entry(h).or_default() -= 1;
-                            delete_buckets(&mut ix, node, &old.2, &cut);
+                            delete_buckets(&mut ix, node, &old.3, &cut);
                         }
                         Ok(None)
                     }
@@ -571,11 +632,25 @@ fn put_node<'a>(
     (n, number): (&'a NodeRow, u32),
     old: Option<&[u8]>,
 ) -> Result<Vec<u8>, StoreError> {
-    let (old_parent, mut spans) = match old.map(StoredNode::decode).transpose()? {
-        Some(o) => (Some(o.0), o.2),
-        None => (None, Spans::default()),
+    let (old_parent, mut inline, mut spans) = match old.map(StoredNode::decode).transpose()? {
+        Some(o) => (Some(o.0.clone()), o.inline()?, o.3),
+        None => (None, Some(Vec::new()), Spans::default()),
     };
     place(ix, tn, n, old_parent.as_ref());
+    if let Some(set) = &mut inline {
+        apply_inline(set, &n.buckets, n.write);
+        set.retain(|(_, g, key, _)| *key >= cut[*g as usize % 3]);
+        if set.len() <= INLINE_MAX {
+            return node_value(&n.parent, &n.header, Some(set), &spans);
+        }
+        // Spill: every bucket moves to its chunk's set, for good.
+        for (kind, g, key, agg) in std::mem::take(set) {
+            let chunk = chunk_of(g, key);
+            spans.add(g, chunk);
+            ix.bucket(number, g, chunk, BucketOp::Spill(kind, key, agg));
+        }
+        return node_value(&n.parent, &n.header, None, &spans);
+    }
     let fold = match n.write {
         BucketWrite::Replace => false,
         BucketWrite::Fold { copy_own } => {
@@ -605,7 +680,7 @@ fn put_node<'a>(
         ix.bucket(number, g, chunk, op);
     }
     spans.clamp(cut);
-    node_value(&n.parent, &n.header, &spans)
+    node_value(&n.parent, &n.header, None, &spans)
 }
 
 /// Keeps the `children` index and `node_counts` in step with a node put, given the parent
@@ -642,21 +717,33 @@ fn delete_buckets(ix: &mut IndexChanges, number: u32, spans: &Spans, cut: &[u64;
 fn node_buckets<T: ReadableTable<&'static [u8], &'static [u8]>>(
     buckets: &T,
     (t, h, n): (&str, &str, &str),
-    spans: &Spans,
+    row: &StoredNode,
     cut: &[u64; 3],
     only: Option<(BucketKind, Granularity)>,
 ) -> Result<Vec<BucketRow>, StoreError> {
+    let wanted = |kd: u8, g: u8, key: u64| {
+        key >= cut[g as usize % 3]
+            && only.is_none_or(|(k, og)| (k as u8, og as u8) == (kd, g))
+    };
     let mut out = Vec::new();
+    if let Some(set) = row.inline()? {
+        for (kd, g, key, agg) in set {
+            if wanted(kd, g, key) {
+                out.push(set_row(kd, g, key, agg)?);
+            }
+        }
+        return Ok(out);
+    }
     for g in 0..3u8 {
         if only.is_some_and(|(_, og)| og as u8 != g) {
             continue;
         }
-        for chunk in spans.chunks(g, cut) {
+        for chunk in row.3.chunks(g, cut) {
             let Some(v) = pages::get(buckets, &node_chunk_prefix(t, g, chunk, h, n))? else {
                 continue;
             };
-            for (kd, _, key, agg) in packed::decode(&v)? {
-                if key >= cut[g as usize] && only.is_none_or(|(k, _)| k as u8 == kd) {
+            for (kd, g, key, agg) in packed::decode(&v)? {
+                if wanted(kd, g, key) {
                     out.push(set_row(kd, g, key, agg)?);
                 }
             }
@@ -678,9 +765,12 @@ fn set_row(kd: u8, g: u8, key: u64, agg: Agg) -> Result<BucketRow, StoreError> {
 fn node_value(
     parent: &Option<String>,
     header: &NodeHeader,
+    set: Option<&[SetBucket]>,
     spans: &Spans,
 ) -> Result<Vec<u8>, StoreError> {
-    rmp_serde::to_vec(&NodeValue(parent, header, spans)).map_err(io)
+    let set = set.map(packed::encode);
+    let set = set.as_ref().map(|(b, _)| serde_bytes::Bytes::new(b));
+    rmp_serde::to_vec(&NodeValue(parent, header, set, spans)).map_err(io)
 }
 
 fn add_count(
@@ -757,20 +847,28 @@ impl Store for EmbeddedStore {
             if let Some(v) = tenants.get(tenant.as_str()).map_err(io)? {
                 image.row = Some(rmp_serde::from_slice::<TenantRow>(v.value()).map_err(corrupt)?);
             }
+            let cut = stored_cut(&tx.open_table(RETENTION).map_err(io)?, &tenant)?;
             let nodes = tx.open_table(NODE_PAGES).map_err(io)?;
             let prefix = KeyBuf::new().str(&tenant).0;
             pages::scan_prefix(&nodes, &prefix, |k, v| {
                 let mut key = KeyReader::new(&k[prefix.len()..]);
                 let (hierarchy, node) = (key.str()?, key.str()?);
-                let p = match load {
+                let (p, buckets) = match load {
                     // A restore costs the nodes' totals, not their history.
-                    Load::Headers => row_prefix::<NodeHeader>(v)?,
+                    Load::Headers => (row_prefix::<NodeHeader>(v)?, Vec::new()),
                     Load::Buckets => {
                         let row = StoredNode::decode(v)?;
-                        RowPrefix {
+                        let mut buckets = Vec::new();
+                        for (kd, g, key, agg) in row.inline()?.unwrap_or_default() {
+                            if key >= cut[g as usize % 3] {
+                                buckets.push(set_row(kd, g, key, agg)?);
+                            }
+                        }
+                        let p = RowPrefix {
                             parent: row.0,
                             header: row.1,
-                        }
+                        };
+                        (p, buckets)
                     }
                 };
                 image.nodes.push(NodeRow {
@@ -778,7 +876,7 @@ impl Store for EmbeddedStore {
                     node,
                     parent: p.parent,
                     header: p.header,
-                    buckets: Vec::new(),
+                    buckets,
                     write: BucketWrite::Replace,
                 });
                 Ok(())
@@ -787,8 +885,7 @@ impl Store for EmbeddedStore {
                 load_dedup(&tx, &tenant, &mut image)?;
                 return Ok(image);
             }
-            // One pass over the tenant's chunks, each bucket handed to its node.
-            let cut = stored_cut(&tx.open_table(RETENTION).map_err(io)?, &tenant)?;
+            // One pass over the tenant's chunks, each bucket handed to its (spilled) node.
             let at: HashMap<(String, String), usize> = image
                 .nodes
                 .iter()
@@ -846,10 +943,11 @@ impl Store for EmbeddedStore {
                     write: BucketWrite::Replace,
                 }));
             }
-            let StoredNode(parent, header, spans) = StoredNode::decode(&v)?;
+            let row = StoredNode::decode(&v)?;
             let cut = stored_cut(&tx.open_table(RETENTION).map_err(io)?, &t)?;
             let table = tx.open_table(BUCKET_CHUNKS).map_err(io)?;
-            let buckets = node_buckets(&table, (&t, &h, &n), &spans, &cut, None)?;
+            let buckets = node_buckets(&table, (&t, &h, &n), &row, &cut, None)?;
+            let StoredNode(parent, header, ..) = row;
             Ok(Some(NodeRow {
                 hierarchy: h,
                 node: n,
@@ -1063,11 +1161,11 @@ impl StoreRead for EmbeddedStore {
             let Some(v) = pages::get(&nodes, &node_key(&t, &h, &n))? else {
                 return Ok(None);
             };
-            let spans = StoredNode::decode(&v)?.2;
+            let row = StoredNode::decode(&v)?;
             let cut = stored_cut(&tx.open_table(RETENTION).map_err(io)?, &t)?;
             let table = tx.open_table(BUCKET_CHUNKS).map_err(io)?;
             let only = Some((BucketKind::Subtree, granularity));
-            let out = node_buckets(&table, (&t, &h, &n), &spans, &cut, only)?
+            let out = node_buckets(&table, (&t, &h, &n), &row, &cut, only)?
                 .into_iter()
                 .map(|b| (b.key, b.agg.expect("stored bucket")))
                 .collect();
@@ -1256,8 +1354,10 @@ mod tests {
     async fn buckets_of_many_chunks_read_back_in_key_order() {
         let dir = tempfile::tempdir().unwrap();
         let s = EmbeddedStore::open(dir.path()).unwrap();
-        // Five hours of minutes, written out of order, beside a neighbour with the same keys.
-        let mut keys: Vec<u64> = (0..300).rev().step_by(7).map(minute).collect();
+        // Five hours of minutes (more than an inline set holds), written out of order, beside
+        // a neighbour with the same keys.
+        let mut keys: Vec<u64> = (0..300).rev().step_by(3).map(minute).collect();
+        assert!(keys.len() > INLINE_MAX);
         keys.rotate_left(11);
         s.commit(put(1, vec![node("a", &keys), node("b", &keys)]))
             .await
@@ -1291,7 +1391,11 @@ mod tests {
         };
         s.commit(cp(3, again)).await.unwrap();
         assert_eq!(keys_of(&s, "a").await, [minute(42)]);
-        assert_eq!(stored_entries(&s), 1 + want.len(), "a's old buckets went with it");
+        assert_eq!(
+            stored_entries(&s),
+            want.len(),
+            "a's old sets went with it; the new a is inline"
+        );
     }
 
     /// The property the layout exists for: what a checkpoint writes follows the buckets it
@@ -1307,8 +1411,10 @@ mod tests {
             let rows = names.iter().map(|n| node(n, &[minute(h * 60 + 5)])).collect();
             written.push(s.commit(put(h + 1, rows)).await.unwrap());
         }
-        assert_eq!(stored_entries(&s), 40 * 120, "the history is all there");
-        let (early, late) = (written[2], written[119]);
+        assert_eq!(stored_entries(&s), 40 * 120, "every node spilled; the history is all there");
+        // Inline (up to INLINE_MAX buckets) a node rewrites its whole set, a bounded amount;
+        // spilled, a checkpoint writes the chunk it touches.
+        let (early, late) = (written[INLINE_MAX + 5], written[119]);
         assert!(
             late <= early + 1,
             "rows written per checkpoint grew with history: {early} early, {late} at the end ({written:?})"
@@ -1319,11 +1425,12 @@ mod tests {
     async fn retention_drops_whole_chunks_and_hides_the_rest() {
         let dir = tempfile::tempdir().unwrap();
         let s = EmbeddedStore::open(dir.path()).unwrap();
-        // Minutes 0..300: five hour chunks.
-        let keys: Vec<u64> = (0..300).step_by(10).map(minute).collect();
+        // Minutes 0..300 every 2 minutes: five hour chunks, spilled; b small, inline.
+        let keys: Vec<u64> = (0..300).step_by(2).map(minute).collect();
         s.commit(put(1, vec![node("a", &keys), node("b", &keys[..3])]))
             .await
             .unwrap();
+        assert_eq!(stored_entries(&s), keys.len());
         let retain = |seq, from: u64| {
             cp(
                 seq,
@@ -1334,17 +1441,14 @@ mod tests {
                 },
             )
         };
+        let from = |m: u64| keys.iter().filter(|k| **k >= minute(m)).count();
         // Minute 150 is inside the third chunk: the first two go, and what is below 150 in the
         // third is no longer returned, for every node, written or not.
         s.commit(retain(2, 150)).await.unwrap();
         let visible: Vec<u64> = keys.iter().copied().filter(|k| *k >= minute(150)).collect();
         assert_eq!(keys_of(&s, "a").await, visible);
         assert_eq!(keys_of(&s, "b").await, Vec::<u64>::new());
-        assert_eq!(
-            stored_entries(&s),
-            keys.len() - 12,
-            "chunks 0 and 1 (12 of a's buckets, all of b's) are gone"
-        );
+        assert_eq!(stored_entries(&s), from(120), "chunks 0 and 1 are gone");
         // A late delta below the cutoff is not written.
         s.commit(put(3, vec![node("a", &[minute(100), minute(290)])]))
             .await
@@ -1352,10 +1456,57 @@ mod tests {
         assert_eq!(keys_of(&s, "a").await, visible);
         // The cutoff moves past the third chunk: it goes too.
         s.commit(retain(4, 180)).await.unwrap();
-        assert_eq!(stored_entries(&s), keys.len() - 18);
+        assert_eq!(stored_entries(&s), from(180));
         // A cutoff never moves back.
         s.commit(retain(5, 0)).await.unwrap();
-        assert_eq!(keys_of(&s, "a").await, visible[3..]);
+        assert_eq!(keys_of(&s, "a").await, from_keys(&visible, minute(180)));
+    }
+
+    /// `copy_own` on a spilled node: its own buckets become its stored subtree buckets, then
+    /// the own deltas fold onto them, chunk by chunk.
+    #[tokio::test]
+    async fn a_spilled_node_copies_subtree_to_own_then_folds() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        let keys: Vec<u64> = (0..200).step_by(2).map(minute).collect();
+        assert!(keys.len() > INLINE_MAX);
+        s.commit(put(1, vec![node("p", &keys)])).await.unwrap();
+        let row = |kind, key, n| BucketRow {
+            kind,
+            granularity: Granularity::Minute,
+            key,
+            agg: Some(agg(n)),
+        };
+        let mut grow = node("p", &[]);
+        grow.write = BucketWrite::Fold { copy_own: true };
+        grow.buckets = vec![
+            row(BucketKind::Subtree, keys[5], 1),
+            row(BucketKind::Own, keys[5], 1),
+            row(BucketKind::Own, minute(1_000), 7),
+        ];
+        s.commit(put(2, vec![grow])).await.unwrap();
+        let got = s
+            .load_node("t", "h", "p", Load::Buckets)
+            .await
+            .unwrap()
+            .value
+            .unwrap()
+            .buckets;
+        let events = |kind| -> Vec<(u64, u64)> {
+            got.iter()
+                .filter(|b| b.kind == kind)
+                .map(|b| (b.key, b.agg.as_ref().unwrap().events))
+                .collect()
+        };
+        let mut want: Vec<(u64, u64)> = keys.iter().map(|k| (*k, *k)).collect();
+        want[5].1 += 1;
+        assert_eq!(events(BucketKind::Subtree), want);
+        want.push((minute(1_000), 7));
+        assert_eq!(events(BucketKind::Own), want, "own = the stored subtree + own deltas");
+    }
+
+    fn from_keys(keys: &[u64], from: u64) -> Vec<u64> {
+        keys.iter().copied().filter(|k| *k >= from).collect()
     }
 
     #[tokio::test]
@@ -1416,30 +1567,33 @@ mod tests {
         wide.add(0, u64::MAX);
         wide.add(0, 0);
         wide.add(2, 1 << 40);
-        for (parent, spans) in [
-            (None, Spans::default()),
-            (Some("p".to_string()), wide),
+        let set = vec![(0u8, 0u8, minute(1), agg(1)), (1, 2, minute(1440), agg(2))];
+        for (parent, inline, spans) in [
+            (None, Some(vec![]), Spans::default()),
+            (Some("p".to_string()), Some(set), Spans::default()),
+            (Some("q".to_string()), None, wide),
         ] {
-            let v = node_value(&parent, &header, &spans).unwrap();
+            let v = node_value(&parent, &header, inline.as_deref(), &spans).unwrap();
             let p = row_prefix::<NodeHeader>(&v).unwrap();
             assert_eq!(p.parent, parent);
             assert_eq!(p.header, header);
             let skipped = row_prefix::<Skip>(&v).unwrap();
             assert_eq!(skipped.parent, parent);
             let whole = StoredNode::decode(&v).unwrap();
-            assert_eq!((whole.0, whole.1, whole.2), (parent, header.clone(), spans));
+            assert_eq!(whole.inline().unwrap(), inline);
+            assert_eq!((whole.0, whole.1, whole.3), (parent, header.clone(), spans));
         }
         // Not a node row: a clear error, not a guess.
         for bad in [
             rmp_serde::to_vec(&("p", 1)).unwrap(),
-            node_value(&Some("p".into()), &header, &wide).unwrap()[..6].to_vec(),
+            node_value(&Some("p".into()), &header, None, &wide).unwrap()[..6].to_vec(),
         ] {
             assert!(matches!(
                 row_prefix::<NodeHeader>(&bad),
                 Err(StoreError::Corrupt(_))
             ));
         }
-        let odd = rmp_serde::to_vec(&(Some("p"), &header, 5u8)).unwrap();
+        let odd = rmp_serde::to_vec(&(Some("p"), &header, 5u8, 6u8)).unwrap();
         assert!(matches!(StoredNode::decode(&odd), Err(StoreError::Corrupt(_))));
     }
 

@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use canopy::ingest::{ingest_observed, IngestOptions};
 use canopy::loadgen::{generate_file, LoadgenConfig};
 use canopy::store::EmbeddedStore;
-use canopy_actors::engine::{EngineConfig, Stats};
+use canopy_actors::engine::EngineConfig;
+use canopy_actors::stats::Stats;
 
 #[path = "support/env.rs"]
 mod env;

@@ -6,8 +6,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use canopy_actors::engine::{Engine, EngineConfig, EngineError, Stats};
+use canopy_actors::engine::{Engine, EngineConfig, EngineError};
 use canopy_actors::source::DeadLetters;
+use canopy_actors::stats::Stats;
 use canopy_actors::store::Store;
 use indicatif::{ProgressBar, ProgressStyle};
 use tracing::info;

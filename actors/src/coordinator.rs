@@ -18,12 +18,12 @@ use ractor::{
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tracing::{debug, info, warn};
 
-use crate::engine::Stats;
 use crate::node::{
     FullBuckets, Journal, JournalRef, NodeActor, NodeArgs, NodeEvent, NodeMsg, NodeSnapshot,
     NodeState, SnapshotCall, TenantSignal, STOP_REASON,
 };
 use crate::record::{Mode, Record, Refusal};
+use crate::stats::Stats;
 use crate::store::{
     BucketWrite, DedupBatch, Load, NodeHeader, NodeRow, Store, StoreError, TenantChanges,
 };
@@ -462,7 +462,7 @@ impl Coord {
             state,
             signals: self.signals_tx.clone(),
             journal: journal.clone(),
-            stats: self.stats.clone(),
+            durable_seq: self.stats.durable_seq.clone(),
             replay_onto,
         };
         let (actor, start) = ractor::ActorRuntime::spawn_linked_instant(

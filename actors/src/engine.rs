@@ -4,7 +4,7 @@
 //! See ARCHITECTURE.md for the protocol.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,6 +17,7 @@ use crate::coordinator::{spawn_tenant, BatchOutcome, CoordMsg, TaggedBatch, Tena
 use crate::node::NodeMsg;
 use crate::record::{Record, Refusal};
 use crate::source::{DeadLetter, DeadLetters, Input, Source, SourceError};
+use crate::stats::Stats;
 use crate::store::{Checkpoint, Store, StoreError};
 use crate::tenant::TenantSettings;
 
@@ -62,47 +63,6 @@ pub enum EngineError {
     TenantsParked(Vec<(String, String)>),
     #[error("tenant {0:?}: {1}")]
     Tenant(String, TenantError),
-}
-
-/// Counters the engine updates as it goes (read by progress lines and the API).
-#[derive(Debug, Default)]
-pub struct Stats {
-    pub records: AtomicU64,
-    pub accepted: AtomicU64,
-    pub refused: AtomicU64,
-    pub duplicates: AtomicU64,
-    pub checkpoints: AtomicU64,
-    pub store_commits: AtomicU64,
-    pub store_rows: AtomicU64,
-    pub store_retries: AtomicU64,
-    pub tenant_restarts: AtomicU64,
-    /// Node actors restarted alone (from their checkpoint row and journal).
-    pub node_restarts: AtomicU64,
-    pub chaos_kills: AtomicU64,
-    pub last_checkpoint_seq: AtomicU64,
-    /// The newest checkpoint whose commit has landed, set by the commit task the moment it
-    /// does (`last_checkpoint_seq` follows when the engine awaits the commit). Node journals
-    /// drop what it covers.
-    pub durable_seq: AtomicU64,
-    /// Time the engine stood still taking snapshots (each tenant's round and its dirty nodes'
-    /// answers), in µs: where a checkpoint costs processing time.
-    pub snapshot_micros: AtomicU64,
-    /// Time the store spent committing checkpoints in the background, in µs.
-    pub commit_micros: AtomicU64,
-    /// Time the engine waited for a background commit to land (before the next checkpoint, a
-    /// rebuild or the end of the run), in µs.
-    pub commit_wait_micros: AtomicU64,
-    /// Node actors alive in the process (the others are passivated), and how many times nodes
-    /// were activated and passivated.
-    pub resident_nodes: AtomicU64,
-    pub activations: AtomicU64,
-    pub passivations: AtomicU64,
-    /// Logical changes handed to the store (node headers, bucket rows...), over all checkpoints.
-    pub checkpoint_changes: AtomicU64,
-    /// Set by a benchmark: the commit task also adds each checkpoint's encoded size (MessagePack,
-    /// as handed to the store) to `checkpoint_bytes`. Off by default: encoding costs a copy.
-    pub measure_bytes: std::sync::atomic::AtomicBool,
-    pub checkpoint_bytes: AtomicU64,
 }
 
 fn micros(d: std::time::Duration) -> u64 {

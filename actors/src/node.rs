@@ -10,7 +10,7 @@
 //! buckets, and until its next snapshot such a node holds its complete buckets and writes the
 //! changed ones as absolute values.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -18,7 +18,6 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::agg::{combine_extremes, Agg, Buckets, Delta, Granularity, MetricName, Scope};
-use crate::engine::Stats;
 use crate::record::Mode;
 use crate::store::{BucketKind, BucketRow, BucketWrite, NodeHeader};
 use crate::tenant::NodeIx;
@@ -471,8 +470,9 @@ pub struct NodeArgs {
     pub state: NodeState,
     pub signals: UnboundedSender<TenantSignal>,
     pub journal: JournalRef,
-    /// The engine's counters; `durable_seq` says which journal entries may go.
-    pub stats: Arc<Stats>,
+    /// The newest checkpoint known durable (the engine's `Stats::durable_seq`): journal entries
+    /// it covers may go.
+    pub durable_seq: Arc<AtomicU64>,
     /// A restart: `state` is the header of this checkpoint (or empty, see
     /// [`Journal::base_is_stored`]), and the journal's entries since that checkpoint's snapshot
     /// are replayed onto it.
@@ -502,12 +502,12 @@ pub struct Node {
     /// Hydrated: the bucket keys changed since the hydration, written as absolute values.
     dirty: DirtyBuckets,
     journal: JournalRef,
-    stats: Arc<Stats>,
+    durable_seq: Arc<AtomicU64>,
 }
 
 impl Node {
     fn journal(&self, e: Entry) {
-        let durable = self.stats.durable_seq.load(Ordering::Acquire);
+        let durable = self.durable_seq.load(Ordering::Acquire);
         self.journal.lock().expect("journal lock").push(e, durable);
     }
 
@@ -516,7 +516,7 @@ impl Node {
     /// rounds, and what it read must be combined with `sent` exactly as it was when read.
     fn forget_landed(&mut self) {
         if let Some((seq, _)) = &self.sent {
-            if self.stats.durable_seq.load(Ordering::Acquire) >= *seq {
+            if self.durable_seq.load(Ordering::Acquire) >= *seq {
                 self.sent = None;
             }
         }
@@ -815,7 +815,7 @@ impl Actor for NodeActor {
             snap: None,
             dirty: DirtyBuckets::default(),
             journal: a.journal,
-            stats: a.stats,
+            durable_seq: a.durable_seq,
         };
         if let Some(as_of) = a.replay_onto {
             let journal = n.journal.clone();

@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use canopy::ingest::{ingest_observed, IngestOptions};
+use canopy::cmd::ingest::{ingest_observed, IngestOptions};
 use canopy::loadgen::{generate_file, LoadgenConfig};
 use canopy::store::EmbeddedStore;
 use canopy_actors::engine::EngineConfig;

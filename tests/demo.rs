@@ -215,7 +215,7 @@ fn demo_serves_numbers_metrics_and_stops_cleanly_on_sigterm() {
 /// dead-letter reason's count, and the nodes of every tree.
 fn demo_stream_outcome(events: usize) -> (f64, BTreeSet<String>, u64) {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = canopy::demo::workload(&canopy::config::Config::default());
+    let mut cfg = canopy::cmd::demo::workload(&canopy::config::Config::default());
     cfg.events = events;
     // Event times spread over the stream instead of the wall clock: the same stream, made
     // fast; refusals do not depend on the times.
@@ -263,7 +263,7 @@ fn demo_stream_outcome(events: usize) -> (f64, BTreeSet<String>, u64) {
 /// nodes. (The unbounded workload went from 0.30 % to 1.12 % between these two lengths.)
 #[test]
 fn demo_workload_keeps_a_small_stable_dead_letter_share_and_its_trees() {
-    let cfg = canopy::demo::workload(&canopy::config::Config::default());
+    let cfg = canopy::cmd::demo::workload(&canopy::config::Config::default());
     let planned = cfg.nodes() as u64;
     let (short, _, short_nodes) = demo_stream_outcome(40_000);
     let (long, reasons, long_nodes) = demo_stream_outcome(320_000);

@@ -21,7 +21,7 @@ use crate::stats::Stats;
 use crate::store::{Checkpoint, Store, StoreError};
 use crate::tenant::TenantSettings;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EngineConfig {
     /// Take a checkpoint at least this often (milliseconds of wall time).
@@ -36,6 +36,9 @@ pub struct EngineConfig {
     /// Store commit retries: first back-off and its ceiling.
     pub retry_initial_ms: u64,
     pub retry_max_ms: u64,
+    /// A section of its own in the configuration tree (`tenant`, beside `engine`): not part of
+    /// this one's serialized form.
+    #[serde(skip)]
     pub tenant: TenantSettings,
 }
 

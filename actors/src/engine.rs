@@ -171,33 +171,49 @@ pub struct Engine {
 
 impl Engine {
     /// Opens the engine on a store, resuming the source and dead letters from the last checkpoint.
+    /// For sources the engine pulls from ([`Engine::run`]).
     pub async fn open(
         cfg: EngineConfig,
         store: Arc<dyn Store>,
         source: &mut dyn Source,
-        mut dead: Box<dyn DeadLetters>,
+        dead: Box<dyn DeadLetters>,
     ) -> Result<Self, EngineError> {
-        let meta = retry(&cfg, "load checkpoint", || store.meta()).await?;
-        let (seq, pos) = match &meta {
-            Some(m) => {
-                let p: Position = rmp_serde::from_slice(&m.source)
-                    .map_err(|e| StoreError::Corrupt(format!("checkpoint position: {e}")))?;
-                (m.seq, Some(p))
-            }
-            None => (0, None),
-        };
+        let (seq, pos) = load_position(&cfg, store.as_ref()).await?;
+        source
+            .resume(pos.as_ref().map(|p| p.source.as_slice()))
+            .await?;
+        Self::resume(cfg, store, dead, seq, pos).await
+    }
+
+    /// Opens the engine on a store for a source that pushes its records ([`Engine::process`],
+    /// [`Engine::set_position`]): returns the source position the last checkpoint stores (none
+    /// before the first), from which that source must deliver.
+    pub async fn restore(
+        cfg: EngineConfig,
+        store: Arc<dyn Store>,
+        dead: Box<dyn DeadLetters>,
+    ) -> Result<(Self, Option<Vec<u8>>), EngineError> {
+        let (seq, pos) = load_position(&cfg, store.as_ref()).await?;
+        let source = pos.as_ref().map(|p| p.source.clone());
+        Ok((Self::resume(cfg, store, dead, seq, pos).await?, source))
+    }
+
+    async fn resume(
+        cfg: EngineConfig,
+        store: Arc<dyn Store>,
+        mut dead: Box<dyn DeadLetters>,
+        seq: u64,
+        pos: Option<Position>,
+    ) -> Result<Self, EngineError> {
         let committed = pos.clone().unwrap_or_default();
         if !committed.behind.is_empty() {
             let names: Vec<&String> = committed.behind.keys().collect();
             warn!(tenants = ?names, through = committed.through, "retrying tenants parked by an earlier run: re-reading their records");
         }
-        source
-            .resume(pos.as_ref().map(|p| p.source.as_slice()))
-            .await?;
         dead.resume(pos.as_ref().map(|p| p.dead_letters.as_slice()))
             .await?;
-        if let Some(m) = &meta {
-            info!(checkpoint = m.seq, "resuming from checkpoint");
+        if pos.is_some() {
+            info!(checkpoint = seq, "resuming from checkpoint");
         }
         let until_chaos = cfg.chaos_kill_every;
         Ok(Engine {
@@ -865,6 +881,22 @@ async fn call_plain<T: Send + 'static>(
         Ok(ractor::rpc::CallResult::Success(r)) => Ok(r),
         _ => Err(()),
     }
+}
+
+/// The last checkpoint's sequence number and position (none before the first checkpoint).
+async fn load_position(
+    cfg: &EngineConfig,
+    store: &dyn Store,
+) -> Result<(u64, Option<Position>), EngineError> {
+    let meta = retry(cfg, "load checkpoint", || store.meta()).await?;
+    Ok(match meta {
+        Some(m) => {
+            let p: Position = rmp_serde::from_slice(&m.source)
+                .map_err(|e| StoreError::Corrupt(format!("checkpoint position: {e}")))?;
+            (m.seq, Some(p))
+        }
+        None => (0, None),
+    })
 }
 
 async fn retry<T, F, Fut>(cfg: &EngineConfig, what: &str, f: F) -> Result<T, StoreError>

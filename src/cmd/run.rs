@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use canopy_actors::engine::{Engine, EngineConfig, EngineError};
-use canopy_actors::source::{Source, SourceBatch, SourceError};
+use canopy_actors::source::SourceError;
 use canopy_actors::store::{Store, StoreRead};
 use metrics_exporter_prometheus::PrometheusHandle;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -27,21 +27,6 @@ use crate::kafka::poller::{
 };
 use crate::kafka::{client_config, partitions};
 use crate::store::{MultiRead, Shards};
-
-/// Captures the position the engine restores (the engine calls `resume` while opening).
-#[derive(Default)]
-struct PositionProbe(Option<Vec<u8>>);
-
-#[async_trait::async_trait]
-impl Source for PositionProbe {
-    async fn resume(&mut self, position: Option<&[u8]>) -> Result<(), SourceError> {
-        self.0 = position.map(<[u8]>::to_vec);
-        Ok(())
-    }
-    async fn next_batch(&mut self) -> Result<Option<SourceBatch>, SourceError> {
-        Ok(None)
-    }
-}
 
 struct Shard {
     engine: Engine,
@@ -113,8 +98,7 @@ impl Runner {
         // the store is down: retried with backoff, never given up on while running.
         let mut delay = Duration::from_millis(200);
         let mut prefetched = self.scans.remove(&p);
-        let (engine, probe) = loop {
-            let mut probe = PositionProbe::default();
+        let (engine, position) = loop {
             let dead = Box::new(KafkaDeadLetters {
                 producer: self.producer.clone(),
                 brokers: self.brokers.clone(),
@@ -126,15 +110,10 @@ impl Runner {
                 pending: Default::default(),
                 prefetched: prefetched.take(),
             });
-            match Engine::open(
-                self.engine_cfg.clone(),
-                store.clone() as Arc<dyn Store>,
-                &mut probe,
-                dead,
-            )
-            .await
+            match Engine::restore(self.engine_cfg.clone(), store.clone() as Arc<dyn Store>, dead)
+                .await
             {
-                Ok(e) => break (e, probe),
+                Ok(restored) => break restored,
                 Err(e) if transient(&e) && !*self.stop.borrow() => {
                     metrics::counter!("canopy_kafka_errors_total").increment(1);
                     warn!(partition = p, error = %e, retry_in_ms = delay.as_millis() as u64,
@@ -145,7 +124,7 @@ impl Runner {
                 Err(e) => return Err(e).with_context(|| format!("restoring partition {p}")),
             }
         };
-        let next_offset = match probe.0.as_deref() {
+        let next_offset = match position.as_deref() {
             Some(b) if b.len() == 8 => i64::from_le_bytes(b.try_into().expect("8 bytes")),
             Some(b) if b.is_empty() => 0,
             None => 0,

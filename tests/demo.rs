@@ -114,20 +114,8 @@ fn demo_serves_numbers_metrics_and_stops_cleanly_on_sigterm() {
         let Some(t) = r.json()["tenants"][0].as_str().map(str::to_string) else {
             continue;
         };
-        let hs = s
-            .get(&format!("/v1/tenants/{}/hierarchies", enc(&t)), tok)
-            .json();
-        let h = hs["hierarchies"][0]["hierarchy"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        let roots = s
-            .get(
-                &format!("/v1/tenants/{}/hierarchies/{}/roots", enc(&t), enc(&h)),
-                tok,
-            )
-            .json();
-        let root = &roots["items"][0];
+        let h = s.first_hierarchy(&t, tok);
+        let root = s.first_root(&t, &h, tok);
         if root["subtree"]["events"].as_u64().unwrap_or(0) > 0 {
             break (t, h, root["node"].as_str().unwrap().to_string());
         }

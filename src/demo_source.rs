@@ -116,7 +116,10 @@ impl Source for DemoSource {
                 // Ends with BrokenPipe once the engine drops the receiver.
                 let _ = generate(&cfg, &mut pacer);
             })
-            .map_err(|e| SourceError::Io(e.to_string()))?;
+            .map_err(|source| SourceError::Thread {
+                what: "the demo workload",
+                source,
+            })?;
         self.rx = Some(rx);
         Ok(())
     }
@@ -125,7 +128,7 @@ impl Source for DemoSource {
         let rx = self
             .rx
             .as_mut()
-            .ok_or_else(|| SourceError::Io("demo source not resumed".into()))?;
+            .ok_or(SourceError::NotResumed("the demo source"))?;
         Ok(rx.recv().await)
     }
 }

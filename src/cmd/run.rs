@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use canopy_actors::engine::{Engine, EngineConfig, EngineError};
-use canopy_actors::source::SourceError;
 use canopy_actors::store::{Store, StoreRead};
 use metrics_exporter_prometheus::PrometheusHandle;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -64,7 +63,7 @@ struct Runner {
 /// Failures of a dependency that may come back (broker, store), as opposed to bad state.
 fn transient(e: &EngineError) -> bool {
     match e {
-        EngineError::Source(SourceError::Unavailable(_) | SourceError::Io(_)) => true,
+        EngineError::Source(s) => s.is_transient(),
         EngineError::Store(s) => s.is_transient(),
         _ => false,
     }
@@ -110,8 +109,12 @@ impl Runner {
                 pending: Default::default(),
                 prefetched: prefetched.take(),
             });
-            match Engine::restore(self.engine_cfg.clone(), store.clone() as Arc<dyn Store>, dead)
-                .await
+            match Engine::restore(
+                self.engine_cfg.clone(),
+                store.clone() as Arc<dyn Store>,
+                dead,
+            )
+            .await
             {
                 Ok(restored) => break restored,
                 Err(e) if transient(&e) && !*self.stop.borrow() => {

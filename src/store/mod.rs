@@ -97,7 +97,7 @@ impl FromStr for StoreUri {
         }
         let (hosts, keyspace) = scylla::parse_uri(uri).map_err(|e| {
             bad(match e {
-                StoreError::Unavailable(m) => m,
+                StoreError::Settings(m) => m,
                 e => e.to_string(),
             })
         })?;
@@ -174,9 +174,9 @@ pub async fn open_all_stores(
         }
     }
     if out.is_empty() {
-        return Err(StoreError::Unavailable(format!(
-            "keyspace {base} (and {base}_pN) has no canopy tables: run `canopy migrate` first"
-        )));
+        return Err(StoreError::NotMigrated {
+            keyspace: format!("{base} (and {base}_pN)"),
+        });
     }
     Ok(out)
 }

@@ -416,8 +416,9 @@ pub enum NodeMsg {
         seq: u64,
         reply: RpcReplyPort<NodeSnapshot>,
     },
-    /// The node's complete numbers (tests and diagnostics), given its stored buckets as of
+    /// The node's complete numbers (tests), given its stored buckets as of
     /// checkpoint `as_of`; the node stays as it is.
+    #[cfg(feature = "test-hooks")]
     View {
         stored: FullBuckets,
         as_of: u64,
@@ -682,6 +683,7 @@ impl Node {
     }
 
     /// The complete numbers, without changing the node.
+    #[cfg(feature = "test-hooks")]
     fn view(&self, stored: FullBuckets, as_of: u64) -> NodeState {
         if self.hydrated {
             return self.state.clone();
@@ -865,6 +867,7 @@ impl Actor for NodeActor {
             NodeMsg::Snapshot { seq, reply } => {
                 let _ = reply.send(s.snapshot(seq));
             }
+            #[cfg(feature = "test-hooks")]
             NodeMsg::View {
                 stored,
                 as_of,

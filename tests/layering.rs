@@ -135,7 +135,7 @@ fn adapters_know_nothing_of_commands_configuration_or_the_api() {
             if forbidden {
                 bad.push(format!(
                     "{} uses crate::{r}",
-                    f.strip_prefix(&root()).unwrap().display()
+                    f.strip_prefix(root()).unwrap().display()
                 ));
             }
         }

@@ -129,8 +129,7 @@ impl Runner {
         };
         let next_offset = match position.as_deref() {
             Some(b) if b.len() == 8 => i64::from_le_bytes(b.try_into().expect("8 bytes")),
-            Some(b) if b.is_empty() => 0,
-            None => 0,
+            Some([]) | None => 0,
             Some(b) => anyhow::bail!("partition {p}: stored position of {} bytes", b.len()),
         };
         info!(partition = p, next_offset, "partition shard open");

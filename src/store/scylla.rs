@@ -524,7 +524,7 @@ impl ScyllaStore {
                 self.keyspace
             );
             self.session
-                .query_unpaged(q, (id as i32, name))
+                .query_unpaged(q, (id, name))
                 .await
                 .map_err(unavailable)?;
         }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use canopy::api::{router, ApiState, Tokens};
-use canopy::ingest::{ingest, IngestOptions};
+use canopy::cmd::ingest::{ingest, IngestOptions};
 use canopy::loadgen::{generate, LoadgenConfig};
 use canopy::store::EmbeddedStore;
 use canopy_actors::engine::EngineConfig;

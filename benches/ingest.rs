@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use canopy::ingest::{ingest, IngestOptions};
+use canopy::cmd::ingest::{ingest, IngestOptions};
 use canopy::loadgen::{generate_file, LoadgenConfig};
 use canopy::store::EmbeddedStore;
 use canopy_actors::engine::EngineConfig;

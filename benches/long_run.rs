@@ -13,10 +13,11 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use canopy::ingest::{ingest_observed, IngestOptions};
+use canopy::cmd::ingest::{ingest_observed, IngestOptions};
 use canopy::loadgen::{generate_file, LoadgenConfig};
 use canopy::store::EmbeddedStore;
-use canopy_actors::engine::{EngineConfig, Stats};
+use canopy_actors::engine::EngineConfig;
+use canopy_actors::stats::Stats;
 
 #[path = "support/env.rs"]
 mod env;

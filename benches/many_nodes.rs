@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use canopy::ingest::{ingest_observed, IngestOptions};
+use canopy::cmd::ingest::{ingest_observed, IngestOptions};
 use canopy::loadgen::{generate_file, LoadgenConfig};
 use canopy::store::EmbeddedStore;
 use canopy_actors::engine::EngineConfig;

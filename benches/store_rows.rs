@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use canopy::ingest::{ingest, IngestOptions};
+use canopy::cmd::ingest::{ingest, IngestOptions};
 use canopy::store::EmbeddedStore;
 use canopy_actors::engine::EngineConfig;
 

@@ -11,8 +11,8 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::api::ApiOptions;
 use crate::api::{self, ApiState, Tokens};
-use crate::config::ApiSection;
 
 /// A flag that turns true on SIGTERM or SIGINT (Ctrl-C).
 pub fn shutdown_on_signals() -> watch::Receiver<bool> {
@@ -71,7 +71,7 @@ impl Source for UntilShutdown<'_> {
 /// Binds the API's address now (so a busy port fails at start) and serves it in a task until
 /// `stop` turns true, with the connection, time and size limits of `cfg`.
 pub async fn spawn_api(
-    cfg: &ApiSection,
+    cfg: &ApiOptions,
     store: Arc<dyn StoreRead>,
     tokens: Tokens,
     metrics: Option<PrometheusHandle>,

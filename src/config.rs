@@ -11,9 +11,13 @@ use std::path::{Path, PathBuf};
 
 use canopy_actors::engine::EngineConfig;
 use canopy_actors::tenant::TenantSettings;
-use canopy_actors::time::Retention;
 use serde::{Deserialize, Serialize};
 use toml::{Table, Value};
+
+use crate::api::ApiOptions;
+use crate::kafka::KafkaOptions;
+use crate::store::{StoreOptions, StoreUri};
+use crate::telemetry::LogOptions;
 
 /// `CANOPY_*` variables that are not configuration keys: the config file's path, the Scylla
 /// test suite's node, and the prefixes of test and benchmark switches.
@@ -48,113 +52,33 @@ pub enum ConfigError {
 pub struct Config {
     /// Where the embedded store keeps its file.
     pub data_dir: PathBuf,
-    pub store: StoreSection,
+    pub store: StoreOptions,
     pub engine: EngineSection,
-    pub tenant: TenantSection,
-    pub api: ApiSection,
-    pub kafka: KafkaSection,
+    pub tenant: TenantSettings,
+    pub api: ApiOptions,
+    pub kafka: KafkaOptions,
     pub demo: DemoSection,
-    pub log: LogSection,
+    pub log: LogOptions,
 }
 
+/// The `engine` section: the engine's settings, and the size of the batches the sources hand it
+/// (a source's concern the engine does not see).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct StoreSection {
-    /// `embedded` (redb in `data_dir`) or `scylla://host:port[,host:port]/keyspace`.
-    pub uri: String,
-    /// Memory the embedded store (redb) may use for its page cache, in MiB, per store file.
-    /// Half of it bounds the pages a checkpoint holds before writing them out.
-    pub embedded_cache_mb: usize,
-    /// Scylla auth (empty: none).
-    pub scylla_user: String,
-    pub scylla_password: String,
-    /// Consistency of every Scylla read and write (`local_quorum`, `quorum`, `one`...).
-    pub scylla_consistency: String,
-    /// Replication factor `canopy migrate` gives a new keyspace.
-    pub scylla_replication_factor: u32,
-    /// PEM file of the CA that signed the Scylla nodes' certificates; set, it turns TLS on
-    /// (rustls; a node certificate must name the address canopy connects to).
-    pub scylla_tls_ca_file: String,
-    /// Client certificate and key (PEM) for nodes that require client authentication.
-    pub scylla_tls_cert_file: String,
-    pub scylla_tls_key_file: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct EngineSection {
-    pub checkpoint_interval_ms: u64,
-    pub checkpoint_every_records: u64,
-    /// Kill a random node actor after every N records (0 = off).
-    pub chaos_kill_every: u64,
-    /// Consecutive failed rebuilds before a tenant is parked.
-    pub max_restarts: u32,
-    pub retry_initial_ms: u64,
-    pub retry_max_ms: u64,
+    #[serde(flatten)]
+    pub settings: EngineConfig,
     /// Records per batch handed from the source to the engine.
     pub batch_size: usize,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct TenantSection {
-    pub dedup_horizon_secs: i64,
-    pub retention_minute_secs: i64,
-    pub retention_hour_secs: i64,
-    pub retention_day_secs: i64,
-    /// A coalescing round runs once this many events are pending...
-    pub round_max_events: usize,
-    /// ...or once the oldest pending event waited this long.
-    pub round_interval_ms: u64,
-    /// Node restarts within `node_restart_window_ms` after which the next failure of that node
-    /// rebuilds its whole tenant instead.
-    pub node_max_restarts: u32,
-    pub node_restart_window_ms: u64,
-    /// A node actor idle for this many checkpoints is passivated (1: every node idle at a
-    /// checkpoint); it is activated again when something is addressed to it.
-    pub passivate_idle_checkpoints: u64,
-    /// Beyond this many node actors in the process, the least recently active idle ones are
-    /// passivated at each checkpoint.
-    pub max_resident_nodes: usize,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ApiSection {
-    pub listen: String,
-    /// `TOKEN=TENANT,TOKEN=*`. `canopy demo` uses `demo=*` when this is empty.
-    pub tokens: String,
-    /// Connections served at once. Past it, `reserve_connections` more are accepted for
-    /// `/healthz`, `/readyz` and `/metrics` only (others answer 503; their head must arrive
-    /// within 1 s), and the rest are refused at once: held connections cannot starve the
-    /// health checks.
-    pub max_connections: usize,
-    pub reserve_connections: usize,
-    /// A request's head (request line and headers) must arrive within this, counted from its
-    /// first byte (from the connection's start for a new connection); else 408 and close.
-    pub header_read_timeout_ms: u64,
-    /// A keep-alive connection with no request in progress is closed after this.
-    pub idle_timeout_ms: u64,
-    /// The longest request target (path and query) answered; longer: 414.
-    pub max_uri_bytes: usize,
-    /// The most bytes of request headers, and the most headers; more: 431.
-    pub max_header_bytes: usize,
-    pub max_headers: usize,
-    /// The largest declared request body (`Content-Length`); larger: 413. The API reads no
-    /// bodies.
-    pub max_body_bytes: u64,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct KafkaSection {
-    pub brokers: String,
-    pub topic: String,
-    pub group: String,
-    /// Dead letters go here (created, with the input's partition count, when missing).
-    pub dlq_topic: String,
-    /// A member silent this long leaves the group and its partitions move.
-    pub session_timeout_ms: u64,
+impl Default for EngineSection {
+    fn default() -> Self {
+        EngineSection {
+            settings: EngineConfig::default(),
+            batch_size: 4096,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -173,105 +97,17 @@ pub struct DemoSection {
     pub seed: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct LogSection {
-    /// A `tracing` filter (`RUST_LOG` wins when set).
-    pub filter: String,
-    /// JSON lines instead of text.
-    pub json: bool,
-}
-
 impl Default for Config {
     fn default() -> Self {
         Config {
             data_dir: PathBuf::from("data"),
-            store: StoreSection::default(),
+            store: StoreOptions::default(),
             engine: EngineSection::default(),
-            tenant: TenantSection::default(),
-            api: ApiSection::default(),
-            kafka: KafkaSection::default(),
+            tenant: TenantSettings::default(),
+            api: ApiOptions::default(),
+            kafka: KafkaOptions::default(),
             demo: DemoSection::default(),
-            log: LogSection::default(),
-        }
-    }
-}
-
-impl Default for StoreSection {
-    fn default() -> Self {
-        StoreSection {
-            uri: "embedded".into(),
-            embedded_cache_mb: crate::store::embedded::DEFAULT_CACHE_MB,
-            scylla_user: String::new(),
-            scylla_password: String::new(),
-            scylla_consistency: "local_quorum".into(),
-            scylla_replication_factor: 1,
-            scylla_tls_ca_file: String::new(),
-            scylla_tls_cert_file: String::new(),
-            scylla_tls_key_file: String::new(),
-        }
-    }
-}
-
-impl Default for EngineSection {
-    fn default() -> Self {
-        let e = EngineConfig::default();
-        EngineSection {
-            checkpoint_interval_ms: e.checkpoint_interval_ms,
-            checkpoint_every_records: e.checkpoint_every_records,
-            chaos_kill_every: e.chaos_kill_every,
-            max_restarts: e.max_restarts,
-            retry_initial_ms: e.retry_initial_ms,
-            retry_max_ms: e.retry_max_ms,
-            batch_size: 4096,
-        }
-    }
-}
-
-impl Default for TenantSection {
-    fn default() -> Self {
-        let t = TenantSettings::default();
-        TenantSection {
-            dedup_horizon_secs: t.dedup_horizon_secs,
-            retention_minute_secs: t.retention.minute_secs,
-            retention_hour_secs: t.retention.hour_secs,
-            retention_day_secs: t.retention.day_secs,
-            round_max_events: t.round_max_events,
-            round_interval_ms: t.round_interval_ms,
-            node_max_restarts: t.node_max_restarts,
-            node_restart_window_ms: t.node_restart_window_ms,
-            passivate_idle_checkpoints: t.passivate_idle_checkpoints,
-            max_resident_nodes: t.max_resident_nodes,
-        }
-    }
-}
-
-impl Default for ApiSection {
-    fn default() -> Self {
-        ApiSection {
-            listen: "127.0.0.1:8080".into(),
-            tokens: String::new(),
-            // Below the usual 1024 open files per process, with room for the stores' files.
-            max_connections: 512,
-            reserve_connections: 16,
-            header_read_timeout_ms: 10_000,
-            idle_timeout_ms: 60_000,
-            max_uri_bytes: 8 * 1024,
-            max_header_bytes: 16 * 1024,
-            max_headers: 100,
-            max_body_bytes: 64 * 1024,
-        }
-    }
-}
-
-impl Default for KafkaSection {
-    fn default() -> Self {
-        KafkaSection {
-            brokers: "127.0.0.1:9092".into(),
-            topic: "canopy-input".into(),
-            group: "canopy".into(),
-            dlq_topic: "canopy-dead-letters".into(),
-            session_timeout_ms: 45_000,
+            log: LogOptions::default(),
         }
     }
 }
@@ -291,40 +127,12 @@ impl Default for DemoSection {
     }
 }
 
-impl Default for LogSection {
-    fn default() -> Self {
-        LogSection {
-            filter: "info".into(),
-            json: false,
-        }
-    }
-}
-
 impl Config {
+    /// The engine's settings, with the `tenant` section in them.
     pub fn engine(&self) -> EngineConfig {
-        let e = &self.engine;
-        let t = &self.tenant;
         EngineConfig {
-            checkpoint_interval_ms: e.checkpoint_interval_ms,
-            checkpoint_every_records: e.checkpoint_every_records,
-            chaos_kill_every: e.chaos_kill_every,
-            max_restarts: e.max_restarts,
-            retry_initial_ms: e.retry_initial_ms,
-            retry_max_ms: e.retry_max_ms,
-            tenant: TenantSettings {
-                dedup_horizon_secs: t.dedup_horizon_secs,
-                retention: Retention {
-                    minute_secs: t.retention_minute_secs,
-                    hour_secs: t.retention_hour_secs,
-                    day_secs: t.retention_day_secs,
-                },
-                round_max_events: t.round_max_events,
-                round_interval_ms: t.round_interval_ms,
-                node_max_restarts: t.node_max_restarts,
-                node_restart_window_ms: t.node_restart_window_ms,
-                passivate_idle_checkpoints: t.passivate_idle_checkpoints,
-                max_resident_nodes: t.max_resident_nodes,
-            },
+            tenant: self.tenant,
+            ..self.engine.settings.clone()
         }
     }
 
@@ -375,6 +183,13 @@ impl Config {
                 return Err(ConfigError::UnknownKey(key.to_string()));
             }
             set(&mut merged, key, v.clone());
+        }
+        // Parsed here too, for an error that names its key (serde's would not).
+        if let Some(Value::String(uri)) = lookup(&merged, "store.uri") {
+            uri.parse::<StoreUri>().map_err(|e| ConfigError::BadValue {
+                key: "store.uri".into(),
+                message: format!("{:?}: {}", e.uri, e.reason),
+            })?;
         }
         let cfg: Config = Value::Table(merged)
             .try_into()
@@ -586,8 +401,14 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("/x"), "file over default");
         assert_eq!(c.engine.batch_size, 11, "env over file");
         assert_eq!(c.api.tokens, "root=*");
-        assert_eq!(c.engine.checkpoint_interval_ms, 5, "flag over file");
-        assert_eq!(c.engine.max_restarts, EngineSection::default().max_restarts);
+        assert_eq!(
+            c.engine.settings.checkpoint_interval_ms, 5,
+            "flag over file"
+        );
+        assert_eq!(
+            c.engine.settings.max_restarts,
+            EngineConfig::default().max_restarts
+        );
     }
 
     #[test]
@@ -640,12 +461,39 @@ mod tests {
     }
 
     #[test]
+    fn the_store_uri_is_parsed_once_at_load() {
+        let c = Config::load(
+            None,
+            env(&[("CANOPY_STORE_URI", "scylla://a:9042,b:9042/ks_1")]),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            c.store.uri,
+            StoreUri::Scylla {
+                hosts: vec!["a:9042".into(), "b:9042".into()],
+                keyspace: "ks_1".into()
+            }
+        );
+        assert_eq!(c.store.uri.to_string(), "scylla://a:9042,b:9042/ks_1");
+        for bad in ["redb", "scylla://a:9042", "scylla://a:9042/bad-keyspace"] {
+            let e = Config::load(None, env(&[("CANOPY_STORE_URI", bad)]), &[]).unwrap_err();
+            assert!(
+                matches!(&e, ConfigError::BadValue { key, .. } if key == "store.uri"),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
     fn the_printed_tree_reads_back_identically() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("c.toml");
         let mut c = Config::default();
         c.demo.churn = 0.25;
         c.api.listen = "0.0.0.0:9".into();
+        c.tenant.retention.hour_secs = 7200;
+        c.engine.settings.max_restarts = 9;
         std::fs::write(&f, c.to_toml()).unwrap();
         assert_eq!(Config::load(Some(&f), env(&[]), &[]).unwrap(), c);
     }

@@ -99,7 +99,10 @@ fn check_input(path: &Path, start: &FilePosition) -> Result<(), SourceError> {
     if start.offset == 0 && start.input.is_none() {
         return Ok(());
     }
-    let io = |e: std::io::Error| SourceError::Io(format!("{}: {e}", path.display()));
+    let io = |source: std::io::Error| SourceError::File {
+        path: path.to_path_buf(),
+        source,
+    };
     let f = File::open(path).map_err(io)?;
     let len = f.metadata().map_err(io)?.len();
     let Some(fp) = &start.input else {
@@ -172,7 +175,10 @@ fn read_loop(
     bytes_read: Arc<AtomicU64>,
     tx: mpsc::Sender<Result<SourceBatch, SourceError>>,
 ) {
-    let io = |e: std::io::Error| SourceError::Io(format!("{}: {e}", path.display()));
+    let io = |source: std::io::Error| SourceError::File {
+        path: path.to_path_buf(),
+        source,
+    };
     let mut file = match File::open(&path) {
         Ok(f) => f,
         Err(e) => {
@@ -272,7 +278,10 @@ impl Source for FileSource {
         std::thread::Builder::new()
             .name("canopy-file-reader".into())
             .spawn(move || read_loop(path, start, n, br, tx))
-            .map_err(|e| SourceError::Io(e.to_string()))?;
+            .map_err(|source| SourceError::Thread {
+                what: "the file reader",
+                source,
+            })?;
         self.rx = Some(rx);
         Ok(())
     }
@@ -281,7 +290,7 @@ impl Source for FileSource {
         let rx = self
             .rx
             .as_mut()
-            .ok_or_else(|| SourceError::Io("source not resumed".into()))?;
+            .ok_or(SourceError::NotResumed("the file source"))?;
         rx.recv().await.transpose()
     }
 }
@@ -345,7 +354,10 @@ fn check_dead_letters(
     if keep == 0 {
         return Ok(());
     }
-    let io = |e: std::io::Error| SourceError::Io(format!("{}: {e}", path.display()));
+    let io = |source: std::io::Error| SourceError::File {
+        path: path.to_path_buf(),
+        source,
+    };
     let f = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -429,7 +441,10 @@ impl DeadLetters for FileDeadLetters {
             None => (0, None),
         };
         check_dead_letters(&self.path, keep, stored.as_ref())?;
-        let io = |e: std::io::Error| SourceError::Io(format!("{}: {e}", self.path.display()));
+        let io = |source: std::io::Error| SourceError::File {
+            path: self.path.clone(),
+            source,
+        };
         let f = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -460,19 +475,25 @@ impl DeadLetters for FileDeadLetters {
         let out = self
             .out
             .as_mut()
-            .ok_or_else(|| SourceError::Io("dead letters not resumed".into()))?;
-        out.write_all(&s)
-            .map_err(|e| SourceError::Io(e.to_string()))?;
+            .ok_or(SourceError::NotResumed("the dead-letter file"))?;
+        out.write_all(&s).map_err(|source| SourceError::File {
+            path: self.path.clone(),
+            source,
+        })?;
         self.len += s.len() as u64;
         Ok(())
     }
 
     async fn sync(&mut self) -> Result<Flush, SourceError> {
-        let io = |e: std::io::Error| SourceError::Io(e.to_string());
+        let path = self.path.clone();
+        let io = |source: std::io::Error| SourceError::File {
+            path: path.clone(),
+            source,
+        };
         let out = self
             .out
             .as_mut()
-            .ok_or_else(|| SourceError::Io("dead letters not resumed".into()))?;
+            .ok_or(SourceError::NotResumed("the dead-letter file"))?;
         out.flush().map_err(io)?;
         out.get_ref().sync_data().map_err(io)?;
         let pos = DeadLetterPosition {

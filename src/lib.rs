@@ -2,28 +2,30 @@
 //!
 //! The `canopy` binary's crate: the adapters around the pure core in `canopy-actors`.
 //!
-//! - [`api`]: the HTTP query API, `/metrics`, health and the dashboard.
+//! - [`cmd`]: the commands, one module each (`ingest`, `run`, `demo`, `serve`, `dump`, `audit`,
+//!   `migrate`, `produce`, `loadgen`): the only code that reads [`config`] and wires the rest.
+//! - [`config`]: the one settings tree (defaults, file, `CANOPY_*`, flags), made of the
+//!   adapters' and the engine's own option structs.
 //! - [`app`]: shutdown signals and the API server task, shared by the long-running commands.
-//! - [`config`]: the one settings tree (defaults, file, `CANOPY_*`, flags).
-//! - [`demo`]: `canopy demo`, everything in one process with a live generated workload.
-//! - [`store`]: state store backends (the embedded redb store is the default).
+//!
+//! Adapters, which take their own option structs:
+//!
+//! - [`api`]: the HTTP query API, `/metrics`, health and the dashboard.
+//! - [`store`]: state store backends (the embedded redb store is the default; Scylla) and the
+//!   typed `store.uri`.
 //! - [`file_source`]: NDJSON file input and dead-letter file output for `canopy ingest`.
-//! - [`audit`]: `canopy audit`, invariant checks of the stored state.
-//! - [`dump`]: `canopy dump`, the stored numbers as NDJSON (the conformance format).
-//! - [`ingest`]: wiring of source, engine, store and progress reporting for `canopy ingest`.
-//! - [`kafka`]: `canopy run`: the Kafka source, per-partition shards, the dead-letter topic.
-//! - [`loadgen`]: a synthetic multi-tenant workload (`canopy loadgen`).
-//! - [`telemetry`]: logging setup.
-//! - [`usage`]: usage mistakes (exit 2) told apart from failures (exit 1).
+//! - [`demo_source`]: the live generated workload of `canopy demo`.
+//! - [`kafka`]: the Kafka consumer thread, the dead-letter topic, the producer.
+//!
+//! And: [`loadgen`] (a synthetic multi-tenant workload), [`telemetry`] (logging and metrics
+//! setup), [`usage`] (usage mistakes, exit 2, told apart from failures, exit 1).
 
 pub mod api;
 pub mod app;
-pub mod audit;
+pub mod cmd;
 pub mod config;
-pub mod demo;
-pub mod dump;
+pub mod demo_source;
 pub mod file_source;
-pub mod ingest;
 pub mod kafka;
 pub mod loadgen;
 pub mod store;

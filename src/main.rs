@@ -3,15 +3,10 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
-use std::time::Duration;
 
-use canopy::api::Tokens;
-use canopy::app::{shutdown_on_signals, spawn_api};
+use canopy::cmd::loadgen::LoadgenArgs;
+use canopy::cmd::{self, Finished};
 use canopy::config::Config;
-use canopy::ingest::{ingest, IngestOptions};
-use canopy_actors::store::StoreRead;
 use clap::{Parser, Subcommand};
 use toml::Value;
 
@@ -139,50 +134,7 @@ enum Cmd {
         data_dir: Option<PathBuf>,
     },
     /// Write a synthetic multi-tenant workload as NDJSON.
-    Loadgen {
-        /// Write to this file...
-        #[arg(long, required_unless_present = "topic")]
-        out: Option<PathBuf>,
-        /// ... or produce to this topic (keyed by tenant) on `--brokers`.
-        #[arg(long)]
-        topic: Option<String>,
-        /// [kafka.brokers]
-        #[arg(long)]
-        brokers: Option<String>,
-        /// Records per second when producing (default: as fast as possible).
-        #[arg(long)]
-        rate: Option<f64>,
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        #[arg(long, default_value_t = 5)]
-        tenants: usize,
-        #[arg(long, default_value_t = 1)]
-        hierarchies: usize,
-        #[arg(long, default_value_t = 7)]
-        depth: usize,
-        #[arg(long, default_value_t = 5)]
-        fanout: usize,
-        #[arg(long, default_value_t = 1_000_000)]
-        events: usize,
-        /// Share of records that move, delete or re-create nodes.
-        #[arg(long, default_value_t = 0.0005)]
-        churn: f64,
-        /// Share of records that are refused.
-        #[arg(long, default_value_t = 0.001)]
-        bad: f64,
-        /// Event time between consecutive events, in milliseconds (default: the events spread
-        /// over 2 hours). `--spacing-ms 150` with 2,000,000 events covers ~83 hours.
-        #[arg(long)]
-        spacing_ms: Option<u64>,
-        /// Share of events that arrive late, up to `--late-max-secs` behind the stream.
-        #[arg(long, default_value_t = 0.0)]
-        late: f64,
-        #[arg(long, default_value_t = 0)]
-        late_max_secs: i64,
-        /// Share of the leaves that get events (default: every node may).
-        #[arg(long, default_value_t = 1.0)]
-        active: f64,
-    },
+    Loadgen(LoadgenArgs),
     /// Write every stored node as one JSON line, sorted by tenant, hierarchy, node.
     Dump {
         /// [data_dir]
@@ -273,7 +225,7 @@ impl Cmd {
                 f.text("kafka.brokers", brokers.clone());
                 f.text("kafka.topic", topic.clone());
             }
-            Cmd::Loadgen { brokers, .. } => f.text("kafka.brokers", brokers.clone()),
+            Cmd::Loadgen(a) => f.text("kafka.brokers", a.brokers.clone()),
             Cmd::Config | Cmd::Openapi | Cmd::Migrate => {}
         }
         f
@@ -314,225 +266,27 @@ fn main() -> ExitCode {
     }
 }
 
-/// `dump`, `audit` and `serve` read a store that must exist (the embedded one: Scylla says
-/// itself when its keyspace has no tables).
-fn require_store(cfg: &Config) -> anyhow::Result<()> {
-    if cfg.store.uri == "embedded" {
-        canopy::usage::require_store(&cfg.data_dir)?;
-    }
-    Ok(())
-}
-
-/// How a command ended, when it succeeded.
-enum Finished {
-    /// The runtime may still hold tasks and stores: tear everything down in order.
-    Running,
-    /// Everything is durable and every store is closed: the process may simply exit.
-    Closed,
-}
-
 async fn run(cmd: Cmd, cfg: Config) -> anyhow::Result<Finished> {
     match cmd {
         Cmd::Ingest {
             input, dlq, quiet, ..
-        } => {
-            // Before the store: a mistyped input must not leave an empty data directory behind.
-            canopy::usage::require_input(&input)?;
-            let store = canopy::store::open_single(&cfg).await?;
-            let opts = IngestOptions {
-                input,
-                dlq,
-                batch_size: cfg.engine.batch_size,
-                engine: cfg.engine(),
-                progress: !quiet,
-            };
-            ingest(
-                opts,
-                store.clone() as Arc<dyn canopy_actors::store::Store>,
-                shutdown_on_signals(),
-            )
-            .await?;
-            // The stopped actors let go of the store within milliseconds; waiting for that
-            // beats waiting for the runtime to drop them all.
-            let closed = canopy::store::close(store, Duration::from_secs(5)).await;
-            Ok(if closed {
-                Finished::Closed
-            } else {
-                Finished::Running
-            })
-        }
-        Cmd::Serve { .. } => {
-            require_store(&cfg)?;
-            let multi = canopy::store::MultiRead::default();
-            for (name, s) in canopy::store::open_configured(&cfg).await? {
-                multi.insert(name, s as Arc<dyn StoreRead>);
-            }
-            let store = Arc::new(multi);
-            let tokens = Tokens::parse(&cfg.api.tokens)?;
-            if tokens.is_empty() {
-                tracing::warn!("no API tokens configured (api.tokens / CANOPY_API_TOKENS): every /v1 request will get 401");
-            }
-            let metrics = canopy::telemetry::install_metrics()?;
-            let stop = shutdown_on_signals();
-            let (addr, api) = spawn_api(
-                &cfg.api,
-                store as Arc<dyn StoreRead>,
-                tokens,
-                Some(metrics),
-                Arc::new(AtomicBool::new(true)),
-                // No engine here: the store is written by another process.
-                canopy::api::engine::EngineStatus::new(cfg.engine.checkpoint_interval_ms),
-                stop,
-            )
-            .await?;
-            println!("canopy serve: query API and dashboard at http://{addr}/");
-            api.await??;
-            Ok(Finished::Running)
-        }
+        } => return cmd::ingest::run(&cfg, input, dlq, quiet).await,
+        Cmd::Serve { .. } => cmd::serve::run(&cfg).await?,
         Cmd::Demo { .. } => {
             let metrics = canopy::telemetry::install_metrics()?;
-            canopy::demo::run(cfg, Some(metrics)).await?;
-            Ok(Finished::Running)
-        }
-        Cmd::Migrate => {
-            if cfg.store.uri == "embedded" {
-                println!(
-                    "canopy migrate: the embedded store creates its tables itself; nothing to do"
-                );
-                return Ok(Finished::Running);
-            }
-            use canopy::store::scylla::{parse_uri, session, shard_keyspaces, ScyllaStore};
-            let opts = canopy::store::scylla_options(&cfg);
-            let (hosts, base) = parse_uri(&cfg.store.uri)?;
-            let session = session(&hosts, &opts).await?;
-            // The keyspace of `store.uri`, and the per-partition keyspaces `canopy run` made
-            // (it creates new ones itself on first use).
-            let mut keyspaces = vec![base.clone()];
-            keyspaces.extend(
-                shard_keyspaces(&session, &base)
-                    .await?
-                    .into_iter()
-                    .map(|(_, k)| k),
-            );
-            for ks in keyspaces {
-                let mut s = ScyllaStore::on_session(session.clone(), ks.clone(), &opts).await?;
-                s.migrate().await?;
-                println!("canopy migrate: schema applied to keyspace {ks}");
-            }
-            Ok(Finished::Running)
-        }
-        Cmd::Config => {
-            print!("{}", cfg.to_toml());
-            Ok(Finished::Running)
-        }
-        Cmd::Openapi => {
-            println!("{}", canopy::api::openapi_json());
-            Ok(Finished::Running)
+            cmd::demo::run(cfg, Some(metrics)).await?;
         }
         Cmd::Run { .. } => {
             let metrics = canopy::telemetry::install_metrics()?;
-            canopy::kafka::run(cfg, Some(metrics)).await?;
-            Ok(Finished::Running)
+            cmd::run::run(cfg, Some(metrics)).await?;
         }
-        Cmd::Produce { input, rate, .. } => {
-            let (brokers, topic) = (cfg.kafka.brokers.clone(), cfg.kafka.topic.clone());
-            let n = tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
-                let mut w = canopy::kafka::produce::TopicWriter::new(&brokers, &topic, rate)?;
-                let mut f = std::io::BufReader::new(std::fs::File::open(&input)?);
-                std::io::copy(&mut f, &mut w)?;
-                Ok(w.finish()?)
-            })
-            .await??;
-            eprintln!("canopy: produced {n} records to {}", cfg.kafka.topic);
-            Ok(Finished::Running)
-        }
-        Cmd::Loadgen {
-            out,
-            topic,
-            rate,
-            brokers: _,
-            seed,
-            tenants,
-            hierarchies,
-            depth,
-            fanout,
-            events,
-            churn,
-            bad,
-            spacing_ms,
-            late,
-            late_max_secs,
-            active,
-        } => {
-            let mut lg = canopy::loadgen::LoadgenConfig {
-                seed,
-                tenants,
-                hierarchies,
-                depth,
-                fanout,
-                events,
-                churn,
-                bad,
-                late,
-                late_max_secs,
-                active,
-                ..Default::default()
-            };
-            if let Some(ms) = spacing_ms {
-                lg.span_secs = (events as u64 * ms / 1000) as i64;
-            }
-            if let Some(topic) = topic {
-                let brokers = cfg.kafka.brokers.clone();
-                let n = tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
-                    let mut w = canopy::kafka::produce::TopicWriter::new(&brokers, &topic, rate)?;
-                    canopy::loadgen::generate(&lg, &mut w)?;
-                    Ok(w.finish()?)
-                })
-                .await??;
-                eprintln!("canopy: produced {n} records");
-                return Ok(Finished::Running);
-            }
-            let out = out.expect("clap requires --out without --topic");
-            let mut w = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&out)?);
-            let n = canopy::loadgen::generate(&lg, &mut w)?;
-            std::io::Write::flush(&mut w)?;
-            eprintln!("canopy: wrote {n} records to {}", out.display());
-            Ok(Finished::Running)
-        }
-        Cmd::Audit { .. } => {
-            require_store(&cfg)?;
-            let (mut nodes, mut violations) = (0, 0);
-            for (_, store) in canopy::store::open_configured(&cfg).await? {
-                let rep = canopy::audit::audit(store.as_ref()).await?;
-                for v in &rep.violations {
-                    println!("violation: {v}");
-                }
-                nodes += rep.nodes;
-                violations += rep.violations.len();
-            }
-            println!("audit: {nodes} nodes checked, {violations} violations");
-            if violations > 0 {
-                anyhow::bail!("{violations} invariant violations");
-            }
-            Ok(Finished::Running)
-        }
-        Cmd::Dump { .. } => {
-            require_store(&cfg)?;
-            let stores = canopy::store::open_configured(&cfg).await?;
-            let refs: Vec<&dyn canopy_actors::store::Store> =
-                stores.iter().map(|(_, s)| s.as_ref() as _).collect();
-            let stdout = std::io::stdout();
-            let mut out = std::io::BufWriter::with_capacity(1 << 20, stdout.lock());
-            let retention = cfg.engine().tenant.retention;
-            match canopy::dump::dump(&refs, retention, &mut out).await {
-                // `canopy dump | head`: the reader closing the pipe is not a failure.
-                Err(canopy::dump::DumpError::Io(e))
-                    if e.kind() == std::io::ErrorKind::BrokenPipe => {}
-                r => {
-                    r?;
-                }
-            }
-            Ok(Finished::Running)
-        }
+        Cmd::Produce { input, rate, .. } => cmd::produce::run(&cfg, input, rate).await?,
+        Cmd::Loadgen(args) => cmd::loadgen::run(&cfg, args).await?,
+        Cmd::Migrate => cmd::migrate::run(&cfg).await?,
+        Cmd::Audit { .. } => cmd::audit::run(&cfg).await?,
+        Cmd::Dump { .. } => cmd::dump::run(&cfg).await?,
+        Cmd::Config => print!("{}", cfg.to_toml()),
+        Cmd::Openapi => println!("{}", canopy::api::openapi_json()),
     }
+    Ok(Finished::Running)
 }

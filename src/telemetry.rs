@@ -7,10 +7,27 @@ use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
 
-use crate::config::LogSection;
+/// The `log` section of the configuration.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogOptions {
+    /// A `tracing` filter (`RUST_LOG` wins when set).
+    pub filter: String,
+    /// JSON lines instead of text.
+    pub json: bool,
+}
+
+impl Default for LogOptions {
+    fn default() -> Self {
+        LogOptions {
+            filter: "info".into(),
+            json: false,
+        }
+    }
+}
 
 /// Logs to stderr, filtered by `RUST_LOG` or else `log.filter`; JSON lines when `log.json`.
-pub fn init(log: &LogSection) {
+pub fn init(log: &LogOptions) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&log.filter))
         .unwrap_or_else(|_| EnvFilter::new("info"));

@@ -264,20 +264,11 @@ fn auth_401_404_and_wildcard() {
     );
     // Another tenant's data answers exactly like a tenant that does not exist.
     let missing = "no-such-tenant";
-    let hs = s
-        .get(&format!("/v1/tenants/{}/hierarchies", enc(b)), Some("root"))
-        .json();
-    let h = hs["hierarchies"][0]["hierarchy"]
+    let h = s.first_hierarchy(b, Some("root"));
+    let n = s.first_root(b, &h, Some("root"))["node"]
         .as_str()
         .unwrap()
         .to_string();
-    let roots = s
-        .get(
-            &format!("/v1/tenants/{}/hierarchies/{}/roots", enc(b), enc(&h)),
-            Some("root"),
-        )
-        .json();
-    let n = roots["items"][0]["node"].as_str().unwrap().to_string();
     let paths = |t: &str| {
         vec![
             format!("/v1/tenants/{}/hierarchies", enc(t)),
@@ -322,23 +313,11 @@ fn bad_parameters_get_400s_never_500s() {
     let s = serve_conformance(dir.path());
     let tenants = s.get("/v1/tenants", Some("root")).json();
     let t = tenants["tenants"][0].as_str().unwrap().to_string();
-    let hs = s
-        .get(
-            &format!("/v1/tenants/{}/hierarchies", enc(&t)),
-            Some("root"),
-        )
-        .json();
-    let h = hs["hierarchies"][0]["hierarchy"]
+    let h = s.first_hierarchy(&t, Some("root"));
+    let n = s.first_root(&t, &h, Some("root"))["node"]
         .as_str()
         .unwrap()
         .to_string();
-    let roots = s
-        .get(
-            &format!("/v1/tenants/{}/hierarchies/{}/roots", enc(&t), enc(&h)),
-            Some("root"),
-        )
-        .json();
-    let n = roots["items"][0]["node"].as_str().unwrap().to_string();
     let node = format!(
         "/v1/tenants/{}/hierarchies/{}/nodes/{}",
         enc(&t),
@@ -618,13 +597,7 @@ fn ranked_lists_count_children_when_asked() {
         .as_str()
         .unwrap()
         .to_string();
-    let hs = s
-        .get(&format!("/v1/tenants/{}/hierarchies", enc(&t)), tok)
-        .json();
-    let h = hs["hierarchies"][0]["hierarchy"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let h = s.first_hierarchy(&t, tok);
     let base = format!("/v1/tenants/{}/hierarchies/{}", enc(&t), enc(&h));
     let plain = s.get(&format!("{base}/roots?limit=1000"), tok).json();
     assert!(plain["items"][0].get("children").is_none());

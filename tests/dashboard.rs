@@ -264,10 +264,10 @@ fn dashboard_shows_exact_numbers_the_path_and_a_chart_with_axes_in_chromium() {
 
     // A chart with axes: hourly sums of a metric of a root of t0 (Asia/Seoul), labelled in
     // the tenant's local time. The data is weeks old: no bucket is open.
-    let roots = s
-        .get("/v1/tenants/t0/hierarchies/h0/roots", Some("dash"))
-        .json();
-    let root = roots["items"][0]["node"].as_str().unwrap().to_string();
+    let root = s.first_root("t0", "h0", Some("dash"))["node"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let url = format!(
         "http://{}/?token=dash&tenant=t0&hierarchy=h0&node={}&gran=hour&metric=amount&stat=sum",
         s.addr,
@@ -448,13 +448,10 @@ fn dashboard_overview_and_deep_node_of_a_running_demo_in_chromium() {
     // A deep node: its whole path expanded, itself highlighted, its live chart with the
     // open minute marked partial.
     let t = tenants["tenants"][0].as_str().unwrap().to_string();
-    let roots = s
-        .get(
-            &format!("/v1/tenants/{}/hierarchies/h0/roots", enc(&t)),
-            tok,
-        )
-        .json();
-    let root = roots["items"][0]["node"].as_str().unwrap().to_string();
+    let root = s.first_root(&t, "h0", tok)["node"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let path = deepest(&s, tok, &t, "h0", &root);
     assert!(path.len() >= 5, "the demo's trees are deep: {path:?}");
     let leaf = path.last().unwrap();

@@ -114,20 +114,8 @@ fn demo_serves_numbers_metrics_and_stops_cleanly_on_sigterm() {
         let Some(t) = r.json()["tenants"][0].as_str().map(str::to_string) else {
             continue;
         };
-        let hs = s
-            .get(&format!("/v1/tenants/{}/hierarchies", enc(&t)), tok)
-            .json();
-        let h = hs["hierarchies"][0]["hierarchy"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        let roots = s
-            .get(
-                &format!("/v1/tenants/{}/hierarchies/{}/roots", enc(&t), enc(&h)),
-                tok,
-            )
-            .json();
-        let root = &roots["items"][0];
+        let h = s.first_hierarchy(&t, tok);
+        let root = s.first_root(&t, &h, tok);
         if root["subtree"]["events"].as_u64().unwrap_or(0) > 0 {
             break (t, h, root["node"].as_str().unwrap().to_string());
         }
@@ -215,7 +203,7 @@ fn demo_serves_numbers_metrics_and_stops_cleanly_on_sigterm() {
 /// dead-letter reason's count, and the nodes of every tree.
 fn demo_stream_outcome(events: usize) -> (f64, BTreeSet<String>, u64) {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = canopy::demo::workload(&canopy::config::Config::default());
+    let mut cfg = canopy::cmd::demo::workload(&canopy::config::Config::default());
     cfg.events = events;
     // Event times spread over the stream instead of the wall clock: the same stream, made
     // fast; refusals do not depend on the times.
@@ -263,7 +251,7 @@ fn demo_stream_outcome(events: usize) -> (f64, BTreeSet<String>, u64) {
 /// nodes. (The unbounded workload went from 0.30 % to 1.12 % between these two lengths.)
 #[test]
 fn demo_workload_keeps_a_small_stable_dead_letter_share_and_its_trees() {
-    let cfg = canopy::demo::workload(&canopy::config::Config::default());
+    let cfg = canopy::cmd::demo::workload(&canopy::config::Config::default());
     let planned = cfg.nodes() as u64;
     let (short, _, short_nodes) = demo_stream_outcome(40_000);
     let (long, reasons, long_nodes) = demo_stream_outcome(320_000);

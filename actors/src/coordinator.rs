@@ -18,12 +18,12 @@ use ractor::{
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tracing::{debug, info, warn};
 
-use crate::engine::Stats;
 use crate::node::{
     FullBuckets, Journal, JournalRef, NodeActor, NodeArgs, NodeEvent, NodeMsg, NodeSnapshot,
     NodeState, SnapshotCall, TenantSignal, STOP_REASON,
 };
 use crate::record::{Mode, Record, Refusal};
+use crate::stats::Stats;
 use crate::store::{
     BucketWrite, DedupBatch, Load, NodeHeader, NodeRow, Store, StoreError, TenantChanges,
 };
@@ -34,12 +34,20 @@ pub type TaggedBatch = Arc<Vec<(u64, Record)>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TenantError {
+    /// The tenant's actor tree broke (a node failed past its restart limit, or broke the
+    /// round protocol): the engine rebuilds the tenant from its checkpoint.
     #[error("node actor failed: {0}")]
-    NodeDown(String),
+    NodeFailed(String),
     #[error("loading the tenant from the store: {0}")]
     Store(#[from] StoreError),
-    #[error("stored state of node {0:?} is corrupt: {1}")]
-    Corrupt(String, String),
+    #[error("spawning the tenant coordinator: {0}")]
+    Spawn(String),
+    #[error("tenant coordinator stopped before answering")]
+    CoordinatorStopped,
+    #[error("tenant coordinator unreachable")]
+    CoordinatorUnreachable,
+    #[error("tenant coordinator did not answer")]
+    CoordinatorSilent,
 }
 
 #[derive(Debug, Default)]
@@ -60,13 +68,15 @@ pub enum CoordMsg {
     },
     /// Chaos testing: a random live node actor, if any.
     RandomNode(RpcReplyPort<Option<ActorRef<NodeMsg>>>),
-    /// Test/diagnostic: the state of one node, after settling.
+    /// Tests: the state of one node, after settling.
+    #[cfg(feature = "test-hooks")]
     NodeState {
         hierarchy: String,
         node: String,
         reply: RpcReplyPort<Option<NodeState>>,
     },
     /// Tests: one node's actor.
+    #[cfg(feature = "test-hooks")]
     NodeRef {
         hierarchy: String,
         node: String,
@@ -91,8 +101,9 @@ pub struct CoordArgs {
 
 pub struct Coordinator;
 
-pub struct Coord {
-    t: Tenant,
+/// The coordinator actor's state: the tenant's bookkeeping and its node actors.
+pub struct CoordinatorState {
+    tenant: Tenant,
     actors: Vec<Option<ActorRef<NodeMsg>>>,
     pending: Vec<Vec<NodeEvent>>,
     touched: Vec<NodeIx>,
@@ -122,7 +133,7 @@ pub struct Coord {
     last_snap: u64,
     /// The nodes of the last snapshot: their journals are settled at the next one.
     snapshotted: Vec<NodeIx>,
-    /// Nodes spawned but not yet known to have started (see [`Coord::spawn_node`]).
+    /// Nodes spawned but not yet known to have started (see [`CoordinatorState::spawn_node`]).
     starting: Vec<NodeStart>,
     /// Nodes hydrated in this interval (they hold their complete buckets until the snapshot).
     hydrated: HashSet<NodeIx>,
@@ -228,12 +239,12 @@ impl Actor for NodeSupervisor {
     }
 }
 
-impl Coord {
+impl CoordinatorState {
     /// Restarts every node reported down since the last look. Called only where the tree is
     /// quiescent (no round, move or snapshot in flight), which is what a node restart needs.
     async fn check(&mut self) -> Result<(), TenantError> {
         if let Some(r) = &self.broken {
-            return Err(TenantError::NodeDown(r.clone()));
+            return Err(TenantError::NodeFailed(r.clone()));
         }
         while let Ok(sig) = self.signals.try_recv() {
             self.on_signal(sig).await?;
@@ -258,7 +269,7 @@ impl Coord {
             // Not a live node (one already replaced or deleted): nothing to bring back.
             return Ok(());
         };
-        let s = self.t.settings;
+        let s = self.tenant.settings;
         let window = Duration::from_millis(s.node_restart_window_ms);
         let recent = self.restarts.entry(ix).or_default();
         recent.retain(|t| t.elapsed() < window);
@@ -266,7 +277,7 @@ impl Coord {
             let n = recent.len();
             return Err(self.fail(format!(
                 "node {} restarted {n} times within {} ms, escalating to a tenant rebuild; last failure: {reason}",
-                self.t.slot(ix).name,
+                self.tenant.slot(ix).name,
                 s.node_restart_window_ms
             )));
         }
@@ -274,7 +285,7 @@ impl Coord {
         let (hierarchy, name) = self.names(ix);
         let stored = match self
             .store
-            .load_node(&self.t.id, &hierarchy, &name, Load::Headers)
+            .load_node(&self.tenant.id, &hierarchy, &name, Load::Headers)
             .await
         {
             Ok(r) => r,
@@ -310,12 +321,12 @@ impl Coord {
         // Its children learn the new actor from their next round. A `Grow` still in the dead actor's mailbox was lost with it; no child delta can have
         // arrived since (it would have come in a round, after the `Grow`), so sending it again
         // is exact, and a no-op if it had been applied.
-        if !self.t.slot(ix).children.is_empty() && me.send_message(NodeMsg::Grow).is_err() {
+        if !self.tenant.slot(ix).children.is_empty() && me.send_message(NodeMsg::Grow).is_err() {
             return Err(self.fail(format!("node {ix} is gone")));
         }
         self.stats.node_restarts.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("canopy_actor_restarts_total", "kind" => "node").increment(1);
-        info!(tenant = %self.t.id, hierarchy = %hierarchy, node = %name, as_of = stored.as_of, reason = %reason, "node actor restarted from its checkpoint and journal");
+        info!(tenant = %self.tenant.id, hierarchy = %hierarchy, node = %name, as_of = stored.as_of, reason = %reason, "node actor restarted from its checkpoint and journal");
         Ok(())
     }
 
@@ -335,16 +346,18 @@ impl Coord {
 
     /// Node `ix`'s hierarchy and name (what the store keys it by).
     fn names(&self, ix: NodeIx) -> (String, String) {
-        let slot = self.t.slot(ix);
+        let slot = self.tenant.slot(ix);
         (
-            self.t.hierarchies[slot.hierarchy as usize].name.clone(),
+            self.tenant.hierarchies[slot.hierarchy as usize]
+                .name
+                .clone(),
             slot.name.clone(),
         )
     }
 
     fn fail(&mut self, why: String) -> TenantError {
         self.broken = Some(why.clone());
-        TenantError::NodeDown(why)
+        TenantError::NodeFailed(why)
     }
 
     fn actor(&self, ix: NodeIx) -> &ActorRef<NodeMsg> {
@@ -354,7 +367,7 @@ impl Coord {
     }
 
     fn grow(&mut self) {
-        let n = self.t.slots.len();
+        let n = self.tenant.slots.len();
         if self.actors.len() < n {
             self.actors.resize(n, None);
             self.journals.resize(n, None);
@@ -392,7 +405,7 @@ impl Coord {
     /// tree is quiescent and every earlier checkpoint is durable, so such a node holds nothing
     /// its stored row lacks.
     async fn passivate(&mut self, seq: u64) -> Result<(), TenantError> {
-        let s = self.t.settings;
+        let s = self.tenant.settings;
         let idle = s.passivate_idle_checkpoints.max(1);
         let mut candidates: Vec<(u64, NodeIx)> = Vec::new();
         for (ix, a) in self.actors.iter().enumerate() {
@@ -445,7 +458,7 @@ impl Coord {
     }
 
     /// Spawns node `ix` without waiting for it to start: its mailbox takes messages at once, and
-    /// [`Coord::started`] waits for the start later, before anything waits on the node's answer
+    /// [`CoordinatorState::started`] waits for the start later, before anything waits on the node's answer
     /// to a round. Awaiting each spawn costs a task handoff and a wake-up per node: for 97,655
     /// actors alone, 1.6 s against 0.22 s this way (`cargo bench --bench actor_floor`).
     fn spawn_node(
@@ -458,11 +471,11 @@ impl Coord {
         self.grow();
         let args = NodeArgs {
             ix,
-            mode: self.t.mode_of(ix),
+            mode: self.tenant.mode_of(ix),
             state,
             signals: self.signals_tx.clone(),
             journal: journal.clone(),
-            stats: self.stats.clone(),
+            durable_seq: self.stats.durable_seq.clone(),
             replay_onto,
         };
         let (actor, start) = ractor::ActorRuntime::spawn_linked_instant(
@@ -516,8 +529,8 @@ impl Coord {
             | Record::DeleteNode {
                 hierarchy, node, ..
             } => {
-                self.t.hierarchy_mode(hierarchy) == Some(Mode::Attributed)
-                    && self.t.node_ix(hierarchy, node).is_some()
+                self.tenant.hierarchy_mode(hierarchy) == Some(Mode::Attributed)
+                    && self.tenant.node_ix(hierarchy, node).is_some()
             }
             _ => false,
         }
@@ -558,7 +571,7 @@ impl Coord {
             self.expect[n as usize] = 0;
             involved.push(n);
             let mut c = n;
-            while let Some(p) = self.t.slot(c).parent {
+            while let Some(p) = self.tenant.slot(c).parent {
                 if self.mark[p as usize] == g {
                     self.expect[p as usize] += 1;
                     break;
@@ -584,7 +597,7 @@ impl Coord {
         }
         self.started().await?;
         for &n in &involved {
-            let parent = match self.t.slot(n).parent {
+            let parent = match self.tenant.slot(n).parent {
                 Some(p) => Some(self.actor(p).clone()),
                 None => {
                     roots += 1;
@@ -646,8 +659,8 @@ impl Coord {
     /// Tells a node's parent that it has a child (it then keeps its own buckets apart). A
     /// parked parent is not activated for it: its next row carries the change.
     fn grow_parent(&mut self, node: NodeIx) -> Result<(), TenantError> {
-        if let Some(p) = self.t.slot(node).parent {
-            let mode = self.t.mode_of(p);
+        if let Some(p) = self.tenant.slot(node).parent {
+            let mode = self.tenant.mode_of(p);
             match &mut self.parked[p as usize] {
                 Some(parked) => {
                     let kept_apart = parked.header.as_ref().is_some_and(|h| h.own_buckets);
@@ -684,17 +697,17 @@ impl Coord {
         }
         let mut old_chain: Vec<NodeIx> = from.into_iter().collect();
         if let Some(f) = from {
-            old_chain.extend(self.t.ancestors(f));
+            old_chain.extend(self.tenant.ancestors(f));
         }
         for &a in &old_chain {
             self.hydrate(a).await?;
-            for c in self.t.slot(a).children.clone() {
+            for c in self.tenant.slot(a).children.clone() {
                 self.hydrate(c).await?;
             }
         }
         for a in old_chain {
             let children: Vec<_> = self
-                .t
+                .tenant
                 .slot(a)
                 .children
                 .iter()
@@ -711,7 +724,7 @@ impl Coord {
         }
         let mut new_chain: Vec<NodeIx> = to.into_iter().collect();
         if let Some(t) = to {
-            new_chain.extend(self.t.ancestors(t));
+            new_chain.extend(self.tenant.ancestors(t));
         }
         for a in new_chain {
             let d = gone.clone();
@@ -738,7 +751,7 @@ impl Coord {
         let (hierarchy, name) = self.names(ix);
         let r = match self
             .store
-            .load_node(&self.t.id, &hierarchy, &name, Load::Buckets)
+            .load_node(&self.tenant.id, &hierarchy, &name, Load::Buckets)
             .await
         {
             Ok(r) => r,
@@ -788,7 +801,7 @@ impl Coord {
                 // numbers belong to: settle every event accepted under the old topology first.
                 self.round().await?;
             }
-            let effect = match self.t.apply(rec) {
+            let effect = match self.tenant.apply(rec) {
                 Ok(e) => e,
                 Err(r) => {
                     out.refused.push((*tag, r));
@@ -833,9 +846,9 @@ impl Coord {
                     self.dirty.insert(node);
                 }
                 Effect::Move { node, from } => {
-                    let to = self.t.slot(node).parent;
+                    let to = self.tenant.slot(node).parent;
                     self.grow_parent(node)?;
-                    if self.t.mode_of(node) == Mode::Current {
+                    if self.tenant.mode_of(node) == Mode::Current {
                         self.move_numbers(node, from, to).await?;
                     }
                     // Its next round names its new parent, and its next row (written by its
@@ -843,12 +856,14 @@ impl Coord {
                     self.dirty.insert(node);
                 }
                 Effect::Delete { node, parent } => {
-                    if self.t.mode_of(node) == Mode::Current {
+                    if self.tenant.mode_of(node) == Mode::Current {
                         self.move_numbers(node, parent, None).await?;
                     }
-                    let slot = self.t.slot(node);
+                    let slot = self.tenant.slot(node);
                     self.deleted.push((
-                        self.t.hierarchies[slot.hierarchy as usize].name.clone(),
+                        self.tenant.hierarchies[slot.hierarchy as usize]
+                            .name
+                            .clone(),
                         slot.name.clone(),
                     ));
                     // Events of the node still pending here are part of its numbers, which
@@ -864,14 +879,14 @@ impl Coord {
                     self.restarts.remove(&node);
                     self.dirty.remove(&node);
                     self.hydrated.remove(&node);
-                    self.t.release(node);
+                    self.tenant.release(node);
                 }
             }
         }
         // Every node this batch created has started by the time the batch is answered.
         self.started().await?;
         // Coalescing: a round flushes many events at once; bounded by count and by age.
-        let s = &self.t.settings;
+        let s = &self.tenant.settings;
         let old = self
             .oldest_pending
             .is_some_and(|t| t.elapsed().as_millis() as u64 >= s.round_interval_ms);
@@ -885,10 +900,10 @@ impl Coord {
         self.check().await?;
         let t0 = Instant::now();
         let retain_from = self
-            .t
+            .tenant
             .settings
             .retention
-            .prune_cutoffs(self.t.watermark.unwrap_or(0));
+            .prune_cutoffs(self.tenant.watermark.unwrap_or(0));
         // The round's nodes answer the checkpoint as they flush; only dirty nodes without
         // events in it (moved, grown, created, hydrated) are asked separately below.
         let in_round = self.run_round(Some(seq)).await?;
@@ -947,11 +962,13 @@ impl Coord {
         }
         let mut put_nodes = Vec::with_capacity(snaps.len());
         for (n, snap) in snaps {
-            let slot = self.t.slot(n);
+            let slot = self.tenant.slot(n);
             put_nodes.push(NodeRow {
-                hierarchy: self.t.hierarchies[slot.hierarchy as usize].name.clone(),
+                hierarchy: self.tenant.hierarchies[slot.hierarchy as usize]
+                    .name
+                    .clone(),
                 node: slot.name.clone(),
-                parent: slot.parent.map(|p| self.t.slot(p).name.clone()),
+                parent: slot.parent.map(|p| self.tenant.slot(p).name.clone()),
                 header: snap.header,
                 buckets: snap.buckets,
                 write: snap.write,
@@ -964,18 +981,18 @@ impl Coord {
             nodes = put_nodes.len(),
             "tenant snapshot"
         );
-        let dedup = if self.t.new_ids.is_empty() {
+        let dedup = if self.tenant.new_ids.is_empty() {
             None
         } else {
             let b = DedupBatch {
                 seq,
-                ids: std::mem::take(&mut self.t.new_ids),
+                ids: std::mem::take(&mut self.tenant.new_ids),
             };
             self.stored_dedup.push_back((seq, b.max_ts()));
             Some(b)
         };
         let mut expire_dedup = Vec::new();
-        let t = &self.t;
+        let t = &self.tenant;
         self.stored_dedup.retain(|(s, max)| {
             let keep = !t.dedup_batch_expired(*max);
             if !keep {
@@ -983,9 +1000,9 @@ impl Coord {
             }
             keep
         });
-        self.t.sweep_dedup();
-        let row = self.t.row_dirty.then(|| self.t.row());
-        self.t.row_dirty = false;
+        self.tenant.sweep_dedup();
+        let row = self.tenant.row_dirty.then(|| self.tenant.row());
+        self.tenant.row_dirty = false;
         self.snapshotted = self.dirty.drain().collect();
         for &n in &self.snapshotted {
             self.last_dirty[n as usize] = seq;
@@ -995,7 +1012,7 @@ impl Coord {
         self.passivate(seq).await?;
         self.handled_down.clear();
         Ok(TenantChanges {
-            tenant: self.t.id.clone(),
+            tenant: self.tenant.id.clone(),
             row,
             put_nodes,
             delete_nodes: std::mem::take(&mut self.deleted),
@@ -1006,7 +1023,7 @@ impl Coord {
     }
 
     async fn restore(&mut self, store: &dyn Store) -> Result<(), TenantError> {
-        let image = store.load_tenant(&self.t.id, Load::Headers).await?;
+        let image = store.load_tenant(&self.tenant.id, Load::Headers).await?;
         let Some(row) = image.row else { return Ok(()) };
         let topo: Vec<(String, String, Option<String>)> = image
             .nodes
@@ -1018,7 +1035,13 @@ impl Coord {
             .iter()
             .flat_map(|b| b.ids.iter().cloned())
             .collect::<Vec<_>>();
-        self.t = Tenant::restore(self.t.id.clone(), self.t.settings, row, &topo, ids);
+        self.tenant = Tenant::restore(
+            self.tenant.id.clone(),
+            self.tenant.settings,
+            row,
+            &topo,
+            ids,
+        );
         self.stored_dedup = image.dedup.iter().map(|b| (b.seq, b.max_ts())).collect();
         // No actor is spawned: every node starts passivated, with its stored totals, and is
         // activated when something is addressed to it. Resume time follows the active set.
@@ -1026,12 +1049,12 @@ impl Coord {
         let restored = image.nodes.len();
         for row in image.nodes {
             let ix = self
-                .t
+                .tenant
                 .node_ix(&row.hierarchy, &row.node)
                 .expect("restored node");
             self.parked[ix as usize] = Some(Parked::stored(row.header));
         }
-        debug!(tenant = %self.t.id, nodes = restored, "tenant restored from checkpoint (nodes parked)");
+        debug!(tenant = %self.tenant.id, nodes = restored, "tenant restored from checkpoint (nodes parked)");
         Ok(())
     }
 }
@@ -1039,19 +1062,19 @@ impl Coord {
 #[ractor::async_trait]
 impl Actor for Coordinator {
     type Msg = CoordMsg;
-    type State = Coord;
+    type State = CoordinatorState;
     type Arguments = CoordArgs;
 
     async fn pre_start(
         &self,
         me: ActorRef<CoordMsg>,
         a: CoordArgs,
-    ) -> Result<Coord, ActorProcessingErr> {
+    ) -> Result<CoordinatorState, ActorProcessingErr> {
         let (tx, rx) = unbounded_channel();
         let (supervisor, _) =
             Actor::spawn_linked(None, NodeSupervisor, tx.clone(), me.get_cell()).await?;
-        let mut c = Coord {
-            t: Tenant::new(a.tenant, a.settings),
+        let mut c = CoordinatorState {
+            tenant: Tenant::new(a.tenant, a.settings),
             actors: Vec::new(),
             pending: Vec::new(),
             touched: Vec::new(),
@@ -1087,7 +1110,7 @@ impl Actor for Coordinator {
     async fn post_stop(
         &self,
         _: ActorRef<CoordMsg>,
-        c: &mut Coord,
+        c: &mut CoordinatorState,
     ) -> Result<(), ActorProcessingErr> {
         let mut n = 0;
         for a in c.actors.iter().flatten() {
@@ -1103,7 +1126,7 @@ impl Actor for Coordinator {
         &self,
         _: ActorRef<CoordMsg>,
         msg: CoordMsg,
-        c: &mut Coord,
+        c: &mut CoordinatorState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             CoordMsg::Process { batch, reply } => {
@@ -1123,6 +1146,7 @@ impl Actor for Coordinator {
                 };
                 let _ = reply.send(pick);
             }
+            #[cfg(feature = "test-hooks")]
             CoordMsg::NodeState {
                 hierarchy,
                 node,
@@ -1132,7 +1156,7 @@ impl Actor for Coordinator {
                 if let Err(e) = c.round().await {
                     warn!(error = %e, "round failed while reading a node state");
                 }
-                let st = match c.t.node_ix(&hierarchy, &node) {
+                let st = match c.tenant.node_ix(&hierarchy, &node) {
                     Some(ix) if c.activate(ix).is_err() => None,
                     Some(ix) => match c.stored_buckets(ix).await {
                         Ok((stored, as_of)) => {
@@ -1153,12 +1177,13 @@ impl Actor for Coordinator {
                 };
                 let _ = reply.send(st);
             }
+            #[cfg(feature = "test-hooks")]
             CoordMsg::NodeRef {
                 hierarchy,
                 node,
                 reply,
             } => {
-                let r = match c.t.node_ix(&hierarchy, &node) {
+                let r = match c.tenant.node_ix(&hierarchy, &node) {
                     Some(ix) => c.activate(ix).ok().map(|()| c.actor(ix).clone()),
                     None => None,
                 };
@@ -1176,7 +1201,7 @@ impl Actor for Coordinator {
         &self,
         _: ActorRef<CoordMsg>,
         evt: SupervisionEvent,
-        c: &mut Coord,
+        c: &mut CoordinatorState,
     ) -> Result<(), ActorProcessingErr> {
         if let SupervisionEvent::ActorFailed(_, e) = evt {
             c.broken = Some(format!("node supervisor failed: {e}"));
@@ -1206,5 +1231,5 @@ pub async fn spawn_tenant(
         None => Actor::spawn(None, Coordinator, args).await,
     };
     r.map(|(a, _)| a)
-        .map_err(|e| TenantError::NodeDown(format!("spawning the tenant coordinator: {e}")))
+        .map_err(|e| TenantError::Spawn(e.to_string()))
 }

@@ -9,6 +9,7 @@
 //! - [`node`]: the node actor that owns one node's numbers and coalesces its children's deltas.
 //! - [`coordinator`]: the tenant actor that drives rounds, moves, deletes and snapshots.
 //! - [`engine`]: batches from a source to the tenants, dead letters, checkpoints, recovery.
+//! - [`stats`]: the engine's counters, shared with coordinators and read by the adapters.
 //! - [`packed`]: the compact encoding of a node's bucket set, as checkpoints write it.
 //! - [`store`] and [`source`]: the ports the adapters of the `canopy` crate implement.
 //!
@@ -21,6 +22,7 @@ pub mod node;
 pub mod packed;
 pub mod record;
 pub mod source;
+pub mod stats;
 pub mod store;
 pub mod tenant;
 pub mod time;

@@ -10,7 +10,7 @@
 //! buckets, and until its next snapshot such a node holds its complete buckets and writes the
 //! changed ones as absolute values.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -18,7 +18,6 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::agg::{combine_extremes, Agg, Buckets, Delta, Granularity, MetricName, Scope};
-use crate::engine::Stats;
 use crate::record::Mode;
 use crate::store::{BucketKind, BucketRow, BucketWrite, NodeHeader};
 use crate::tenant::NodeIx;
@@ -417,8 +416,9 @@ pub enum NodeMsg {
         seq: u64,
         reply: RpcReplyPort<NodeSnapshot>,
     },
-    /// The node's complete numbers (tests and diagnostics), given its stored buckets as of
+    /// The node's complete numbers (tests), given its stored buckets as of
     /// checkpoint `as_of`; the node stays as it is.
+    #[cfg(feature = "test-hooks")]
     View {
         stored: FullBuckets,
         as_of: u64,
@@ -471,8 +471,9 @@ pub struct NodeArgs {
     pub state: NodeState,
     pub signals: UnboundedSender<TenantSignal>,
     pub journal: JournalRef,
-    /// The engine's counters; `durable_seq` says which journal entries may go.
-    pub stats: Arc<Stats>,
+    /// The newest checkpoint known durable (the engine's `Stats::durable_seq`): journal entries
+    /// it covers may go.
+    pub durable_seq: Arc<AtomicU64>,
     /// A restart: `state` is the header of this checkpoint (or empty, see
     /// [`Journal::base_is_stored`]), and the journal's entries since that checkpoint's snapshot
     /// are replayed onto it.
@@ -502,12 +503,12 @@ pub struct Node {
     /// Hydrated: the bucket keys changed since the hydration, written as absolute values.
     dirty: DirtyBuckets,
     journal: JournalRef,
-    stats: Arc<Stats>,
+    durable_seq: Arc<AtomicU64>,
 }
 
 impl Node {
     fn journal(&self, e: Entry) {
-        let durable = self.stats.durable_seq.load(Ordering::Acquire);
+        let durable = self.durable_seq.load(Ordering::Acquire);
         self.journal.lock().expect("journal lock").push(e, durable);
     }
 
@@ -516,7 +517,7 @@ impl Node {
     /// rounds, and what it read must be combined with `sent` exactly as it was when read.
     fn forget_landed(&mut self) {
         if let Some((seq, _)) = &self.sent {
-            if self.stats.durable_seq.load(Ordering::Acquire) >= *seq {
+            if self.durable_seq.load(Ordering::Acquire) >= *seq {
                 self.sent = None;
             }
         }
@@ -682,6 +683,7 @@ impl Node {
     }
 
     /// The complete numbers, without changing the node.
+    #[cfg(feature = "test-hooks")]
     fn view(&self, stored: FullBuckets, as_of: u64) -> NodeState {
         if self.hydrated {
             return self.state.clone();
@@ -815,7 +817,7 @@ impl Actor for NodeActor {
             snap: None,
             dirty: DirtyBuckets::default(),
             journal: a.journal,
-            stats: a.stats,
+            durable_seq: a.durable_seq,
         };
         if let Some(as_of) = a.replay_onto {
             let journal = n.journal.clone();
@@ -865,6 +867,7 @@ impl Actor for NodeActor {
             NodeMsg::Snapshot { seq, reply } => {
                 let _ = reply.send(s.snapshot(seq));
             }
+            #[cfg(feature = "test-hooks")]
             NodeMsg::View {
                 stored,
                 as_of,

@@ -8,6 +8,23 @@ use crate::record::{Record, Refusal};
 pub enum SourceError {
     #[error("source I/O: {0}")]
     Io(String),
+    /// A file of the source or of the dead-letter output failed to open, read, write or sync.
+    #[error("source I/O: {}: {source}", path.display())]
+    File {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// `next_batch`, `write` or `sync` came before `resume`: a bug in the caller.
+    #[error("source I/O: {0} not resumed")]
+    NotResumed(&'static str),
+    /// The thread that reads or generates the records could not start.
+    #[error("source I/O: starting {what}: {source}")]
+    Thread {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("source position is invalid: {0}")]
     BadPosition(String),
     #[error("source unavailable: {0}")]
@@ -16,6 +33,20 @@ pub enum SourceError {
     /// (a usage mistake, refused before anything is read or written).
     #[error("{0}")]
     WrongInput(String),
+}
+
+impl SourceError {
+    /// Whether trying again (reopening the source) may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SourceError::Io(_)
+            | SourceError::File { .. }
+            | SourceError::NotResumed(_)
+            | SourceError::Thread { .. }
+            | SourceError::Unavailable(_) => true,
+            SourceError::BadPosition(_) | SourceError::WrongInput(_) => false,
+        }
+    }
 }
 
 /// One input record: where it came from, its original bytes (for dead letters), and its decoding.

@@ -10,6 +10,7 @@ use crate::time::Micros;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The store did not answer or refused for now (a node down, a timeout).
     #[error("store unavailable: {0}")]
     Unavailable(String),
     #[error("stored data is corrupt: {0}")]
@@ -19,12 +20,35 @@ pub enum StoreError {
     /// The caller asked for something this backend does not do (a bug, not a fault to retry).
     #[error("not supported by this store: {0}")]
     Unsupported(String),
+    /// The store's settings cannot work (a TLS file, a consistency name, a URI): retrying
+    /// the same settings cannot help.
+    #[error("store settings: {0}")]
+    Settings(String),
+    /// The store holds no canopy schema yet.
+    #[error("keyspace {keyspace} has no canopy tables: run `canopy migrate` first")]
+    NotMigrated { keyspace: String },
+    /// The dead letters a checkpoint covers could not be made durable before it.
+    #[error("dead letters: {0}")]
+    DeadLetters(#[source] crate::source::SourceError),
+    /// The background task committing a checkpoint ended without an answer (it panicked or
+    /// was cancelled).
+    #[error("checkpoint commit task: {0}")]
+    CommitTask(String),
 }
 
 impl StoreError {
     /// Whether retrying the same operation may succeed.
     pub fn is_transient(&self) -> bool {
-        matches!(self, StoreError::Unavailable(_) | StoreError::Io(_))
+        match self {
+            StoreError::Unavailable(_)
+            | StoreError::Io(_)
+            | StoreError::DeadLetters(_)
+            | StoreError::CommitTask(_) => true,
+            StoreError::Corrupt(_)
+            | StoreError::Unsupported(_)
+            | StoreError::Settings(_)
+            | StoreError::NotMigrated { .. } => false,
+        }
     }
 }
 

@@ -17,10 +17,14 @@ use crate::time::{zone, BucketCache, Micros, Retention};
 pub type NodeIx = u32;
 
 /// Settings that shape a tenant's behaviour.
+/// Serialized as the configuration's `tenant` section: a key left out keeps its default.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct TenantSettings {
     /// Event ids are remembered at least this long behind the watermark (docs/SPEC.md section 3: default 1 h).
     pub dedup_horizon_secs: i64,
+    /// Its keys sit in the `tenant` section itself (`retention_minute_secs`...).
+    #[serde(flatten)]
     pub retention: Retention,
     /// A round (the coalescing flush up the tree) runs once this many events are pending...
     pub round_max_events: usize,

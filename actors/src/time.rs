@@ -286,10 +286,15 @@ impl BucketCache {
 }
 
 /// Retention windows per granularity in microseconds (docs/SPEC.md section 6 defaults: 48 h, 35 days, 400 days).
+/// Serialized with the names of the configuration's `tenant` section, where it is flattened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct Retention {
+    #[serde(rename = "retention_minute_secs")]
     pub minute_secs: i64,
+    #[serde(rename = "retention_hour_secs")]
     pub hour_secs: i64,
+    #[serde(rename = "retention_day_secs")]
     pub day_secs: i64,
 }
 

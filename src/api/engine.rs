@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::State;
 use axum::Json;
-use canopy_actors::engine::Stats;
+use canopy_actors::stats::Stats;
 use serde::Serialize;
 use std::sync::atomic::Ordering;
 use utoipa::ToSchema;

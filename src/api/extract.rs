@@ -6,27 +6,27 @@ use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
 
-pub struct Q<T>(pub T);
+pub struct QueryParams<T>(pub T);
 
-impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for Q<T> {
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for QueryParams<T> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         match Query::<T>::from_request_parts(parts, state).await {
-            Ok(Query(v)) => Ok(Q(v)),
+            Ok(Query(v)) => Ok(QueryParams(v)),
             Err(e) => Err(ApiError::bad_request("bad_query", e.body_text())),
         }
     }
 }
 
-pub struct P<T>(pub T);
+pub struct PathParams<T>(pub T);
 
-impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for P<T> {
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for PathParams<T> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         match Path::<T>::from_request_parts(parts, state).await {
-            Ok(Path(v)) => Ok(P(v)),
+            Ok(Path(v)) => Ok(PathParams(v)),
             Err(e) => Err(ApiError::bad_request("bad_path", e.body_text())),
         }
     }

@@ -52,6 +52,52 @@ pub struct ApiState {
 )]
 pub struct ApiDoc;
 
+/// The `api` section of the configuration.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiOptions {
+    pub listen: String,
+    /// `TOKEN=TENANT,TOKEN=*`. `canopy demo` uses `demo=*` when this is empty.
+    pub tokens: String,
+    /// Connections served at once. Past it, `reserve_connections` more are accepted for
+    /// `/healthz`, `/readyz` and `/metrics` only (others answer 503; their head must arrive
+    /// within 1 s), and the rest are refused at once: held connections cannot starve the
+    /// health checks.
+    pub max_connections: usize,
+    pub reserve_connections: usize,
+    /// A request's head (request line and headers) must arrive within this, counted from its
+    /// first byte (from the connection's start for a new connection); else 408 and close.
+    pub header_read_timeout_ms: u64,
+    /// A keep-alive connection with no request in progress is closed after this.
+    pub idle_timeout_ms: u64,
+    /// The longest request target (path and query) answered; longer: 414.
+    pub max_uri_bytes: usize,
+    /// The most bytes of request headers, and the most headers; more: 431.
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    /// The largest declared request body (`Content-Length`); larger: 413. The API reads no
+    /// bodies.
+    pub max_body_bytes: u64,
+}
+
+impl Default for ApiOptions {
+    fn default() -> Self {
+        ApiOptions {
+            listen: "127.0.0.1:8080".into(),
+            tokens: String::new(),
+            // Below the usual 1024 open files per process, with room for the stores' files.
+            max_connections: 512,
+            reserve_connections: 16,
+            header_read_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
+            max_uri_bytes: 8 * 1024,
+            max_header_bytes: 16 * 1024,
+            max_headers: 100,
+            max_body_bytes: 64 * 1024,
+        }
+    }
+}
+
 struct BearerAuth;
 
 impl utoipa::Modify for BearerAuth {

@@ -35,7 +35,7 @@ use tokio::time::Instant;
 use tower::ServiceExt as _;
 
 use super::error::ApiError;
-use crate::config::ApiSection;
+use super::ApiOptions;
 
 /// The longest request target hyper accepts (the `http` crate's limit); `api.max_uri_bytes`
 /// may not exceed it, or hyper's own bodyless 414 would answer first.
@@ -69,8 +69,8 @@ pub struct Limits {
     pub max_body_bytes: u64,
 }
 
-impl From<&ApiSection> for Limits {
-    fn from(a: &ApiSection) -> Self {
+impl From<&ApiOptions> for Limits {
+    fn from(a: &ApiOptions) -> Self {
         Limits {
             max_connections: a.max_connections.max(1),
             reserve_connections: a.reserve_connections,
@@ -649,7 +649,7 @@ mod tests {
     use super::*;
 
     fn limits() -> Limits {
-        Limits::from(&ApiSection::default())
+        Limits::from(&ApiOptions::default())
     }
 
     fn code(buf: &[u8]) -> &'static str {

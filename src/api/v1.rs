@@ -14,7 +14,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::auth::Access;
 use super::error::ApiError;
-use super::extract::{P, Q};
+use super::extract::{PathParams, QueryParams};
 use super::ApiState;
 
 /// Most children or roots one answer lists.
@@ -118,7 +118,7 @@ pub struct HierarchiesAnswer {
 pub async fn hierarchies(
     State(st): St,
     access: Access,
-    P(tenant): P<String>,
+    PathParams(tenant): PathParams<String>,
 ) -> Answer<HierarchiesAnswer> {
     let what = format!("tenant {tenant}");
     access.check(&tenant, &what)?;
@@ -159,7 +159,7 @@ pub struct NodeAnswer {
 pub async fn node(
     State(st): St,
     access: Access,
-    P((tenant, hierarchy, node)): P<(String, String, String)>,
+    PathParams((tenant, hierarchy, node)): PathParams<(String, String, String)>,
 ) -> Answer<NodeAnswer> {
     let what = format!("node {tenant}/{hierarchy}/{node}");
     access.check(&tenant, &what)?;
@@ -349,8 +349,8 @@ async fn items(
 pub async fn roots(
     State(st): St,
     access: Access,
-    P((tenant, hierarchy)): P<(String, String)>,
-    Q(q): Q<RankQuery>,
+    PathParams((tenant, hierarchy)): PathParams<(String, String)>,
+    QueryParams(q): QueryParams<RankQuery>,
 ) -> Answer<ItemsAnswer> {
     let what = format!("hierarchy {tenant}/{hierarchy}");
     access.check(&tenant, &what)?;
@@ -371,8 +371,8 @@ pub async fn roots(
 pub async fn children(
     State(st): St,
     access: Access,
-    P((tenant, hierarchy, node)): P<(String, String, String)>,
-    Q(q): Q<RankQuery>,
+    PathParams((tenant, hierarchy, node)): PathParams<(String, String, String)>,
+    QueryParams(q): QueryParams<RankQuery>,
 ) -> Answer<ItemsAnswer> {
     let what = format!("node {tenant}/{hierarchy}/{node}");
     access.check(&tenant, &what)?;
@@ -464,8 +464,8 @@ fn newest<T>(mut rows: Vec<T>, cap: usize) -> (Vec<T>, bool) {
 pub async fn series(
     State(st): St,
     access: Access,
-    P((tenant, hierarchy, node)): P<(String, String, String)>,
-    Q(q): Q<SeriesQuery>,
+    PathParams((tenant, hierarchy, node)): PathParams<(String, String, String)>,
+    QueryParams(q): QueryParams<SeriesQuery>,
 ) -> Answer<SeriesAnswer> {
     let what = format!("node {tenant}/{hierarchy}/{node}");
     access.check(&tenant, &what)?;
@@ -516,7 +516,7 @@ pub struct EntityAnswer {
 pub async fn entity(
     State(st): St,
     access: Access,
-    P((tenant, entity)): P<(String, String)>,
+    PathParams((tenant, entity)): PathParams<(String, String)>,
 ) -> Answer<EntityAnswer> {
     let what = format!("entity {tenant}/{entity}");
     access.check(&tenant, &what)?;

@@ -141,7 +141,7 @@ pub fn tls_config(t: &TlsOptions) -> Result<Arc<rustls::ClientConfig>, StoreErro
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let tls_err = |what: &str, path: &Path, e: &dyn std::fmt::Display| {
-        StoreError::Unavailable(format!("scylla TLS: {what} {}: {e}", path.display()))
+        StoreError::Settings(format!("scylla TLS: {what} {}: {e}", path.display()))
     };
     let certs = |path: &Path| -> Result<Vec<CertificateDer<'static>>, StoreError> {
         let certs = CertificateDer::pem_file_iter(path)
@@ -170,7 +170,7 @@ pub fn tls_config(t: &TlsOptions) -> Result<Arc<rustls::ClientConfig>, StoreErro
                 .map_err(|e| tls_err("the client certificate", cert, &e))?
         }
         _ => {
-            return Err(StoreError::Unavailable(
+            return Err(StoreError::Settings(
                 "scylla TLS: a client certificate needs both scylla_tls_cert_file and scylla_tls_key_file"
                     .into(),
             ))
@@ -244,7 +244,7 @@ fn consistency(s: &str) -> Result<Consistency, StoreError> {
         "each_quorum" => Consistency::EachQuorum,
         "local_one" => Consistency::LocalOne,
         other => {
-            return Err(StoreError::Unavailable(format!(
+            return Err(StoreError::Settings(format!(
                 "unknown consistency {other:?}"
             )))
         }
@@ -255,6 +255,10 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
+fn settings(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Settings(e.to_string())
+}
+
 fn corrupt(e: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(e.to_string())
 }
@@ -263,15 +267,13 @@ fn corrupt(e: impl std::fmt::Display) -> StoreError {
 pub fn parse_uri(uri: &str) -> Result<(Vec<String>, String), StoreError> {
     let rest = uri
         .strip_prefix("scylla://")
-        .ok_or_else(|| unavailable(format!("{uri:?} is not scylla://HOST:PORT/KEYSPACE")))?;
+        .ok_or_else(|| settings(format!("{uri:?} is not scylla://HOST:PORT/KEYSPACE")))?;
     let (hosts, ks) = rest
         .split_once('/')
-        .ok_or_else(|| unavailable(format!("{uri:?} names no keyspace")))?;
+        .ok_or_else(|| settings(format!("{uri:?} names no keyspace")))?;
     let valid = !ks.is_empty() && ks.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
     if !valid {
-        return Err(unavailable(format!(
-            "keyspace {ks:?} must be [A-Za-z0-9_]+"
-        )));
+        return Err(settings(format!("keyspace {ks:?} must be [A-Za-z0-9_]+")));
     }
     Ok((
         hosts.split(',').map(str::to_string).collect(),
@@ -469,6 +471,12 @@ impl ScyllaStore {
         Ok(s)
     }
 
+    fn not_migrated(&self) -> StoreError {
+        StoreError::NotMigrated {
+            keyspace: self.keyspace.clone(),
+        }
+    }
+
     /// Whether the keyspace has canopy's tables (the statements could be prepared).
     pub fn is_migrated(&self) -> bool {
         self.st.is_some()
@@ -478,10 +486,7 @@ impl ScyllaStore {
     pub async fn open(uri: &str, opts: &ScyllaOptions) -> Result<Self, StoreError> {
         let s = Self::connect(uri, opts).await?;
         if s.st.is_none() {
-            return Err(unavailable(format!(
-                "keyspace {} has no canopy tables: run `canopy migrate` first",
-                s.keyspace
-            )));
+            return Err(s.not_migrated());
         }
         Ok(s)
     }
@@ -519,7 +524,7 @@ impl ScyllaStore {
                 self.keyspace
             );
             self.session
-                .query_unpaged(q, (id as i32, name))
+                .query_unpaged(q, (id, name))
                 .await
                 .map_err(unavailable)?;
         }
@@ -567,9 +572,7 @@ impl ScyllaStore {
     }
 
     fn st(&self) -> Result<&Statements, StoreError> {
-        self.st
-            .as_deref()
-            .ok_or_else(|| unavailable("canopy tables missing: run `canopy migrate`"))
+        self.st.as_deref().ok_or_else(|| self.not_migrated())
     }
 
     /// The committed checkpoint (0 before the first).
@@ -1032,10 +1035,7 @@ impl Store for ScyllaStore {
     }
 
     async fn commit(&self, cp: Arc<Checkpoint>) -> Result<u64, StoreError> {
-        let st = self
-            .st
-            .clone()
-            .ok_or_else(|| unavailable("canopy tables missing: run `canopy migrate`"))?;
+        let st = self.st.clone().ok_or_else(|| self.not_migrated())?;
         let s = &self.session;
         let seq = cp.seq;
         // 0. Committed already: a later checkpoint has committed since (nothing of this one is

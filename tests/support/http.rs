@@ -89,6 +89,33 @@ impl Served {
         get(self.addr, path, token)
     }
 
+    /// The first hierarchy of `tenant`, as the API lists them.
+    pub fn first_hierarchy(&self, tenant: &str, token: Option<&str>) -> String {
+        let hs = self
+            .get(&format!("/v1/tenants/{}/hierarchies", enc(tenant)), token)
+            .json();
+        hs["hierarchies"][0]["hierarchy"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{tenant} has no hierarchy: {hs}"))
+            .to_string()
+    }
+
+    /// The first root of `tenant`'s `hierarchy` in the API's ranking, as listed (`node`,
+    /// `subtree`...).
+    pub fn first_root(
+        &self,
+        tenant: &str,
+        hierarchy: &str,
+        token: Option<&str>,
+    ) -> serde_json::Value {
+        let path = format!(
+            "/v1/tenants/{}/hierarchies/{}/roots",
+            enc(tenant),
+            enc(hierarchy)
+        );
+        self.get(&path, token).json()["items"][0].take()
+    }
+
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();

@@ -1,4 +1,4 @@
-//! `canopy ingest`: an NDJSON file through the actor engine into the embedded store.
+//! `canopy ingest`: an NDJSON file through the actor engine into the store.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -6,14 +6,47 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use canopy_actors::engine::{Engine, EngineConfig, EngineError, Stats};
+use canopy_actors::engine::{Engine, EngineConfig, EngineError};
 use canopy_actors::source::DeadLetters;
+use canopy_actors::stats::Stats;
 use canopy_actors::store::Store;
 use indicatif::{ProgressBar, ProgressStyle};
 use tracing::info;
 
-use crate::app::UntilShutdown;
+use crate::app::{shutdown_on_signals, UntilShutdown};
+use crate::config::Config;
 use crate::file_source::{FileDeadLetters, FileSource, NoDeadLetterFile};
+use crate::store::{close, open_single};
+
+use super::Finished;
+
+/// The command: `input` into the configured store, resuming from its last checkpoint.
+pub async fn run(
+    cfg: &Config,
+    input: PathBuf,
+    dlq: Option<PathBuf>,
+    quiet: bool,
+) -> anyhow::Result<Finished> {
+    // Before the store: a mistyped input must not leave an empty data directory behind.
+    crate::usage::require_input(&input)?;
+    let store = open_single(&cfg.store, &cfg.data_dir).await?;
+    let opts = IngestOptions {
+        input,
+        dlq,
+        batch_size: cfg.engine.batch_size,
+        engine: cfg.engine(),
+        progress: !quiet,
+    };
+    ingest(opts, store.clone() as Arc<dyn Store>, shutdown_on_signals()).await?;
+    // The stopped actors let go of the store within milliseconds; waiting for that beats
+    // waiting for the runtime to drop them all.
+    let closed = close(store, Duration::from_secs(5)).await;
+    Ok(if closed {
+        Finished::Closed
+    } else {
+        Finished::Running
+    })
+}
 
 #[derive(Debug, Clone)]
 pub struct IngestOptions {

@@ -13,6 +13,9 @@ use canopy_actors::record::Mode;
 use canopy_actors::store::{Load, Store, StoreError};
 use canopy_actors::time::{BucketKey, Retention};
 
+use crate::config::Config;
+use crate::store::open_all_stores;
+
 #[derive(Debug, Default)]
 pub struct AuditReport {
     pub nodes: u64,
@@ -21,6 +24,25 @@ pub struct AuditReport {
 
 fn sum_into(into: &mut BucketMap, b: &BucketMap) {
     into.merge(b);
+}
+
+/// The command: every store `cfg` names, audited; an error when any invariant is violated.
+pub async fn run(cfg: &Config) -> anyhow::Result<()> {
+    super::require_store(cfg)?;
+    let (mut nodes, mut violations) = (0, 0);
+    for (_, store) in open_all_stores(&cfg.store, &cfg.data_dir).await? {
+        let rep = audit(store.as_ref()).await?;
+        for v in &rep.violations {
+            println!("violation: {v}");
+        }
+        nodes += rep.nodes;
+        violations += rep.violations.len();
+    }
+    println!("audit: {nodes} nodes checked, {violations} violations");
+    if violations > 0 {
+        anyhow::bail!("{violations} invariant violations");
+    }
+    Ok(())
 }
 
 pub async fn audit(store: &dyn Store) -> Result<AuditReport, StoreError> {

@@ -9,6 +9,9 @@ use canopy_actors::time::{BucketKey, Retention};
 use serde::ser::{SerializeMap, Serializer};
 use serde::Serialize;
 
+use crate::config::Config;
+use crate::store::open_all_stores;
+
 struct BucketsJson<'a>(&'a canopy_actors::agg::Buckets);
 
 impl Serialize for BucketsJson<'_> {
@@ -40,6 +43,20 @@ struct DumpRow<'a> {
     own: AggJson<'a>,
     subtree: AggJson<'a>,
     buckets: BucketsJson<'a>,
+}
+
+/// The command: every store `cfg` names, dumped to stdout.
+pub async fn run(cfg: &Config) -> anyhow::Result<()> {
+    super::require_store(cfg)?;
+    let stores = open_all_stores(&cfg.store, &cfg.data_dir).await?;
+    let refs: Vec<&dyn Store> = stores.iter().map(|(_, s)| s.as_ref() as _).collect();
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, stdout.lock());
+    match dump(&refs, cfg.tenant.retention, &mut out).await {
+        // `canopy dump | head`: the reader closing the pipe is not a failure.
+        Err(DumpError::Io(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => Ok(r.map(|_| ())?),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -253,8 +253,9 @@ enum BucketOp<'a> {
     CopyOwn,
     /// A value that replaces the stored one.
     Set(u8, u64, &'a Agg),
-    /// A bucket of an inline set that spills.
-    Spill(u8, u64, Agg),
+    /// A bucket of an inline set that spills (boxed: an `Agg` inline would double the size of
+    /// every change, and a long run's commit holds millions).
+    Spill(u8, u64, Box<Agg>),
     /// The bucket goes.
     Delete(u8, u64),
     /// A delta merged into the stored value.
@@ -296,8 +297,8 @@ fn apply_set(set: &mut Vec<SetBucket>, g: u8, changes: &[BucketChange]) {
                 Err(i) => set.insert(i, (*kind, g, *key, (*a).clone())),
             },
             BucketOp::Spill(kind, key, a) => match find(set, *kind, *key) {
-                Ok(i) => set[i].3 = a.clone(),
-                Err(i) => set.insert(i, (*kind, g, *key, a.clone())),
+                Ok(i) => set[i].3 = (**a).clone(),
+                Err(i) => set.insert(i, (*kind, g, *key, (**a).clone())),
             },
             BucketOp::Fold(kind, key, a) => match find(set, *kind, *key) {
                 Ok(i) => set[i].3.merge(a),
@@ -452,6 +453,10 @@ fn commit(db: &Database, cp: &Checkpoint) -> Result<u64, StoreError> {
             }
             ops.sort_by(|a, b| a.0.cmp(&b.0));
             let mut ix = IndexChanges::default();
+            // Every bucket row may become a change: growing the vector as they come costs a
+            // copy and fresh pages per doubling (a long run's commit holds millions).
+            ix.buckets
+                .reserve(t.put_nodes.iter().map(|n| n.buckets.len()).sum());
             // Node numbers in key order (a node deleted and created again keeps one number).
             let mut numbers = Vec::with_capacity(ops.len());
             for (i, (k, op)) in ops.iter().enumerate() {
@@ -647,7 +652,7 @@ fn put_node<'a>(
         for (kind, g, key, agg) in std::mem::take(set) {
             let chunk = chunk_of(g, key);
             spans.add(g, chunk);
-            ix.bucket(number, g, chunk, BucketOp::Spill(kind, key, agg));
+            ix.bucket(number, g, chunk, BucketOp::Spill(kind, key, Box::new(agg)));
         }
         return node_value(&n.parent, &n.header, None, &spans);
     }
@@ -1595,6 +1600,14 @@ mod tests {
         }
         let odd = rmp_serde::to_vec(&(Some("p"), &header, 5u8, 6u8)).unwrap();
         assert!(matches!(StoredNode::decode(&odd), Err(StoreError::Corrupt(_))));
+    }
+
+    /// A long run's commit holds millions of changes: an `Agg` (or a key) inside each would
+    /// multiply the commit's memory.
+    #[test]
+    fn a_bucket_change_stays_small() {
+        let size = std::mem::size_of::<BucketChange>();
+        assert!(size <= 56, "{size} bytes");
     }
 
     #[test]

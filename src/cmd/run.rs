@@ -243,7 +243,10 @@ impl Runner {
         // No longer this process's to measure; a value left from its ownership would be read
         // as current if the partition came back.
         metrics::gauge!("canopy_consumer_lag", "partition" => p.to_string()).set(f64::NAN);
-        Ok(Some((p, shard.durable)))
+        // Offset 0 says nothing (the partition's start) and would only move a group offset
+        // back: a shard that never made anything durable leaves the group's offset alone, as
+        // a restored shard does (`behind_the_stores`).
+        Ok((shard.durable > 0).then_some((p, shard.durable)))
     }
 
     async fn control(

@@ -807,7 +807,9 @@ async fn retain_from_drops_old_buckets(b: Pair) {
     let b_now = stored(&*w, "b", SUB, MINUTE).await;
     assert!(b_now.contains(&(180, 1)), "{b_now:?}");
     assert!(
-        b_now.iter().all(|x| [(60, 1), (120, 1), (180, 1)].contains(x)),
+        b_now
+            .iter()
+            .all(|x| [(60, 1), (120, 1), (180, 1)].contains(x)),
         "{b_now:?}"
     );
     // A later checkpoint with the same cutoffs writes `b`: now they go, and `a` stays as it is.

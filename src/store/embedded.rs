@@ -483,9 +483,7 @@ fn commit(db: &Database, cp: &Checkpoint) -> Result<u64, StoreError> {
                         }
                         Ok(None)
                     }
-                    NodeOp::Put(n) => {
-                        put_node(&mut ix, tn, &cut, (n, node), old).map(Some)
-                    }
+                    NodeOp::Put(n) => put_node(&mut ix, tn, &cut, (n, node), old).map(Some),
                 }
             })?;
             rows += apply_buckets(&mut buckets, tn, &cut, &mut ix)?;
@@ -727,8 +725,7 @@ fn node_buckets<T: ReadableTable<&'static [u8], &'static [u8]>>(
     only: Option<(BucketKind, Granularity)>,
 ) -> Result<Vec<BucketRow>, StoreError> {
     let wanted = |kd: u8, g: u8, key: u64| {
-        key >= cut[g as usize % 3]
-            && only.is_none_or(|(k, og)| (k as u8, og as u8) == (kd, g))
+        key >= cut[g as usize % 3] && only.is_none_or(|(k, og)| (k as u8, og as u8) == (kd, g))
     };
     let mut out = Vec::new();
     if let Some(set) = row.inline()? {
@@ -1413,10 +1410,17 @@ mod tests {
         let mut written = Vec::new();
         for h in 0..120u64 {
             // Every node gets a bucket of a new hour: each checkpoint touches every node.
-            let rows = names.iter().map(|n| node(n, &[minute(h * 60 + 5)])).collect();
+            let rows = names
+                .iter()
+                .map(|n| node(n, &[minute(h * 60 + 5)]))
+                .collect();
             written.push(s.commit(put(h + 1, rows)).await.unwrap());
         }
-        assert_eq!(stored_entries(&s), 40 * 120, "every node spilled; the history is all there");
+        assert_eq!(
+            stored_entries(&s),
+            40 * 120,
+            "every node spilled; the history is all there"
+        );
         // Inline (up to INLINE_MAX buckets) a node rewrites its whole set, a bounded amount;
         // spilled, a checkpoint writes the chunk it touches.
         let (early, late) = (written[INLINE_MAX + 5], written[119]);
@@ -1507,7 +1511,11 @@ mod tests {
         want[5].1 += 1;
         assert_eq!(events(BucketKind::Subtree), want);
         want.push((minute(1_000), 7));
-        assert_eq!(events(BucketKind::Own), want, "own = the stored subtree + own deltas");
+        assert_eq!(
+            events(BucketKind::Own),
+            want,
+            "own = the stored subtree + own deltas"
+        );
     }
 
     fn from_keys(keys: &[u64], from: u64) -> Vec<u64> {
@@ -1599,7 +1607,10 @@ mod tests {
             ));
         }
         let odd = rmp_serde::to_vec(&(Some("p"), &header, 5u8, 6u8)).unwrap();
-        assert!(matches!(StoredNode::decode(&odd), Err(StoreError::Corrupt(_))));
+        assert!(matches!(
+            StoredNode::decode(&odd),
+            Err(StoreError::Corrupt(_))
+        ));
     }
 
     /// A long run's commit holds millions of changes: an `Agg` (or a key) inside each would

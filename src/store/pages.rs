@@ -307,7 +307,11 @@ pub fn delete_range(
             rows += 1;
             continue;
         }
-        let Some(page) = t.get(first.as_slice()).map_err(io)?.map(|v| v.value().to_vec()) else {
+        let Some(page) = t
+            .get(first.as_slice())
+            .map_err(io)?
+            .map(|v| v.value().to_vec())
+        else {
             continue;
         };
         let all = entries(&page)?;
@@ -341,7 +345,9 @@ pub fn apply<K: AsRef<[u8]>, C>(
     changes: &[(K, C)],
     mut f: impl FnMut(&[u8], Option<&[u8]>, &C) -> Result<Option<Vec<u8>>, StoreError>,
 ) -> Result<u64, StoreError> {
-    debug_assert!(changes.windows(2).all(|w| w[0].0.as_ref() <= w[1].0.as_ref()));
+    debug_assert!(changes
+        .windows(2)
+        .all(|w| w[0].0.as_ref() <= w[1].0.as_ref()));
     let mut rows = 0u64;
     let mut i = 0;
     while i < changes.len() {

@@ -73,6 +73,7 @@ fn node(
     buckets: &[(u64, Option<u64>)],
 ) -> NodeRow {
     NodeRow {
+        replace: Vec::new(),
         hierarchy: h.into(),
         node: n.into(),
         parent: parent.map(str::to_string),
@@ -510,6 +511,7 @@ fn fold_node(
     copy_own: bool,
 ) -> NodeRow {
     NodeRow {
+        replace: Vec::new(),
         hierarchy: h.into(),
         node: n.into(),
         parent: parent.map(str::to_string),
@@ -632,6 +634,90 @@ async fn a_fold_adds_to_the_stored_buckets(b: Pair) {
             .collect::<Vec<_>>(),
         [(60, 3), (120, 1)]
     );
+}
+
+/// Values in `replace` (a node hydrated for a move holds complete buckets there) apply after the
+/// copy of `copy_own` and the deltas: set, created or deleted. Node `a` keeps its buckets in its
+/// row; node `b` has more than a row holds (the embedded store spills them by time chunk).
+async fn replace_rows_set_values_after_the_fold(b: Pair) {
+    let (w, _r, _d) = b;
+    let first = |extra: u64| {
+        let mut rows = vec![
+            bucket(SUB, MINUTE, 60, agg(2, 1)),
+            bucket(SUB, MINUTE, 120, agg(1, 1)),
+            bucket(SUB, MINUTE, 180, agg(1, 1)),
+        ];
+        rows.extend((0..extra).map(|i| bucket(SUB, MINUTE, 100_000 + 60 * i, agg(1, 1))));
+        rows
+    };
+    w.commit(puts(
+        1,
+        vec![
+            fold_node("h", "a", None, first(0), false),
+            fold_node("h", "b", None, first(70), false),
+        ],
+    ))
+    .await
+    .unwrap();
+    let second = |n: &str| {
+        let mut row = fold_node(
+            "h",
+            n,
+            None,
+            vec![
+                bucket(SUB, MINUTE, 60, agg(1, 7)),
+                bucket(OWN, MINUTE, 60, agg(1, 4)),
+            ],
+            true,
+        );
+        let gone = |kind, key| BucketRow {
+            kind,
+            granularity: MINUTE,
+            key,
+            agg: None,
+        };
+        row.replace = vec![
+            bucket(SUB, MINUTE, 120, agg(5, 2)),
+            gone(SUB, 180),
+            bucket(SUB, MINUTE, 240, agg(1, 3)),
+            bucket(OWN, MINUTE, 120, agg(2, 2)),
+            gone(OWN, 180),
+        ];
+        row.replace.sort_by_key(|b| (b.kind, b.key));
+        row
+    };
+    w.commit(puts(2, vec![second("a"), second("b")]))
+        .await
+        .unwrap();
+    for n in ["a", "b"] {
+        let sub = stored(&*w, n, SUB, MINUTE).await;
+        assert_eq!(sub[..3], [(60, 3), (120, 5), (240, 1)], "node {n}");
+        let own = stored(&*w, n, OWN, MINUTE).await;
+        // Own: the copy of the stored subtree, the own delta folded, then the values.
+        assert_eq!(own[..2], [(60, 3), (120, 2)], "node {n}");
+        assert!(own[2..].iter().all(|(k, e)| *k >= 100_000 && *e == 1));
+        let v = stored_agg(&*w, n, SUB, MINUTE, 120).await.unwrap();
+        assert_eq!(v.stat("amount").unwrap().max, 2, "a value, not a merge");
+    }
+    assert_eq!(stored(&*w, "b", SUB, MINUTE).await.len(), 3 + 70);
+    // A keyed load (a move's hydration) reads those keys of both kinds, and nothing else.
+    let last = 100_000 + 60 * 69;
+    let keys = Arc::new([vec![60, 180, last], vec![], vec![0]]);
+    for n in ["a", "b"] {
+        let row = w
+            .load_node("t", "h", n, Load::BucketsAt(keys.clone()))
+            .await
+            .unwrap()
+            .value
+            .unwrap();
+        let got: Vec<_> = row.buckets.iter().map(|b| (b.kind, b.key)).collect();
+        let want = if n == "a" {
+            vec![(SUB, 60), (OWN, 60)]
+        } else {
+            vec![(SUB, 60), (SUB, last), (OWN, 60), (OWN, last)]
+        };
+        assert_eq!(got, want, "node {n}");
+    }
 }
 
 async fn a_fold_creates_missing_buckets(b: Pair) {
@@ -975,9 +1061,9 @@ suite!(embedded: empty_store_reads_nothing, commit_then_load_and_read, moves_del
     children_follow_moves_back_and_recreation, dedup_batches_expire, a_retried_commit_changes_nothing,
     readers_never_see_half_a_checkpoint, a_fold_adds_to_the_stored_buckets, a_fold_creates_missing_buckets,
     copy_own_copies_the_subtree_buckets_then_folds, retain_from_drops_old_buckets,
-    a_retried_commit_folds_once, headers_only_loads_carry_no_buckets);
+    a_retried_commit_folds_once, headers_only_loads_carry_no_buckets, replace_rows_set_values_after_the_fold);
 suite!(scylla_if_uri_set: empty_store_reads_nothing, commit_then_load_and_read, moves_deletes_and_recreation,
     children_follow_moves_back_and_recreation, dedup_batches_expire, a_retried_commit_changes_nothing,
     readers_never_see_half_a_checkpoint, a_fold_adds_to_the_stored_buckets, a_fold_creates_missing_buckets,
     copy_own_copies_the_subtree_buckets_then_folds, retain_from_drops_old_buckets,
-    a_retried_commit_folds_once, headers_only_loads_carry_no_buckets);
+    a_retried_commit_folds_once, headers_only_loads_carry_no_buckets, replace_rows_set_values_after_the_fold);

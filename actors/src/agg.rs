@@ -415,6 +415,9 @@ impl Serialize for AggJson<'_> {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BucketMap(pub Vec<(u64, Agg)>);
 
+/// Bucket keys per granularity, sorted and without repeats.
+pub type KeySet = [Vec<u64>; 3];
+
 impl BucketMap {
     fn find(&self, k: u64) -> Result<usize, usize> {
         // Fast path: the newest bucket.

@@ -19,8 +19,8 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tracing::{debug, info, warn};
 
 use crate::node::{
-    FullBuckets, Journal, JournalRef, NodeActor, NodeArgs, NodeEvent, NodeMsg, NodeSnapshot,
-    NodeState, SnapshotCall, TenantSignal, STOP_REASON,
+    keys_of, FullBuckets, Journal, JournalRef, KeySet, NodeActor, NodeArgs, NodeEvent, NodeMsg,
+    NodeSnapshot, NodeState, SnapshotCall, TenantSignal, STOP_REASON,
 };
 use crate::record::{Mode, Record, Refusal};
 use crate::stats::Stats;
@@ -135,8 +135,6 @@ pub struct CoordinatorState {
     snapshotted: Vec<NodeIx>,
     /// Nodes spawned but not yet known to have started (see [`CoordinatorState::spawn_node`]).
     starting: Vec<NodeStart>,
-    /// Nodes hydrated in this interval (they hold their complete buckets until the snapshot).
-    hydrated: HashSet<NodeIx>,
     /// Nodes without an actor (passivated, restored, or created and not yet addressed): what
     /// they hold besides their stored buckets. A slot has an actor or a parked entry, never both.
     parked: Vec<Option<Parked>>,
@@ -687,22 +685,33 @@ impl CoordinatorState {
         from: Option<NodeIx>,
         to: Option<NodeIx>,
     ) -> Result<(), TenantError> {
-        // The numbers that move are the stored buckets plus those in memory, and taking them out
-        // of the old chain needs exact extremes: those nodes and their children hold their
-        // complete buckets until the next snapshot. The new chain only adds, a delta like any other.
-        self.hydrate(node).await?;
-        let gone = Arc::new(self.call(node, NodeMsg::Subtree).await?);
+        // The numbers that move are the moved node's stored buckets plus those in memory.
+        // Taking them out of the old chain needs exact extremes where they have buckets: those
+        // nodes and their children hold complete values at those keys until the next snapshot.
+        // The new chain only adds, a delta like any other. So a move costs in proportion to the
+        // moved subtree's buckets (times the old chain's nodes), not to the old chain's history.
+        self.activate(node)?;
+        let (stored, as_of) = self.stored_buckets(node, None).await?;
+        let gone = Arc::new(
+            self.call(node, |reply| NodeMsg::Subtree {
+                stored,
+                as_of,
+                reply,
+            })
+            .await?,
+        );
         if gone.is_empty() {
             return Ok(());
         }
+        let keys = Arc::new(keys_of(&gone.buckets));
         let mut old_chain: Vec<NodeIx> = from.into_iter().collect();
         if let Some(f) = from {
             old_chain.extend(self.tenant.ancestors(f));
         }
         for &a in &old_chain {
-            self.hydrate(a).await?;
+            self.hydrate(a, &keys).await?;
             for c in self.tenant.slot(a).children.clone() {
-                self.hydrate(c).await?;
+                self.hydrate(c, &keys).await?;
             }
         }
         for a in old_chain {
@@ -735,9 +744,14 @@ impl CoordinatorState {
         Ok(())
     }
 
-    /// Node `ix`'s stored buckets, and the checkpoint they were read from. A node created since
-    /// the last snapshot has none (a stored row of its name belongs to an earlier node).
-    async fn stored_buckets(&mut self, ix: NodeIx) -> Result<(FullBuckets, u64), TenantError> {
+    /// Node `ix`'s stored buckets (all of them, or those at `keys`), and the checkpoint they were
+    /// read from. A node created since the last snapshot has none (a stored row of its name
+    /// belongs to an earlier node).
+    async fn stored_buckets(
+        &mut self,
+        ix: NodeIx,
+        keys: Option<&Arc<KeySet>>,
+    ) -> Result<(FullBuckets, u64), TenantError> {
         let journal = self.journals[ix as usize]
             .clone()
             .expect("live node has a journal");
@@ -749,9 +763,13 @@ impl CoordinatorState {
             return Ok((FullBuckets::default(), self.last_snap));
         }
         let (hierarchy, name) = self.names(ix);
+        let load = match keys {
+            Some(k) => Load::BucketsAt(k.clone()),
+            None => Load::Buckets,
+        };
         let r = match self
             .store
-            .load_node(&self.tenant.id, &hierarchy, &name, Load::Buckets)
+            .load_node(&self.tenant.id, &hierarchy, &name, load)
             .await
         {
             Ok(r) => r,
@@ -762,31 +780,37 @@ impl CoordinatorState {
             }
         };
         let stored = match r.value {
-            Some(row) if journal.lock().expect("journal").base_is_stored(r.as_of) => {
-                FullBuckets::from_rows(row.header.own_buckets, &row.buckets)
-            }
+            Some(row) if journal.lock().expect("journal").base_is_stored(r.as_of) => match keys {
+                Some(k) => FullBuckets::from_rows_at(row.header.own_buckets, &row.buckets, k),
+                None => FullBuckets::from_rows(row.header.own_buckets, &row.buckets),
+            },
             _ => FullBuckets::default(),
         };
         Ok((stored, r.as_of))
     }
 
-    /// Makes node `ix` hold its complete buckets until the next snapshot (a move needs them).
-    /// Nothing runs on the node between the read and its `Hydrate`: it is between rounds, and
-    /// it combines what was read with what it sent last exactly as it was at the read.
-    async fn hydrate(&mut self, ix: NodeIx) -> Result<(), TenantError> {
-        if !self.hydrated.insert(ix) {
+    /// Makes node `ix` hold complete values at `keys` until the next snapshot (a move needs
+    /// them). Nothing runs on the node between the read and its `Hydrate`: it is between
+    /// rounds, and it combines what was read with what it sent last exactly as it was at the
+    /// read.
+    async fn hydrate(&mut self, ix: NodeIx, keys: &Arc<KeySet>) -> Result<(), TenantError> {
+        self.activate(ix)?;
+        if keys.iter().all(Vec::is_empty) {
             return Ok(());
         }
-        self.activate(ix)?;
-        let (stored, as_of) = self.stored_buckets(ix).await?;
+        let (stored, as_of) = self.stored_buckets(ix, Some(keys)).await?;
         if self
             .actor(ix)
-            .send_message(NodeMsg::Hydrate { stored, as_of })
+            .send_message(NodeMsg::Hydrate {
+                keys: keys.clone(),
+                stored,
+                as_of,
+            })
             .is_err()
         {
             return Err(self.fail(format!("node {ix} is gone")));
         }
-        // Its next snapshot returns it to deltas, even if nothing else changes it.
+        // Its next snapshot writes those values and returns it to deltas.
         self.dirty.insert(ix);
         metrics::counter!("canopy_node_hydrations_total").increment(1);
         Ok(())
@@ -878,7 +902,6 @@ impl CoordinatorState {
                     self.journals[node as usize] = None;
                     self.restarts.remove(&node);
                     self.dirty.remove(&node);
-                    self.hydrated.remove(&node);
                     self.tenant.release(node);
                 }
             }
@@ -933,6 +956,7 @@ impl CoordinatorState {
                     NodeSnapshot {
                         header,
                         buckets: Vec::new(),
+                        replace: Vec::new(),
                         write,
                     },
                 ));
@@ -972,6 +996,7 @@ impl CoordinatorState {
                 header: snap.header,
                 buckets: snap.buckets,
                 write: snap.write,
+                replace: snap.replace,
             });
         }
         // `round_ms` includes the snapshots of the round's nodes; `rest_ms` is the other dirty nodes'.
@@ -1007,7 +1032,6 @@ impl CoordinatorState {
         for &n in &self.snapshotted {
             self.last_dirty[n as usize] = seq;
         }
-        self.hydrated.clear();
         self.last_snap = seq;
         self.passivate(seq).await?;
         self.handled_down.clear();
@@ -1099,7 +1123,6 @@ impl Actor for Coordinator {
             last_snap: a.snap_seq,
             snapshotted: Vec::new(),
             starting: Vec::new(),
-            hydrated: HashSet::new(),
             parked: Vec::new(),
             last_dirty: Vec::new(),
         };
@@ -1158,7 +1181,7 @@ impl Actor for Coordinator {
                 }
                 let st = match c.tenant.node_ix(&hierarchy, &node) {
                     Some(ix) if c.activate(ix).is_err() => None,
-                    Some(ix) => match c.stored_buckets(ix).await {
+                    Some(ix) => match c.stored_buckets(ix, None).await {
                         Ok((stored, as_of)) => {
                             let (tx, rx) = oneshot();
                             let _ = c.actor(ix).send_message(NodeMsg::View {

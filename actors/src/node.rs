@@ -23,7 +23,8 @@ use crate::store::{BucketKind, BucketRow, BucketWrite, NodeHeader};
 use crate::tenant::NodeIx;
 
 /// A node's numbers. In a node actor the buckets are those of the current checkpoint interval
-/// (deltas) or, while hydrated, all of them; as a *view* (tests, the dump) they are all of them.
+/// (deltas, and complete values where a move hydrated it); as a *view* (tests, the dump) they
+/// are all of them.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeState {
     pub own: Agg,
@@ -87,34 +88,6 @@ impl NodeState {
             .sum::<usize>()
             + own.map_or(0, |b| b.0.iter().map(|m| m.len()).sum())
     }
-
-    fn buckets_of(&self, kind: BucketKind) -> Option<&Buckets> {
-        match kind {
-            BucketKind::Subtree => Some(&self.subtree.buckets),
-            BucketKind::Own => self.own_buckets.as_ref(),
-        }
-    }
-
-    /// Every bucket as a row, in (kind, granularity, key) order.
-    fn rows(&self) -> Vec<BucketRow> {
-        let mut out = Vec::with_capacity(self.bucket_count());
-        for kind in [BucketKind::Subtree, BucketKind::Own] {
-            let Some(b) = self.buckets_of(kind) else {
-                continue;
-            };
-            for g in Granularity::ALL {
-                for (key, agg) in b.0[g as usize].iter() {
-                    out.push(BucketRow {
-                        kind,
-                        granularity: g,
-                        key: *key,
-                        agg: Some(agg.clone()),
-                    });
-                }
-            }
-        }
-        out
-    }
 }
 
 /// A node's complete buckets: what the store holds for it once every commit so far landed.
@@ -138,11 +111,52 @@ impl FullBuckets {
         }
     }
 
-    /// Applies one interval's changes exactly as a store applies a [`BucketWrite::Fold`]: the
-    /// copy of `subtree` to `own` first (if asked), then the deltas merged.
+    /// The buckets of a stored row at `keys` only (a move needs the old chain's numbers where
+    /// the moved subtree has buckets, not their whole history).
+    pub fn from_rows_at(own_kept: bool, rows: &[BucketRow], keys: &KeySet) -> Self {
+        let mut f = FullBuckets {
+            subtree: Buckets::default(),
+            own: own_kept.then(Buckets::default),
+        };
+        for b in rows {
+            let (Some(agg), g) = (&b.agg, b.granularity as usize) else {
+                continue;
+            };
+            if !holds(keys, g, b.key) {
+                continue;
+            }
+            let target = match b.kind {
+                BucketKind::Subtree => &mut f.subtree,
+                BucketKind::Own => match &mut f.own {
+                    Some(o) => o,
+                    None => continue,
+                },
+            };
+            *target.0[g].entry(b.key) = agg.clone();
+        }
+        f
+    }
+
+    /// A copy of the buckets at `keys`.
+    fn restrict(&self, keys: &KeySet) -> FullBuckets {
+        FullBuckets {
+            subtree: restrict(&self.subtree, keys),
+            own: self.own.as_ref().map(|o| restrict(o, keys)),
+        }
+    }
+
+    /// Applies one interval's changes exactly as a store applies a [`BucketWrite::Fold`] with
+    /// its `replace` rows: the copy of `subtree` to `own` first (if asked), then the deltas
+    /// merged, and the buckets at `c.full` set to the values the changes hold (or removed).
     fn fold(&mut self, c: &Changes) {
         if c.copy_own {
             self.own = Some(self.subtree.clone());
+        }
+        // A key held complete carries its value, not a delta: what was below it goes first, and
+        // the merge that follows sets it.
+        remove_keys(&mut self.subtree, &c.full);
+        if let Some(o) = &mut self.own {
+            remove_keys(o, &c.full);
         }
         self.subtree.merge(&c.subtree);
         if let Some(o) = &c.own {
@@ -151,78 +165,90 @@ impl FullBuckets {
     }
 }
 
-/// One interval's bucket deltas of a node, as a [`BucketWrite::Fold`] carries them.
+/// Where a node holds complete values instead of deltas (see [`Node::hydrate_at`]).
+pub use crate::agg::KeySet;
+
+/// The keys of every bucket in `b`.
+pub fn keys_of(b: &Buckets) -> KeySet {
+    std::array::from_fn(|g| b.0[g].iter().map(|(k, _)| *k).collect())
+}
+
+fn holds(keys: &KeySet, g: usize, k: u64) -> bool {
+    keys[g].binary_search(&k).is_ok()
+}
+
+fn keys_empty(keys: &KeySet) -> bool {
+    keys.iter().all(Vec::is_empty)
+}
+
+/// The keys of `keys` not in `have`.
+fn keys_minus(keys: &KeySet, have: &KeySet) -> KeySet {
+    std::array::from_fn(|g| {
+        keys[g]
+            .iter()
+            .copied()
+            .filter(|k| !holds(have, g, *k))
+            .collect()
+    })
+}
+
+fn keys_union(into: &mut KeySet, add: &KeySet) {
+    for g in 0..3 {
+        if add[g].is_empty() {
+            continue;
+        }
+        into[g].extend_from_slice(&add[g]);
+        into[g].sort_unstable();
+        into[g].dedup();
+    }
+}
+
+fn restrict(b: &Buckets, keys: &KeySet) -> Buckets {
+    let mut out = Buckets::default();
+    for g in 0..3 {
+        out.0[g].0 = b.0[g]
+            .iter()
+            .filter(|(k, _)| holds(keys, g, **k))
+            .map(|(k, a)| (*k, a.clone()))
+            .collect();
+    }
+    out
+}
+
+fn remove_keys(b: &mut Buckets, keys: &KeySet) {
+    for g in 0..3 {
+        if !keys[g].is_empty() {
+            b.0[g].0.retain(|(k, _)| !holds(keys, g, *k));
+        }
+    }
+}
+
+/// Removes the buckets at `keys` from `b` and returns them.
+fn take_keys(b: &mut Buckets, keys: &KeySet) -> Buckets {
+    let taken = restrict(b, keys);
+    remove_keys(b, keys);
+    taken
+}
+
+/// One interval's bucket changes of a node, as a [`BucketWrite::Fold`] carries them: deltas,
+/// except at the keys of `full`, where the buckets hold complete values (a move hydrated them).
+/// A node's last snapshot keeps them as `sent` until that commit is known to have landed: a
+/// hydration that reads the store before it lands must add them (see [`Node::base`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Changes {
     subtree: Buckets,
     own: Option<Buckets>,
     copy_own: bool,
+    full: KeySet,
 }
 
-/// What a node's last snapshot sent to the store, kept until that commit is known to have landed:
-/// a hydration that reads the store before it lands must add it (see [`Node::hydrate`]).
-#[derive(Debug)]
-enum Sent {
-    Changes(Changes),
-    Full(FullBuckets),
-}
-
-/// Bucket keys changed since the last snapshot, per (kind, granularity): what a checkpoint writes.
-#[derive(Debug, Default)]
-struct DirtyBuckets([Vec<u64>; 6]);
-
-impl DirtyBuckets {
-    fn slot(kind: BucketKind, g: usize) -> usize {
-        kind as usize * 3 + g
-    }
-
-    fn mark(&mut self, kind: BucketKind, g: usize, key: u64) {
-        let v = &mut self.0[Self::slot(kind, g)];
-        if v.last() != Some(&key) {
-            v.push(key);
-        }
-    }
-
-    fn mark_all(&mut self, kind: BucketKind, b: &Buckets) {
-        for g in 0..3 {
-            for (k, _) in b.0[g].iter() {
-                self.mark(kind, g, *k);
-            }
-        }
-    }
-
-    /// Emits the current value (or a deletion) of every dirty bucket, then forgets them.
-    fn drain(&mut self, full: &FullBuckets) -> Vec<BucketRow> {
-        let mut out = Vec::new();
-        for kind in [BucketKind::Subtree, BucketKind::Own] {
-            for g in Granularity::ALL {
-                let v = &mut self.0[Self::slot(kind, g as usize)];
-                v.sort_unstable();
-                v.dedup();
-                for key in v.drain(..) {
-                    let b = match kind {
-                        BucketKind::Subtree => Some(&full.subtree),
-                        BucketKind::Own => full.own.as_ref(),
-                    };
-                    let agg = b.and_then(|b| b.0[g as usize].get(&key)).cloned();
-                    out.push(BucketRow {
-                        kind,
-                        granularity: g,
-                        key,
-                        agg,
-                    });
-                }
-            }
-        }
-        out
-    }
-}
-
-/// What a node answers to a snapshot: its header and its bucket rows, applied as `write` says.
+/// What a node answers to a snapshot: its header and its bucket rows, applied as `write` says,
+/// then the values of the buckets it held complete (`replace`, see [`crate::store::NodeRow`]).
 #[derive(Debug)]
 pub struct NodeSnapshot {
     pub header: NodeHeader,
     pub buckets: Vec<BucketRow>,
+    pub replace: Vec<BucketRow>,
     pub write: BucketWrite,
 }
 
@@ -263,9 +289,13 @@ enum Entry {
     },
     Add(Arc<Delta>),
     Grow,
-    /// The node was hydrated: its complete buckets before this interval's changes (the stored
-    /// row, plus what its last snapshot sent if that commit had not landed when it was read).
-    Hydrated(Arc<FullBuckets>),
+    /// The node was hydrated at `keys`: its complete buckets there before this interval's
+    /// changes (the stored row, plus what its last snapshot sent if that commit had not landed
+    /// when it was read).
+    Hydrated {
+        keys: Arc<KeySet>,
+        base: Arc<FullBuckets>,
+    },
     /// The node's part of checkpoint `seq` was taken here.
     Snapshot {
         seq: u64,
@@ -424,15 +454,24 @@ pub enum NodeMsg {
         as_of: u64,
         reply: RpcReplyPort<NodeState>,
     },
-    /// Hold the complete buckets until the next snapshot, given the stored ones as of checkpoint
-    /// `as_of` (empty for a node the store has no row of): a move is about to need them.
-    Hydrate { stored: FullBuckets, as_of: u64 },
-    /// The node's subtree, complete (a move takes it from the old ancestors to the new ones).
-    /// Only for a hydrated node.
-    Subtree(RpcReplyPort<Delta>),
+    /// Hold complete buckets at `keys` until the next snapshot, given the stored ones there as of
+    /// checkpoint `as_of` (empty for a node the store has no row of): a move is about to take a
+    /// subtree with buckets at those keys out of this node or to ask it for extremes there.
+    Hydrate {
+        keys: Arc<KeySet>,
+        stored: FullBuckets,
+        as_of: u64,
+    },
+    /// The node's subtree, complete (a move takes it from the old ancestors to the new ones),
+    /// given its stored buckets as of checkpoint `as_of`; the node stays as it is.
+    Subtree {
+        stored: FullBuckets,
+        as_of: u64,
+        reply: RpcReplyPort<Delta>,
+    },
     /// A descendant's subtree leaves this node; `children` are its current children, asked for
-    /// exact extremes wherever the leaving numbers may have set a min or max. Only for a
-    /// hydrated node, whose children are hydrated too.
+    /// exact extremes wherever the leaving numbers may have set a min or max. Only for a node
+    /// hydrated at the keys of `gone`'s buckets, whose children are hydrated there too.
     Remove {
         gone: Arc<Delta>,
         children: Vec<ActorRef<NodeMsg>>,
@@ -444,7 +483,7 @@ pub enum NodeMsg {
         reply: RpcReplyPort<()>,
     },
     /// Extremes of the subtree at the given places (used by a parent's `Remove`). Only for a
-    /// hydrated node.
+    /// node hydrated at the bucket places asked.
     Extremes {
         wanted: Arc<Vec<(Scope, MetricName)>>,
         reply: RpcReplyPort<Vec<Option<(i64, i64)>>>,
@@ -483,15 +522,16 @@ pub struct NodeArgs {
 pub struct Node {
     ix: NodeIx,
     mode: Mode,
-    /// Totals, and the buckets: this interval's deltas, or all of them while `hydrated`.
+    /// Totals, and the buckets: this interval's deltas, except at the keys of `full`.
     state: NodeState,
-    /// Holds its complete buckets until its next snapshot (a move needed them).
-    hydrated: bool,
-    /// Not hydrated: the node got its first child in this interval, so the store must copy its
+    /// Keys whose buckets (both kinds) the node holds complete until its next snapshot (a move
+    /// needed them); its snapshot writes them as values.
+    full: KeySet,
+    /// The node got its first child in this interval, so the store must copy its
     /// `subtree` buckets to `own` before folding this interval's deltas.
     copy_own: bool,
     /// What the last snapshot sent, until that commit is known to have landed.
-    sent: Option<(u64, Sent)>,
+    sent: Option<(u64, Changes)>,
     parent: Option<ActorRef<NodeMsg>>,
     signals: UnboundedSender<TenantSignal>,
     /// Not yet passed up: everything received since this node's last flush.
@@ -500,8 +540,6 @@ pub struct Node {
     received: u32,
     /// The checkpoint to answer at this round's flush, if the round is a checkpoint's.
     snap: Option<Arc<SnapshotCall>>,
-    /// Hydrated: the bucket keys changed since the hydration, written as absolute values.
-    dirty: DirtyBuckets,
     journal: JournalRef,
     durable_seq: Arc<AtomicU64>,
 }
@@ -528,13 +566,6 @@ impl Node {
         self.state.own.add_event(m);
         if let Some(b) = &mut self.state.own_buckets {
             b.add_event(&e.keys, m);
-            if self.hydrated {
-                for (g, k) in e.keys.iter().enumerate() {
-                    if let Some(k) = k {
-                        self.dirty.mark(BucketKind::Own, g, *k);
-                    }
-                }
-            }
         }
         self.pending.total.add_event(m);
         self.pending.buckets.add_event(&e.keys, m);
@@ -550,9 +581,6 @@ impl Node {
         self.received = 0;
         let d = std::mem::take(&mut self.pending);
         self.state.subtree.merge(&d);
-        if self.hydrated {
-            self.dirty.mark_all(BucketKind::Subtree, &d.buckets);
-        }
         Some(d)
     }
 
@@ -584,51 +612,36 @@ impl Node {
     }
 
     /// Hands this interval's buckets to checkpoint `seq` and starts the next interval empty:
-    /// the deltas to fold, or (hydrated) the changed buckets' values. Either is kept as `sent`
+    /// the deltas to fold, and the values of the buckets held complete. They are kept as `sent`
     /// until the commit lands.
     fn close_interval(&mut self, seq: u64) -> NodeSnapshot {
         let header = self.state.header();
-        let subtree = std::mem::take(&mut self.state.subtree.buckets);
-        let own = self.state.own_buckets.as_mut().map(std::mem::take);
-        if self.hydrated {
-            let full = FullBuckets { subtree, own };
-            let buckets = self.dirty.drain(&full);
-            self.hydrated = false;
-            self.sent = Some((seq, Sent::Full(full)));
-            return NodeSnapshot {
-                header,
-                buckets,
-                write: BucketWrite::Replace,
-            };
-        }
         let changes = Changes {
-            subtree,
-            own,
+            subtree: std::mem::take(&mut self.state.subtree.buckets),
+            own: self.state.own_buckets.as_mut().map(std::mem::take),
             copy_own: std::mem::take(&mut self.copy_own),
+            full: std::mem::take(&mut self.full),
         };
-        let buckets = changes.rows();
+        let (buckets, replace) = changes.rows();
         let write = BucketWrite::Fold {
             copy_own: changes.copy_own,
         };
-        self.sent = Some((seq, Sent::Changes(changes)));
+        self.sent = Some((seq, changes));
         NodeSnapshot {
             header,
             buckets,
+            replace,
             write,
         }
     }
 
     fn grow(&mut self) -> bool {
         if self.mode == Mode::Current && self.state.own_buckets.is_none() {
-            // Until now own buckets equalled subtree buckets: in memory that is this
-            // interval's deltas (hydrated: all of them); the store copies the rest.
+            // Until now own buckets equalled subtree buckets: in memory that is this interval's
+            // deltas (and the complete values at `full`, which stay complete); the store copies
+            // the rest.
             self.state.own_buckets = Some(self.state.subtree.buckets.clone());
-            if self.hydrated {
-                self.dirty
-                    .mark_all(BucketKind::Own, &self.state.subtree.buckets);
-            } else {
-                self.copy_own = true;
-            }
+            self.copy_own = true;
             return true;
         }
         false
@@ -638,14 +651,11 @@ impl Node {
     /// checkpoint `as_of`: plus what the last snapshot sent, if that commit had not landed.
     fn base(&self, stored: FullBuckets, as_of: u64) -> FullBuckets {
         match &self.sent {
-            Some((seq, sent)) if as_of < *seq => match sent {
-                Sent::Full(f) => f.clone(),
-                Sent::Changes(c) => {
-                    let mut b = stored;
-                    b.fold(c);
-                    b
-                }
-            },
+            Some((seq, c)) if as_of < *seq => {
+                let mut b = stored;
+                b.fold(c);
+                b
+            }
             _ => stored,
         }
     }
@@ -656,40 +666,46 @@ impl Node {
             subtree: self.state.subtree.buckets.clone(),
             own: self.state.own_buckets.clone(),
             copy_own: self.copy_own,
+            full: self.full.clone(),
         }
     }
 
-    /// From deltas to complete buckets: `base` with this interval's changes folded in. Every
-    /// bucket the interval changed is written at the next snapshot as its value.
-    fn become_full(&mut self, base: &FullBuckets) {
-        if self.hydrated {
+    /// The complete buckets, given the stored ones as of checkpoint `as_of`, without changing
+    /// the node.
+    fn complete(&self, stored: FullBuckets, as_of: u64) -> FullBuckets {
+        let mut full = self.base(stored, as_of);
+        full.fold(&self.changes());
+        full
+    }
+
+    /// From deltas to complete values at `keys`, given `base`, the complete buckets there before
+    /// this interval's changes. Keys already complete stay as they are. Until the next snapshot,
+    /// what arrives at those keys adds to complete values, and the snapshot writes them as values.
+    fn hydrate_at(&mut self, keys: &KeySet, base: &FullBuckets) {
+        let new = keys_minus(keys, &self.full);
+        if keys_empty(&new) {
             return;
         }
-        let c = self.changes();
-        let mut full = base.clone();
+        let c = Changes {
+            subtree: take_keys(&mut self.state.subtree.buckets, &new),
+            own: self.state.own_buckets.as_mut().map(|o| take_keys(o, &new)),
+            copy_own: self.copy_own,
+            full: KeySet::default(),
+        };
+        let mut full = base.restrict(&new);
         full.fold(&c);
-        self.dirty.mark_all(BucketKind::Subtree, &c.subtree);
-        if c.copy_own {
-            if let Some(o) = &full.own {
-                self.dirty.mark_all(BucketKind::Own, o);
-            }
-        } else if let Some(o) = &c.own {
-            self.dirty.mark_all(BucketKind::Own, o);
+        // The keys were just taken out: merging puts the complete values in their place.
+        self.state.subtree.buckets.merge(&full.subtree);
+        if let (Some(o), Some(f)) = (&mut self.state.own_buckets, &full.own) {
+            o.merge(f);
         }
-        self.copy_own = false;
-        self.state.subtree.buckets = full.subtree;
-        self.state.own_buckets = full.own;
-        self.hydrated = true;
+        keys_union(&mut self.full, &new);
     }
 
     /// The complete numbers, without changing the node.
     #[cfg(feature = "test-hooks")]
     fn view(&self, stored: FullBuckets, as_of: u64) -> NodeState {
-        if self.hydrated {
-            return self.state.clone();
-        }
-        let mut full = self.base(stored, as_of);
-        full.fold(&self.changes());
+        let full = self.complete(stored, as_of);
         NodeState {
             own: self.state.own.clone(),
             own_buckets: full.own,
@@ -701,10 +717,10 @@ impl Node {
     }
 
     /// Whether everything the node holds is in its stored row: no deltas of this interval,
-    /// nothing sent that has not landed, nothing pending, not hydrated. Only then may it stop
-    /// and come back from its header alone.
+    /// nothing sent that has not landed, nothing pending, nothing held complete. Only then may
+    /// it stop and come back from its header alone.
     fn is_settled(&self) -> bool {
-        !self.hydrated
+        keys_empty(&self.full)
             && !self.copy_own
             && self.sent.is_none()
             && self.pending.is_empty()
@@ -717,11 +733,18 @@ impl Node {
                 .is_none_or(Buckets::is_empty)
     }
 
-    fn must_be_hydrated(&self, what: &str) -> Result<(), ActorProcessingErr> {
-        if self.hydrated {
-            return Ok(());
+    /// Fails unless the node holds complete values at every bucket place of `b`.
+    fn must_hold(&self, b: &Buckets, what: &str) -> Result<(), ActorProcessingErr> {
+        for g in 0..3 {
+            if let Some((k, _)) = b.0[g].iter().find(|(k, _)| !holds(&self.full, g, **k)) {
+                return Err(format!(
+                    "node {} got {what} at bucket {g}/{k} without being hydrated there first",
+                    self.ix
+                )
+                .into());
+            }
         }
-        Err(format!("node {} got {what} without being hydrated first", self.ix).into())
+        Ok(())
     }
 
     /// Re-applies one journal entry. Nothing is sent: at a restart every round the entry took
@@ -738,7 +761,6 @@ impl Node {
             }
             Entry::Child(d) => self.add(d),
             Entry::Removed { gone, extremes } => {
-                self.dirty.mark_all(BucketKind::Subtree, &gone.buckets);
                 self.state.subtree.subtract(gone);
                 for (sc, m, mm) in extremes {
                     self.state.subtree.set_extremes(*sc, m, *mm);
@@ -748,7 +770,7 @@ impl Node {
             Entry::Grow => {
                 self.grow();
             }
-            Entry::Hydrated(base) => self.become_full(base),
+            Entry::Hydrated { keys, base } => self.hydrate_at(keys, base),
             Entry::Snapshot { seq } => {
                 // Those buckets went into that checkpoint (still in flight, or it would not be
                 // replayed): they become `sent` again.
@@ -759,9 +781,6 @@ impl Node {
 
     fn add(&mut self, d: &Delta) {
         self.state.subtree.merge(d);
-        if self.hydrated {
-            self.dirty.mark_all(BucketKind::Subtree, &d.buckets);
-        }
     }
 
     fn own_extremes(&self, scope: Scope, metric: &str) -> Option<(i64, i64)> {
@@ -777,17 +796,42 @@ impl Node {
 }
 
 impl Changes {
-    /// The deltas as bucket rows, in (kind, granularity, key) order.
-    fn rows(&self) -> Vec<BucketRow> {
-        NodeState {
-            own_buckets: self.own.clone(),
-            subtree: Delta {
-                total: Agg::default(),
-                buckets: self.subtree.clone(),
-            },
-            ..NodeState::default()
+    /// The bucket rows, in (kind, granularity, key) order: the deltas to fold, and the values
+    /// at the keys held complete (`None` where the bucket is gone).
+    fn rows(&self) -> (Vec<BucketRow>, Vec<BucketRow>) {
+        let mut fold = Vec::new();
+        let mut replace = Vec::new();
+        for (kind, b) in [
+            (BucketKind::Subtree, Some(&self.subtree)),
+            (BucketKind::Own, self.own.as_ref()),
+        ] {
+            let Some(b) = b else { continue };
+            for g in Granularity::ALL {
+                let gi = g as usize;
+                let row = |key: u64, agg: Option<&Agg>| BucketRow {
+                    kind,
+                    granularity: g,
+                    key,
+                    agg: agg.cloned(),
+                };
+                for (key, agg) in b.0[gi].iter() {
+                    if holds(&self.full, gi, *key) {
+                        replace.push(row(*key, Some(agg)));
+                    } else {
+                        fold.push(row(*key, Some(agg)));
+                    }
+                }
+                for key in &self.full[gi] {
+                    if b.0[gi].get(key).is_none() {
+                        replace.push(row(*key, None));
+                    }
+                }
+            }
         }
-        .rows()
+        for r in [&mut fold, &mut replace] {
+            r.sort_by_key(|b| (b.kind, b.granularity as u8, b.key));
+        }
+        (fold, replace)
     }
 }
 
@@ -806,7 +850,7 @@ impl Actor for NodeActor {
             ix: a.ix,
             mode: a.mode,
             state: a.state,
-            hydrated: false,
+            full: KeySet::default(),
             copy_own: false,
             sent: None,
             parent: None,
@@ -815,7 +859,6 @@ impl Actor for NodeActor {
             expect: None,
             received: 0,
             snap: None,
-            dirty: DirtyBuckets::default(),
             journal: a.journal,
             durable_seq: a.durable_seq,
         };
@@ -875,25 +918,37 @@ impl Actor for NodeActor {
             } => {
                 let _ = reply.send(s.view(stored, as_of));
             }
-            NodeMsg::Hydrate { stored, as_of } => {
-                if !s.hydrated {
-                    let base = Arc::new(s.base(stored, as_of));
-                    s.become_full(&base);
-                    s.journal(Entry::Hydrated(base));
+            NodeMsg::Hydrate {
+                keys,
+                stored,
+                as_of,
+            } => {
+                let new = keys_minus(&keys, &s.full);
+                if !keys_empty(&new) {
+                    let base = Arc::new(s.base(stored, as_of).restrict(&new));
+                    let keys = Arc::new(new);
+                    s.hydrate_at(&keys, &base);
+                    s.journal(Entry::Hydrated { keys, base });
                 }
             }
-            NodeMsg::Subtree(reply) => {
-                s.must_be_hydrated("a subtree request")?;
-                let _ = reply.send(s.state.subtree.clone());
+            NodeMsg::Subtree {
+                stored,
+                as_of,
+                reply,
+            } => {
+                let _ = reply.send(Delta {
+                    total: s.state.subtree.total.clone(),
+                    buckets: s.complete(stored, as_of).subtree,
+                });
             }
             NodeMsg::Remove {
                 gone,
                 children,
                 reply,
             } => {
-                s.must_be_hydrated("a remove")?;
-                // Every bucket the leaving subtree touches changes (or disappears): persist them.
-                s.dirty.mark_all(BucketKind::Subtree, &gone.buckets);
+                // Every bucket the leaving subtree touches changes (or disappears): they are held
+                // complete, and the snapshot writes their values.
+                s.must_hold(&gone.buckets, "a remove")?;
                 let tainted = s.state.subtree.subtract(&gone);
                 let mut resolved = Vec::new();
                 if !tainted.is_empty() {
@@ -931,7 +986,17 @@ impl Actor for NodeActor {
                 let _ = reply.send(());
             }
             NodeMsg::Extremes { wanted, reply } => {
-                s.must_be_hydrated("an extremes request")?;
+                for (sc, _) in wanted.iter() {
+                    if let Scope::Bucket(g, k) = sc {
+                        if !holds(&s.full, *g as usize, *k) {
+                            return Err(format!(
+                                "node {} got an extremes request at bucket {g:?}/{k} without being hydrated there first",
+                                s.ix
+                            )
+                            .into());
+                        }
+                    }
+                }
                 let v = wanted
                     .iter()
                     .map(|(sc, m)| s.state.subtree.extremes(*sc, m))

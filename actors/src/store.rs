@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::agg::{Agg, Granularity};
+use crate::agg::{Agg, Granularity, KeySet};
 
 use crate::tenant::TenantRow;
 use crate::time::Micros;
@@ -80,8 +80,8 @@ pub struct NodeHeader {
 /// How a checkpoint's bucket rows of one node apply to what the store holds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BucketWrite {
-    /// Each row is the bucket's new value (`agg: None` deletes it). Sent by a node that holds
-    /// its complete buckets in memory for this interval (it was hydrated for a move).
+    /// Each row is the bucket's new value (`agg: None` deletes it). Node actors send `Fold`
+    /// (with values in [`NodeRow::replace`]); stores take both.
     #[default]
     Replace,
     /// Each row is a delta, merged into the stored bucket (events, counts and sums add, min/max
@@ -96,7 +96,7 @@ pub enum BucketWrite {
 /// holds what changed since the previous checkpoint, applied as `write` says (and kept in
 /// (kind, granularity, key) order); loaded, it holds every stored bucket (or none, when the
 /// caller asked for headers only).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct NodeRow {
     pub hierarchy: String,
     pub node: String,
@@ -105,14 +105,23 @@ pub struct NodeRow {
     pub buckets: Vec<BucketRow>,
     #[serde(default)]
     pub write: BucketWrite,
+    /// In a checkpoint: bucket values applied after `buckets` (`agg: None` deletes), in (kind,
+    /// granularity, key) order, at keys `buckets` does not have. A node hydrated for a move
+    /// holds complete values there and writes them as such (the other buckets are deltas).
+    /// Loaded: empty.
+    #[serde(default)]
+    pub replace: Vec<BucketRow>,
 }
 
 /// What a store loads of a node: its header alone (a restart, a tenant restore: they replay
-/// onto totals), or its buckets too (a move, the dump, the audit).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// onto totals), its buckets too (a moved node, the dump, the audit), or its buckets at some
+/// keys (of both kinds): a move needs the old chain's numbers where the moved subtree has
+/// buckets, and reads only those, so it costs in proportion to the moved subtree.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Load {
     Headers,
     Buckets,
+    BucketsAt(std::sync::Arc<KeySet>),
 }
 
 /// Event ids accepted in one checkpoint interval, persisted as one row.

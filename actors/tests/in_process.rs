@@ -103,7 +103,8 @@ fn image(cps: &[Checkpoint], tenant: &str, load: Load) -> TenantImage {
                         true
                     }
                 };
-                for b in &n.buckets {
+                let values = n.replace.iter().map(|b| (b, false));
+                for (b, fold) in n.buckets.iter().map(|b| (b, fold)).chain(values) {
                     let k = (b.kind as u8, b.granularity as u8, b.key);
                     match (&b.agg, fold) {
                         (Some(a), true) => e.1.entry(k).or_default().merge(a),
@@ -126,10 +127,14 @@ fn image(cps: &[Checkpoint], tenant: &str, load: Load) -> TenantImage {
     img.nodes = nodes
         .into_values()
         .map(|(mut row, b)| {
-            row.buckets = match load {
+            row.buckets = match &load {
                 Load::Headers => Vec::new(),
-                Load::Buckets => b
+                Load::Buckets | Load::BucketsAt(_) => b
                     .into_iter()
+                    .filter(|((_, g, key), _)| match &load {
+                        Load::BucketsAt(k) => k[*g as usize].binary_search(key).is_ok(),
+                        _ => true,
+                    })
                     .map(|((kind, g, key), agg)| BucketRow {
                         kind: if kind == 0 {
                             BucketKind::Subtree

@@ -37,7 +37,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use canopy_actors::agg::Agg;
-use canopy_actors::agg::Granularity;
+use canopy_actors::agg::{Granularity, KeySet};
 use canopy_actors::packed::{self, SetBucket};
 use canopy_actors::store::{
     AsOf, BucketKind, BucketRow, BucketWrite, Checkpoint, CheckpointMeta, DedupBatch, EntityView,
@@ -455,8 +455,12 @@ fn commit(db: &Database, cp: &Checkpoint) -> Result<u64, StoreError> {
             let mut ix = IndexChanges::default();
             // Every bucket row may become a change: growing the vector as they come costs a
             // copy and fresh pages per doubling (a long run's commit holds millions).
-            ix.buckets
-                .reserve(t.put_nodes.iter().map(|n| n.buckets.len()).sum());
+            ix.buckets.reserve(
+                t.put_nodes
+                    .iter()
+                    .map(|n| n.buckets.len() + n.replace.len())
+                    .sum(),
+            );
             // Node numbers in key order (a node deleted and created again keeps one number).
             let mut numbers = Vec::with_capacity(ops.len());
             for (i, (k, op)) in ops.iter().enumerate() {
@@ -642,6 +646,7 @@ fn put_node<'a>(
     place(ix, tn, n, old_parent.as_ref());
     if let Some(set) = &mut inline {
         apply_inline(set, &n.buckets, n.write);
+        apply_inline(set, &n.replace, BucketWrite::Replace);
         set.retain(|(_, g, key, _)| *key >= cut[*g as usize % 3]);
         if set.len() <= INLINE_MAX {
             return node_value(&n.parent, &n.header, Some(set), &spans);
@@ -667,7 +672,9 @@ fn put_node<'a>(
             true
         }
     };
-    for b in &n.buckets {
+    // The values of `replace` come after the deltas: within a set, changes apply in order.
+    let rows = n.buckets.iter().map(|b| (b, fold));
+    for (b, fold) in rows.chain(n.replace.iter().map(|b| (b, false))) {
         let g = b.granularity as u8;
         if b.key < cut[g as usize] {
             continue;
@@ -723,9 +730,12 @@ fn node_buckets<T: ReadableTable<&'static [u8], &'static [u8]>>(
     row: &StoredNode,
     cut: &[u64; 3],
     only: Option<(BucketKind, Granularity)>,
+    at: Option<&KeySet>,
 ) -> Result<Vec<BucketRow>, StoreError> {
     let wanted = |kd: u8, g: u8, key: u64| {
-        key >= cut[g as usize % 3] && only.is_none_or(|(k, og)| (k as u8, og as u8) == (kd, g))
+        key >= cut[g as usize % 3]
+            && only.is_none_or(|(k, og)| (k as u8, og as u8) == (kd, g))
+            && at.is_none_or(|a| a[g as usize % 3].binary_search(&key).is_ok())
     };
     let mut out = Vec::new();
     if let Some(set) = row.inline()? {
@@ -740,7 +750,13 @@ fn node_buckets<T: ReadableTable<&'static [u8], &'static [u8]>>(
         if only.is_some_and(|(_, og)| og as u8 != g) {
             continue;
         }
-        for chunk in row.3.chunks(g, cut) {
+        // Keyed: only the chunks that hold one of the keys (keys are sorted, so are their chunks).
+        let mut chunks: Vec<u64> = match at {
+            Some(a) => a[g as usize].iter().map(|k| chunk_of(g, *k)).collect(),
+            None => row.3.chunks(g, cut).collect(),
+        };
+        chunks.dedup();
+        for chunk in chunks {
             let Some(v) = pages::get(buckets, &node_chunk_prefix(t, g, chunk, h, n))? else {
                 continue;
             };
@@ -858,7 +874,8 @@ impl Store for EmbeddedStore {
                 let (p, buckets) = match load {
                     // A restore costs the nodes' totals, not their history.
                     Load::Headers => (row_prefix::<NodeHeader>(v)?, Vec::new()),
-                    Load::Buckets => {
+                    // Keys name one node's buckets: a tenant load reads them all.
+                    Load::Buckets | Load::BucketsAt(_) => {
                         let row = StoredNode::decode(v)?;
                         let mut buckets = Vec::new();
                         for (kd, g, key, agg) in row.inline()?.unwrap_or_default() {
@@ -874,6 +891,7 @@ impl Store for EmbeddedStore {
                     }
                 };
                 image.nodes.push(NodeRow {
+                    replace: Vec::new(),
                     hierarchy,
                     node,
                     parent: p.parent,
@@ -937,6 +955,7 @@ impl Store for EmbeddedStore {
             if load == Load::Headers {
                 let p = row_prefix::<NodeHeader>(&v)?;
                 return Ok(Some(NodeRow {
+                    replace: Vec::new(),
                     hierarchy: h,
                     node: n,
                     parent: p.parent,
@@ -948,9 +967,14 @@ impl Store for EmbeddedStore {
             let row = StoredNode::decode(&v)?;
             let cut = stored_cut(&tx.open_table(RETENTION).map_err(io)?, &t)?;
             let table = tx.open_table(BUCKET_CHUNKS).map_err(io)?;
-            let buckets = node_buckets(&table, (&t, &h, &n), &row, &cut, None)?;
+            let at = match &load {
+                Load::BucketsAt(k) => Some(&**k),
+                _ => None,
+            };
+            let buckets = node_buckets(&table, (&t, &h, &n), &row, &cut, None, at)?;
             let StoredNode(parent, header, ..) = row;
             Ok(Some(NodeRow {
+                replace: Vec::new(),
                 hierarchy: h,
                 node: n,
                 parent,
@@ -1167,7 +1191,7 @@ impl StoreRead for EmbeddedStore {
             let cut = stored_cut(&tx.open_table(RETENTION).map_err(io)?, &t)?;
             let table = tx.open_table(BUCKET_CHUNKS).map_err(io)?;
             let only = Some((BucketKind::Subtree, granularity));
-            let out = node_buckets(&table, (&t, &h, &n), &row, &cut, only)?
+            let out = node_buckets(&table, (&t, &h, &n), &row, &cut, only, None)?
                 .into_iter()
                 .map(|b| (b.key, b.agg.expect("stored bucket")))
                 .collect();
@@ -1222,6 +1246,7 @@ mod tests {
 
     fn node(name: &str, keys: &[u64]) -> NodeRow {
         NodeRow {
+            replace: Vec::new(),
             hierarchy: "h".into(),
             node: name.into(),
             parent: None,

@@ -93,7 +93,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use canopy_actors::agg::{Agg, Granularity};
+use canopy_actors::agg::{Agg, Granularity, KeySet};
 use canopy_actors::store::{
     AsOf, BucketKind, BucketRow, BucketWrite, Checkpoint, CheckpointMeta, DedupBatch, EntityView,
     HierarchyInfo, Load, NodeHeader, NodeRow, NodeView, Store, StoreError, StoreRead, TenantImage,
@@ -422,6 +422,11 @@ fn bucket_writes(
                 out.insert(id, Some(v));
             }
         }
+    }
+    // Values of buckets the node held complete (a move hydrated it): they replace whatever the
+    // fold left there.
+    for b in &n.replace {
+        out.insert(bucket_id(b), b.agg.clone());
     }
     // Out of retention: not written (the stored rows go with the range tombstones).
     out.retain(|&(_, g, key), _| retained(cut, g, key));
@@ -755,6 +760,47 @@ impl ScyllaStore {
         Ok(out)
     }
 
+    /// A node's bucket rows at `keys` (of both kinds) as of `at`, in (kind, granularity, key)
+    /// order.
+    async fn node_buckets_at(
+        &self,
+        t: &str,
+        h: &str,
+        n: &str,
+        keys: &KeySet,
+        at: u64,
+    ) -> Result<Vec<BucketRow>, StoreError> {
+        let ids: Vec<BucketId> = [SUBTREE, OWN]
+            .into_iter()
+            .flat_map(|kind| {
+                (0..3).flat_map(move |g| keys[g].iter().map(move |k| (kind, g as i8, *k as i64)))
+            })
+            .collect();
+        let mut found: Vec<_> = self
+            .buckets_at(t, h, n, &ids, at)
+            .await?
+            .into_iter()
+            .collect();
+        found.sort_unstable_by_key(|(id, _)| *id);
+        found
+            .into_iter()
+            .map(|((kind, g, key), agg)| {
+                Ok(BucketRow {
+                    kind: if kind == SUBTREE {
+                        BucketKind::Subtree
+                    } else {
+                        BucketKind::Own
+                    },
+                    granularity: *Granularity::ALL
+                        .get(g as usize)
+                        .ok_or_else(|| corrupt(format!("granularity {g}")))?,
+                    key: key as u64,
+                    agg: Some(agg),
+                })
+            })
+            .collect()
+    }
+
     /// The live values of bucket keys `keys` of a node as of `at`: one slice of the node's
     /// partition per `IN_MAX` keys (every version of each key; the newest at or below `at`
     /// counts, so versions a failed attempt of the running commit wrote are ignored).
@@ -977,9 +1023,13 @@ impl Store for ScyllaStore {
                 // rows, not the retained buckets).
                 let buckets = match load {
                     Load::Headers => Vec::new(),
-                    Load::Buckets => self.node_buckets(tenant, &h, &node, at).await?,
+                    // Keys name one node's buckets: a tenant load reads them all.
+                    Load::Buckets | Load::BucketsAt(_) => {
+                        self.node_buckets(tenant, &h, &node, at).await?
+                    }
                 };
                 image.nodes.push(NodeRow {
+                    replace: Vec::new(),
                     hierarchy: h.clone(),
                     node,
                     parent,
@@ -1019,6 +1069,7 @@ impl Store for ScyllaStore {
         let at = self.as_of().await?;
         let value = match self.node_at(tenant, hierarchy, node, at).await? {
             Some((parent, header)) => Some(NodeRow {
+                replace: Vec::new(),
                 hierarchy: hierarchy.to_string(),
                 node: node.to_string(),
                 parent,
@@ -1026,6 +1077,10 @@ impl Store for ScyllaStore {
                 buckets: match load {
                     Load::Headers => Vec::new(),
                     Load::Buckets => self.node_buckets(tenant, hierarchy, node, at).await?,
+                    Load::BucketsAt(keys) => {
+                        self.node_buckets_at(tenant, hierarchy, node, &keys, at)
+                            .await?
+                    }
                 },
                 write: BucketWrite::default(),
             }),
@@ -1556,6 +1611,7 @@ mod tests {
 
     fn node(write: BucketWrite, buckets: Vec<BucketRow>) -> NodeRow {
         NodeRow {
+            replace: Vec::new(),
             hierarchy: "h".into(),
             node: "n".into(),
             parent: None,

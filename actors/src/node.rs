@@ -296,10 +296,21 @@ enum Entry {
         keys: Arc<KeySet>,
         base: Arc<FullBuckets>,
     },
-    /// The node's part of checkpoint `seq` was taken here.
+    /// The node's part of checkpoint `seq` was taken here. `after` is the state it left: the
+    /// totals and the changes it sent (shared with `sent`). A journal starts with the newest
+    /// such marker and nothing before it (see [`Journal::close`]).
     Snapshot {
         seq: u64,
+        after: Option<Arc<Closed>>,
     },
+}
+
+/// A node's state right after a snapshot: its totals and what the snapshot sent. Everything
+/// else is empty then (no deltas, nothing pending, nothing held complete).
+#[derive(Debug)]
+struct Closed {
+    header: NodeHeader,
+    sent: Arc<Changes>,
 }
 
 /// A node's journal. It lives outside the actor (the coordinator holds it too), so that it
@@ -353,14 +364,14 @@ impl Journal {
         let Some(i) = self
             .entries
             .iter()
-            .rposition(|e| matches!(e, Entry::Snapshot { seq } if *seq <= durable))
+            .rposition(|e| matches!(e, Entry::Snapshot { seq, .. } if *seq <= durable))
         else {
             return;
         };
         self.entries.drain(..=i);
         self.children_at = self.children_at.and_then(|c| c.checked_sub(i + 1));
         self.oldest_marker = self.entries.iter().find_map(|e| match e {
-            Entry::Snapshot { seq } => Some(*seq),
+            Entry::Snapshot { seq, .. } => Some(*seq),
             _ => None,
         });
     }
@@ -390,13 +401,30 @@ impl Journal {
             }
             Entry::Round { .. } => self.entries.push(e),
             e => {
-                if let Entry::Snapshot { seq } = &e {
+                if let Entry::Snapshot { seq, .. } = &e {
                     self.oldest_marker.get_or_insert(*seq);
                 }
                 self.children_at = None;
                 self.entries.push(e);
             }
         }
+    }
+
+    /// Checkpoint `seq` was taken, leaving the node in state `after`: everything before goes.
+    /// The checkpoint before it is durable (a checkpoint begins only once every earlier one
+    /// is), so a restart loads that row or a later one: onto the older row, the marker itself
+    /// restores the state the interval led to; onto row `seq`, the replay starts after it.
+    /// Without this, the interval's entries (its events and its children's deltas, about as
+    /// large as the deltas the node sent) stayed until the commit landed, next to `sent` and
+    /// the checkpoint's rows.
+    fn close(&mut self, seq: u64, after: Arc<Closed>) {
+        self.entries.clear();
+        self.children_at = None;
+        self.oldest_marker = Some(seq);
+        self.entries.push(Entry::Snapshot {
+            seq,
+            after: Some(after),
+        });
     }
 
     pub fn len(&self) -> usize {
@@ -412,7 +440,7 @@ impl Journal {
     fn replay_from(&self, as_of: u64) -> usize {
         self.entries
             .iter()
-            .rposition(|e| matches!(e, Entry::Snapshot { seq } if *seq <= as_of))
+            .rposition(|e| matches!(e, Entry::Snapshot { seq, .. } if *seq <= as_of))
             .map_or(0, |i| i + 1)
     }
 }
@@ -531,7 +559,7 @@ pub struct Node {
     /// `subtree` buckets to `own` before folding this interval's deltas.
     copy_own: bool,
     /// What the last snapshot sent, until that commit is known to have landed.
-    sent: Option<(u64, Changes)>,
+    sent: Option<(u64, Arc<Changes>)>,
     parent: Option<ActorRef<NodeMsg>>,
     signals: UnboundedSender<TenantSignal>,
     /// Not yet passed up: everything received since this node's last flush.
@@ -600,15 +628,21 @@ impl Node {
         Ok(())
     }
 
-    /// The node's part of checkpoint `seq`: marks the journal and closes the interval.
+    /// The node's part of checkpoint `seq`: closes the interval and the journal with it.
     fn snapshot(&mut self, seq: u64) -> NodeSnapshot {
-        {
-            // Checkpoint `seq` begins only once every earlier one is durable.
-            let mut j = self.journal.lock().expect("journal lock");
-            j.settle();
-            j.push(Entry::Snapshot { seq }, 0);
-        }
-        self.close_interval(seq)
+        let snap = self.close_interval(seq);
+        let sent = self
+            .sent
+            .as_ref()
+            .expect("a closed interval is sent")
+            .1
+            .clone();
+        let after = Arc::new(Closed {
+            header: snap.header.clone(),
+            sent,
+        });
+        self.journal.lock().expect("journal lock").close(seq, after);
+        snap
     }
 
     /// Hands this interval's buckets to checkpoint `seq` and starts the next interval empty:
@@ -626,7 +660,7 @@ impl Node {
         let write = BucketWrite::Fold {
             copy_own: changes.copy_own,
         };
-        self.sent = Some((seq, changes));
+        self.sent = Some((seq, Arc::new(changes)));
         NodeSnapshot {
             header,
             buckets,
@@ -771,9 +805,18 @@ impl Node {
                 self.grow();
             }
             Entry::Hydrated { keys, base } => self.hydrate_at(keys, base),
-            Entry::Snapshot { seq } => {
-                // Those buckets went into that checkpoint (still in flight, or it would not be
-                // replayed): they become `sent` again.
+            Entry::Snapshot {
+                seq,
+                after: Some(after),
+            } => {
+                // The state the snapshot left; what it sent went into that checkpoint (still in
+                // flight, or it would not be replayed) and becomes `sent` again.
+                self.state = NodeState::from_header(after.header.clone());
+                self.copy_own = false;
+                self.full = KeySet::default();
+                self.sent = Some((*seq, after.sent.clone()));
+            }
+            Entry::Snapshot { seq, after: None } => {
                 self.close_interval(*seq);
             }
         }
@@ -1028,14 +1071,14 @@ mod tests {
     use super::*;
 
     fn marker(seq: u64) -> Entry {
-        Entry::Snapshot { seq }
+        Entry::Snapshot { seq, after: None }
     }
 
     fn kinds(j: &Journal) -> Vec<String> {
         j.entries
             .iter()
             .map(|e| match e {
-                Entry::Snapshot { seq } => format!("S{seq}"),
+                Entry::Snapshot { seq, .. } => format!("S{seq}"),
                 Entry::Grow => "G".into(),
                 Entry::Child(d) => format!("C{}", d.total.events),
                 Entry::Round { events } => format!("R{}", events.len()),
@@ -1071,6 +1114,46 @@ mod tests {
         assert_eq!(j.oldest_marker, Some(3));
         j.settle();
         assert_eq!(kinds(&j), ["G"]);
+    }
+
+    #[test]
+    fn a_snapshot_leaves_only_its_marker_which_restores_the_state_it_left() {
+        let mut j = Journal::default();
+        j.push(child(1), 0);
+        j.push(round(2), 0);
+        j.push(marker(1), 0);
+        j.push(child(4), 0);
+        let header = NodeHeader {
+            own: Agg::default(),
+            subtree: Agg {
+                events: 5,
+                ..Agg::default()
+            },
+            own_buckets: false,
+        };
+        let sent = Arc::new(Changes::default());
+        j.close(
+            2,
+            Arc::new(Closed {
+                header: header.clone(),
+                sent: sent.clone(),
+            }),
+        );
+        assert_eq!(kinds(&j), ["S2"]);
+        // Onto checkpoint 1's row (2 still in flight) the marker itself is replayed; onto
+        // checkpoint 2's row, nothing is.
+        assert_eq!(j.replay_from(1), 0);
+        assert_eq!(j.replay_from(2), 1);
+        j.push(child(8), 0);
+        assert_eq!(kinds(&j), ["S2", "C8"]);
+        // Checkpoint 2 landed: the marker goes at the next append (which merges into C8).
+        j.push(child(16), 2);
+        assert_eq!(kinds(&j), ["C24"]);
+        assert_eq!(
+            Arc::strong_count(&sent),
+            1,
+            "the journal let go of what was sent"
+        );
     }
 
     fn child(events: u64) -> Entry {

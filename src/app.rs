@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
+use canopy_actors::engine::{Engine, EngineError};
 use canopy_actors::source::{Source, SourceBatch, SourceError};
 use canopy_actors::store::StoreRead;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -41,6 +42,24 @@ pub fn shutdown_on_signals() -> watch::Receiver<bool> {
 /// Resolves once `stop` is true.
 pub async fn stopped(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Runs `engine` on `source` until the source ends or `stop` turns true, then stops its actors.
+/// Either way the engine took its final checkpoint (a stop ends the source early, see
+/// [`UntilShutdown`]), so the next run resumes from it.
+pub async fn run_until_shutdown(
+    engine: &mut Engine,
+    source: &mut dyn Source,
+    stop: &watch::Receiver<bool>,
+) -> Result<(), EngineError> {
+    let r = engine
+        .run(&mut UntilShutdown {
+            inner: source,
+            stop: stop.clone(),
+        })
+        .await;
+    engine.shutdown().await;
+    r
 }
 
 /// A source that ends when `stop` turns true. The engine then takes its final checkpoint, which

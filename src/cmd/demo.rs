@@ -12,7 +12,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::api::engine::EngineStatus;
 use crate::api::Tokens;
-use crate::app::{shutdown_on_signals, spawn_api, UntilShutdown};
+use crate::app::{run_until_shutdown, shutdown_on_signals, spawn_api};
 use crate::config::Config;
 use crate::demo_source::DemoSource;
 use crate::loadgen::LoadgenConfig;
@@ -98,13 +98,7 @@ pub async fn run(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Resu
             }
         })
     };
-    let r = engine
-        .run(&mut UntilShutdown {
-            inner: &mut source,
-            stop: stop.clone(),
-        })
-        .await;
-    engine.shutdown().await;
+    let r = run_until_shutdown(&mut engine, &mut source, &stop).await;
     done.store(true, Ordering::Relaxed);
     status.abort();
     r?;

@@ -13,7 +13,7 @@ use canopy_actors::store::Store;
 use indicatif::{ProgressBar, ProgressStyle};
 use tracing::info;
 
-use crate::app::{shutdown_on_signals, UntilShutdown};
+use crate::app::{run_until_shutdown, shutdown_on_signals};
 use crate::config::Config;
 use crate::file_source::{FileDeadLetters, FileSource, NoDeadLetterFile};
 use crate::store::{close, open_single};
@@ -135,13 +135,7 @@ pub async fn ingest_observed(
     });
     // On SIGTERM/SIGINT the source ends early: the engine takes its final checkpoint and the
     // next run resumes from it.
-    let r = engine
-        .run(&mut UntilShutdown {
-            inner: &mut source,
-            stop: stop.clone(),
-        })
-        .await;
-    engine.shutdown().await;
+    let r = run_until_shutdown(&mut engine, &mut source, &stop).await;
     if let Some((handle, stop)) = ticker {
         stop.store(true, Ordering::Relaxed);
         let _ = handle.await;

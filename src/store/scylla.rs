@@ -371,6 +371,22 @@ fn bucket_id(b: &BucketRow) -> BucketId {
     (b.kind as i8, b.granularity as i8, b.key as i64)
 }
 
+/// A stored bucket as a row.
+fn bucket_row((kind, g, key): BucketId, agg: Agg) -> Result<BucketRow, StoreError> {
+    Ok(BucketRow {
+        kind: if kind == SUBTREE {
+            BucketKind::Subtree
+        } else {
+            BucketKind::Own
+        },
+        granularity: *Granularity::ALL
+            .get(g as usize)
+            .ok_or_else(|| corrupt(format!("granularity {g}")))?,
+        key: key as u64,
+        agg: Some(agg),
+    })
+}
+
 /// Whether a bucket is inside retention (`cut[g]` 0: everything is).
 fn retained(cut: &[u64; 3], g: i8, key: i64) -> bool {
     let c = cut[g as usize];
@@ -744,18 +760,8 @@ impl ScyllaStore {
             }
             last = Some((kind, g, key));
             let Some(agg) = agg else { continue };
-            out.push(BucketRow {
-                kind: if kind == 0 {
-                    BucketKind::Subtree
-                } else {
-                    BucketKind::Own
-                },
-                granularity: *Granularity::ALL
-                    .get(g as usize)
-                    .ok_or_else(|| corrupt(format!("granularity {g}")))?,
-                key: key as u64,
-                agg: Some(rmp_serde::from_slice(&agg).map_err(corrupt)?),
-            });
+            let agg = rmp_serde::from_slice(&agg).map_err(corrupt)?;
+            out.push(bucket_row((kind, g, key), agg)?);
         }
         Ok(out)
     }
@@ -784,20 +790,7 @@ impl ScyllaStore {
         found.sort_unstable_by_key(|(id, _)| *id);
         found
             .into_iter()
-            .map(|((kind, g, key), agg)| {
-                Ok(BucketRow {
-                    kind: if kind == SUBTREE {
-                        BucketKind::Subtree
-                    } else {
-                        BucketKind::Own
-                    },
-                    granularity: *Granularity::ALL
-                        .get(g as usize)
-                        .ok_or_else(|| corrupt(format!("granularity {g}")))?,
-                    key: key as u64,
-                    agg: Some(agg),
-                })
-            })
+            .map(|(id, agg)| bucket_row(id, agg))
             .collect()
     }
 

@@ -19,8 +19,8 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tracing::{debug, info, warn};
 
 use crate::node::{
-    keys_of, FullBuckets, Journal, JournalRef, KeySet, NodeActor, NodeArgs, NodeEvent, NodeMsg,
-    NodeSnapshot, NodeState, SnapshotCall, TenantSignal, STOP_REASON,
+    keys_empty, keys_of, FullBuckets, Journal, JournalRef, KeySet, NodeActor, NodeArgs, NodeEvent,
+    NodeMsg, NodeSnapshot, NodeState, SnapshotCall, TenantSignal, STOP_REASON,
 };
 use crate::record::{Mode, Record, Refusal};
 use crate::stats::Stats;
@@ -780,10 +780,10 @@ impl CoordinatorState {
             }
         };
         let stored = match r.value {
-            Some(row) if journal.lock().expect("journal").base_is_stored(r.as_of) => match keys {
-                Some(k) => FullBuckets::from_rows_at(row.header.own_buckets, &row.buckets, k),
-                None => FullBuckets::from_rows(row.header.own_buckets, &row.buckets),
-            },
+            // A keyed load holds only those keys.
+            Some(row) if journal.lock().expect("journal").base_is_stored(r.as_of) => {
+                FullBuckets::from_rows(row.header.own_buckets, &row.buckets)
+            }
             _ => FullBuckets::default(),
         };
         Ok((stored, r.as_of))
@@ -795,7 +795,7 @@ impl CoordinatorState {
     /// read.
     async fn hydrate(&mut self, ix: NodeIx, keys: &Arc<KeySet>) -> Result<(), TenantError> {
         self.activate(ix)?;
-        if keys.iter().all(Vec::is_empty) {
+        if keys_empty(keys) {
             return Ok(());
         }
         let (stored, as_of) = self.stored_buckets(ix, Some(keys)).await?;

@@ -111,32 +111,6 @@ impl FullBuckets {
         }
     }
 
-    /// The buckets of a stored row at `keys` only (a move needs the old chain's numbers where
-    /// the moved subtree has buckets, not their whole history).
-    pub fn from_rows_at(own_kept: bool, rows: &[BucketRow], keys: &KeySet) -> Self {
-        let mut f = FullBuckets {
-            subtree: Buckets::default(),
-            own: own_kept.then(Buckets::default),
-        };
-        for b in rows {
-            let (Some(agg), g) = (&b.agg, b.granularity as usize) else {
-                continue;
-            };
-            if !holds(keys, g, b.key) {
-                continue;
-            }
-            let target = match b.kind {
-                BucketKind::Subtree => &mut f.subtree,
-                BucketKind::Own => match &mut f.own {
-                    Some(o) => o,
-                    None => continue,
-                },
-            };
-            *target.0[g].entry(b.key) = agg.clone();
-        }
-        f
-    }
-
     /// A copy of the buckets at `keys`.
     fn restrict(&self, keys: &KeySet) -> FullBuckets {
         FullBuckets {
@@ -177,7 +151,7 @@ fn holds(keys: &KeySet, g: usize, k: u64) -> bool {
     keys[g].binary_search(&k).is_ok()
 }
 
-fn keys_empty(keys: &KeySet) -> bool {
+pub fn keys_empty(keys: &KeySet) -> bool {
     keys.iter().all(Vec::is_empty)
 }
 

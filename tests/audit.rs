@@ -35,7 +35,7 @@ fn audit_passes_on_ingested_state_and_catches_a_tampered_node() {
         let parent = img.nodes.iter().find_map(|n| n.parent.clone()).unwrap();
         let mut row = img.nodes.iter().find(|n| n.node == parent).unwrap().clone();
         row.header.subtree.events += 1;
-        row.buckets.clear();
+        row.buckets = Default::default();
         let cp = Checkpoint {
             seq: meta.seq + 1,
             source: meta.source,

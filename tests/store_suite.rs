@@ -73,7 +73,7 @@ fn node(
     buckets: &[(u64, Option<u64>)],
 ) -> NodeRow {
     NodeRow {
-        replace: Vec::new(),
+        replace: Default::default(),
         hierarchy: h.into(),
         node: n.into(),
         parent: parent.map(str::to_string),
@@ -90,7 +90,8 @@ fn node(
                 key: *k,
                 agg: e.map(|e| agg(e, 1)),
             })
-            .collect(),
+            .collect::<Vec<_>>()
+            .into(),
         write: BucketWrite::Replace,
     }
 }
@@ -511,7 +512,7 @@ fn fold_node(
     copy_own: bool,
 ) -> NodeRow {
     NodeRow {
-        replace: Vec::new(),
+        replace: Default::default(),
         hierarchy: h.into(),
         node: n.into(),
         parent: parent.map(str::to_string),
@@ -520,7 +521,7 @@ fn fold_node(
             subtree: agg(1, 1),
             own_buckets: copy_own,
         },
-        buckets: rows,
+        buckets: rows.into(),
         write: BucketWrite::Fold { copy_own },
     }
 }
@@ -574,9 +575,9 @@ async fn stored_agg(
         .unwrap()
         .value?;
     row.buckets
-        .into_iter()
+        .iter()
         .find(|b| b.kind == kind && b.granularity == g && b.key == key)
-        .and_then(|b| b.agg)
+        .and_then(|b| b.agg.clone())
 }
 
 const SUB: BucketKind = BucketKind::Subtree;
@@ -676,14 +677,15 @@ async fn replace_rows_set_values_after_the_fold(b: Pair) {
             key,
             agg: None,
         };
-        row.replace = vec![
+        let mut replace = vec![
             bucket(SUB, MINUTE, 120, agg(5, 2)),
             gone(SUB, 180),
             bucket(SUB, MINUTE, 240, agg(1, 3)),
             bucket(OWN, MINUTE, 120, agg(2, 2)),
             gone(OWN, 180),
         ];
-        row.replace.sort_by_key(|b| (b.kind, b.key));
+        replace.sort_by_key(|b| (b.kind, b.key));
+        row.replace = replace.into();
         row
     };
     w.commit(puts(2, vec![second("a"), second("b")]))

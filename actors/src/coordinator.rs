@@ -955,8 +955,8 @@ impl CoordinatorState {
                     n,
                     NodeSnapshot {
                         header,
-                        buckets: Vec::new(),
-                        replace: Vec::new(),
+                        buckets: Default::default(),
+                        replace: Default::default(),
                         write,
                     },
                 ));

@@ -19,7 +19,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::agg::{combine_extremes, Agg, Buckets, Delta, Granularity, MetricName, Scope};
 use crate::record::Mode;
-use crate::store::{BucketKind, BucketRow, BucketWrite, NodeHeader};
+use crate::store::{BucketKind, BucketRow, BucketWrite, NodeHeader, Rows};
 use crate::tenant::NodeIx;
 
 /// A node's numbers. In a node actor the buckets are those of the current checkpoint interval
@@ -206,8 +206,6 @@ fn take_keys(b: &mut Buckets, keys: &KeySet) -> Buckets {
 
 /// One interval's bucket changes of a node, as a [`BucketWrite::Fold`] carries them: deltas,
 /// except at the keys of `full`, where the buckets hold complete values (a move hydrated them).
-/// A node's last snapshot keeps them as `sent` until that commit is known to have landed: a
-/// hydration that reads the store before it lands must add them (see [`Node::base`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Changes {
     subtree: Buckets,
@@ -216,13 +214,54 @@ struct Changes {
     full: KeySet,
 }
 
+/// One interval's changes as its snapshot sent them: the checkpoint's rows themselves, shared
+/// with it. A node keeps them as `sent` until that commit is known to have landed: a hydration
+/// that reads the store before it lands must add them (see [`Node::base`]). Until 2026-12-07
+/// `sent` kept the changes as buckets and the checkpoint a copy of them as rows: at the peak of
+/// a commit, every interval delta was held twice.
+#[derive(Debug, Default)]
+struct Sent {
+    /// Deltas to fold.
+    rows: Rows,
+    /// Values at the keys of `full` (`None`: the bucket is gone).
+    replace: Rows,
+    copy_own: bool,
+    /// The node kept `own` buckets apart (then `Changes::own` is `Some`, even if empty).
+    own_kept: bool,
+    full: KeySet,
+}
+
+impl Sent {
+    /// The changes the rows carry (a move needs them as buckets, to fold onto stored ones).
+    fn changes(&self) -> Changes {
+        let mut c = Changes {
+            subtree: Buckets::default(),
+            own: self.own_kept.then(Buckets::default),
+            copy_own: self.copy_own,
+            full: self.full.clone(),
+        };
+        for b in self.rows.iter().chain(self.replace.iter()) {
+            let Some(agg) = &b.agg else { continue };
+            let target = match b.kind {
+                BucketKind::Subtree => &mut c.subtree,
+                BucketKind::Own => match &mut c.own {
+                    Some(o) => o,
+                    None => continue,
+                },
+            };
+            *target.0[b.granularity as usize].entry(b.key) = agg.clone();
+        }
+        c
+    }
+}
+
 /// What a node answers to a snapshot: its header and its bucket rows, applied as `write` says,
 /// then the values of the buckets it held complete (`replace`, see [`crate::store::NodeRow`]).
 #[derive(Debug)]
 pub struct NodeSnapshot {
     pub header: NodeHeader,
-    pub buckets: Vec<BucketRow>,
-    pub replace: Vec<BucketRow>,
+    pub buckets: Rows,
+    pub replace: Rows,
     pub write: BucketWrite,
 }
 
@@ -284,7 +323,7 @@ enum Entry {
 #[derive(Debug)]
 struct Closed {
     header: NodeHeader,
-    sent: Arc<Changes>,
+    sent: Arc<Sent>,
 }
 
 /// A node's journal. It lives outside the actor (the coordinator holds it too), so that it
@@ -533,7 +572,7 @@ pub struct Node {
     /// `subtree` buckets to `own` before folding this interval's deltas.
     copy_own: bool,
     /// What the last snapshot sent, until that commit is known to have landed.
-    sent: Option<(u64, Arc<Changes>)>,
+    sent: Option<(u64, Arc<Sent>)>,
     parent: Option<ActorRef<NodeMsg>>,
     signals: UnboundedSender<TenantSignal>,
     /// Not yet passed up: everything received since this node's last flush.
@@ -624,23 +663,25 @@ impl Node {
     /// until the commit lands.
     fn close_interval(&mut self, seq: u64) -> NodeSnapshot {
         let header = self.state.header();
-        let changes = Changes {
-            subtree: std::mem::take(&mut self.state.subtree.buckets),
-            own: self.state.own_buckets.as_mut().map(std::mem::take),
-            copy_own: std::mem::take(&mut self.copy_own),
-            full: std::mem::take(&mut self.full),
-        };
-        let (buckets, replace) = changes.rows();
-        let write = BucketWrite::Fold {
-            copy_own: changes.copy_own,
-        };
-        self.sent = Some((seq, Arc::new(changes)));
-        NodeSnapshot {
+        let sent = Arc::new(
+            Changes {
+                subtree: std::mem::take(&mut self.state.subtree.buckets),
+                own: self.state.own_buckets.as_mut().map(std::mem::take),
+                copy_own: std::mem::take(&mut self.copy_own),
+                full: std::mem::take(&mut self.full),
+            }
+            .into_sent(),
+        );
+        let snap = NodeSnapshot {
             header,
-            buckets,
-            replace,
-            write,
-        }
+            buckets: sent.rows.clone(),
+            replace: sent.replace.clone(),
+            write: BucketWrite::Fold {
+                copy_own: sent.copy_own,
+            },
+        };
+        self.sent = Some((seq, sent));
+        snap
     }
 
     fn grow(&mut self) -> bool {
@@ -661,7 +702,7 @@ impl Node {
         match &self.sent {
             Some((seq, c)) if as_of < *seq => {
                 let mut b = stored;
-                b.fold(c);
+                b.fold(&c.changes());
                 b
             }
             _ => stored,
@@ -813,42 +854,48 @@ impl Node {
 }
 
 impl Changes {
-    /// The bucket rows, in (kind, granularity, key) order: the deltas to fold, and the values
-    /// at the keys held complete (`None` where the bucket is gone).
-    fn rows(&self) -> (Vec<BucketRow>, Vec<BucketRow>) {
-        let mut fold = Vec::new();
+    /// The bucket rows, in (kind, granularity, key) order, with the aggregates moved, not
+    /// copied: the deltas to fold, and the values at the keys held complete (`None` where the
+    /// bucket is gone).
+    fn into_sent(self) -> Sent {
+        let own_kept = self.own.is_some();
+        let mut rows = Vec::new();
         let mut replace = Vec::new();
-        for (kind, b) in [
-            (BucketKind::Subtree, Some(&self.subtree)),
-            (BucketKind::Own, self.own.as_ref()),
-        ] {
+        for (kind, b) in [(BucketKind::Subtree, Some(self.subtree)), (BucketKind::Own, self.own)] {
             let Some(b) = b else { continue };
-            for g in Granularity::ALL {
+            for (g, m) in Granularity::ALL.into_iter().zip(b.0) {
                 let gi = g as usize;
-                let row = |key: u64, agg: Option<&Agg>| BucketRow {
+                let row = |key: u64, agg: Option<Agg>| BucketRow {
                     kind,
                     granularity: g,
                     key,
-                    agg: agg.cloned(),
+                    agg,
                 };
-                for (key, agg) in b.0[gi].iter() {
-                    if holds(&self.full, gi, *key) {
-                        replace.push(row(*key, Some(agg)));
-                    } else {
-                        fold.push(row(*key, Some(agg)));
+                for key in &self.full[gi] {
+                    if m.get(key).is_none() {
+                        replace.push(row(*key, None));
                     }
                 }
-                for key in &self.full[gi] {
-                    if b.0[gi].get(key).is_none() {
-                        replace.push(row(*key, None));
+                for (key, agg) in m.0 {
+                    if holds(&self.full, gi, key) {
+                        replace.push(row(key, Some(agg)));
+                    } else {
+                        rows.push(row(key, Some(agg)));
                     }
                 }
             }
         }
-        for r in [&mut fold, &mut replace] {
-            r.sort_by_key(|b| (b.kind, b.granularity as u8, b.key));
+        // `rows` came in order (kinds, then granularities, then each map's sorted keys);
+        // `replace` mixes deleted keys in.
+        debug_assert!(rows.is_sorted_by_key(|b| (b.kind, b.granularity as u8, b.key)));
+        replace.sort_unstable_by_key(|b| (b.kind, b.granularity as u8, b.key));
+        Sent {
+            rows: Arc::new(rows),
+            replace: Arc::new(replace),
+            copy_own: self.copy_own,
+            own_kept,
+            full: self.full,
         }
-        (fold, replace)
     }
 }
 
@@ -1105,7 +1152,7 @@ mod tests {
             },
             own_buckets: false,
         };
-        let sent = Arc::new(Changes::default());
+        let sent = Arc::new(Sent::default());
         j.close(
             2,
             Arc::new(Closed {

@@ -102,7 +102,7 @@ pub struct NodeRow {
     pub node: String,
     pub parent: Option<String>,
     pub header: NodeHeader,
-    pub buckets: Vec<BucketRow>,
+    pub buckets: Rows,
     #[serde(default)]
     pub write: BucketWrite,
     /// In a checkpoint: bucket values applied after `buckets` (`agg: None` deletes), in (kind,
@@ -110,8 +110,13 @@ pub struct NodeRow {
     /// holds complete values there and writes them as such (the other buckets are deltas).
     /// Loaded: empty.
     #[serde(default)]
-    pub replace: Vec<BucketRow>,
+    pub replace: Rows,
 }
+
+/// Bucket rows, shared: a node's snapshot keeps the rows it hands to a checkpoint until that
+/// commit lands (see `Sent` in [`crate::node`]), and sharing them instead of a copy of each
+/// saves one copy of every checkpoint interval's deltas at the peak of a commit.
+pub type Rows = std::sync::Arc<Vec<BucketRow>>;
 
 /// What a store loads of a node: its header alone (a restart, a tenant restore: they replay
 /// onto totals), its buckets too (a moved node, the dump, the audit), or its buckets at some

@@ -128,7 +128,7 @@ fn image(cps: &[Checkpoint], tenant: &str, load: Load) -> TenantImage {
         .into_values()
         .map(|(mut row, b)| {
             row.buckets = match &load {
-                Load::Headers => Vec::new(),
+                Load::Headers => Vec::<BucketRow>::new(),
                 Load::Buckets | Load::BucketsAt(_) => b
                     .into_iter()
                     .filter(|((_, g, key), _)| match &load {
@@ -146,7 +146,8 @@ fn image(cps: &[Checkpoint], tenant: &str, load: Load) -> TenantImage {
                         agg: Some(agg),
                     })
                     .collect(),
-            };
+            }
+            .into();
             row
         })
         .collect();

@@ -111,7 +111,7 @@ pub async fn dump(
         let watermark = image.row.as_ref().and_then(|r| r.watermark);
         let cut = retention.prune_cutoffs(watermark.unwrap_or(0));
         for node in &mut image.nodes {
-            node.buckets
+            std::sync::Arc::make_mut(&mut node.buckets)
                 .retain(|b| b.key >= cut[b.granularity as usize]);
         }
         for node in &image.nodes {

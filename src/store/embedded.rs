@@ -891,12 +891,12 @@ impl Store for EmbeddedStore {
                     }
                 };
                 image.nodes.push(NodeRow {
-                    replace: Vec::new(),
+                    replace: Default::default(),
                     hierarchy,
                     node,
                     parent: p.parent,
                     header: p.header,
-                    buckets,
+                    buckets: buckets.into(),
                     write: BucketWrite::Replace,
                 });
                 Ok(())
@@ -924,13 +924,13 @@ impl Store for EmbeddedStore {
                 };
                 for (kd, _, key, agg) in packed::decode(v)? {
                     if key >= cut[g as usize % 3] {
-                        image.nodes[i].buckets.push(set_row(kd, g, key, agg)?);
+                        Arc::make_mut(&mut image.nodes[i].buckets).push(set_row(kd, g, key, agg)?);
                     }
                 }
                 Ok(())
             })?;
             for n in &mut image.nodes {
-                n.buckets
+                Arc::make_mut(&mut n.buckets)
                     .sort_by_key(|b| (b.kind, b.granularity as u8, b.key));
             }
             load_dedup(&tx, &tenant, &mut image)?;
@@ -955,12 +955,12 @@ impl Store for EmbeddedStore {
             if load == Load::Headers {
                 let p = row_prefix::<NodeHeader>(&v)?;
                 return Ok(Some(NodeRow {
-                    replace: Vec::new(),
+                    replace: Default::default(),
                     hierarchy: h,
                     node: n,
                     parent: p.parent,
                     header: p.header,
-                    buckets: Vec::new(),
+                    buckets: Default::default(),
                     write: BucketWrite::Replace,
                 }));
             }
@@ -974,12 +974,12 @@ impl Store for EmbeddedStore {
             let buckets = node_buckets(&table, (&t, &h, &n), &row, &cut, None, at)?;
             let StoredNode(parent, header, ..) = row;
             Ok(Some(NodeRow {
-                replace: Vec::new(),
+                replace: Default::default(),
                 hierarchy: h,
                 node: n,
                 parent,
                 header,
-                buckets,
+                buckets: buckets.into(),
                 write: BucketWrite::Replace,
             }))
         })
@@ -1246,7 +1246,7 @@ mod tests {
 
     fn node(name: &str, keys: &[u64]) -> NodeRow {
         NodeRow {
-            replace: Vec::new(),
+            replace: Default::default(),
             hierarchy: "h".into(),
             node: name.into(),
             parent: None,
@@ -1259,7 +1259,8 @@ mod tests {
                     key: *k,
                     agg: Some(agg(*k)),
                 })
-                .collect(),
+                .collect::<Vec<_>>()
+                .into(),
             write: BucketWrite::Replace,
         }
     }
@@ -1396,13 +1397,13 @@ mod tests {
 
         // A change, a new chunk far ahead and a deletion.
         let mut change = node("a", &[keys[3], minute(10_000)]);
-        change.buckets.push(BucketRow {
+        Arc::make_mut(&mut change.buckets).push(BucketRow {
             kind: BucketKind::Subtree,
             granularity: Granularity::Minute,
             key: want[0],
             agg: None,
         });
-        change.buckets.sort_by_key(|b| b.key);
+        Arc::make_mut(&mut change.buckets).sort_by_key(|b| b.key);
         s.commit(put(2, vec![change])).await.unwrap();
         let mut now: Vec<u64> = want[1..].to_vec();
         now.push(minute(10_000));
@@ -1517,7 +1518,8 @@ mod tests {
             row(BucketKind::Subtree, keys[5], 1),
             row(BucketKind::Own, keys[5], 1),
             row(BucketKind::Own, minute(1_000), 7),
-        ];
+        ]
+        .into();
         s.commit(put(2, vec![grow])).await.unwrap();
         let got = s
             .load_node("t", "h", "p", Load::Buckets)

@@ -405,7 +405,7 @@ fn bucket_writes(
     let mut out: BTreeMap<BucketId, Option<Agg>> = BTreeMap::new();
     match n.write {
         BucketWrite::Replace => {
-            for b in &n.buckets {
+            for b in n.buckets.iter() {
                 out.insert(bucket_id(b), b.agg.clone());
             }
         }
@@ -419,7 +419,7 @@ fn bucket_writes(
                     out.insert((OWN, g, key), Some(a.clone()));
                 }
             }
-            for b in &n.buckets {
+            for b in n.buckets.iter() {
                 let Some(delta) = &b.agg else {
                     return Err(StoreError::Unsupported(format!(
                         "node {:?}: a folded bucket row without an aggregate",
@@ -441,7 +441,7 @@ fn bucket_writes(
     }
     // Values of buckets the node held complete (a move hydrated it): they replace whatever the
     // fold left there.
-    for b in &n.replace {
+    for b in n.replace.iter() {
         out.insert(bucket_id(b), b.agg.clone());
     }
     // Out of retention: not written (the stored rows go with the range tombstones).
@@ -1022,12 +1022,12 @@ impl Store for ScyllaStore {
                     }
                 };
                 image.nodes.push(NodeRow {
-                    replace: Vec::new(),
+                    replace: Default::default(),
                     hierarchy: h.clone(),
                     node,
                     parent,
                     header,
-                    buckets,
+                    buckets: buckets.into(),
                     write: BucketWrite::default(),
                 });
             }
@@ -1062,7 +1062,7 @@ impl Store for ScyllaStore {
         let at = self.as_of().await?;
         let value = match self.node_at(tenant, hierarchy, node, at).await? {
             Some((parent, header)) => Some(NodeRow {
-                replace: Vec::new(),
+                replace: Default::default(),
                 hierarchy: hierarchy.to_string(),
                 node: node.to_string(),
                 parent,
@@ -1074,7 +1074,8 @@ impl Store for ScyllaStore {
                         self.node_buckets_at(tenant, hierarchy, node, &keys, at)
                             .await?
                     }
-                },
+                }
+                .into(),
                 write: BucketWrite::default(),
             }),
             None => None,
@@ -1604,12 +1605,12 @@ mod tests {
 
     fn node(write: BucketWrite, buckets: Vec<BucketRow>) -> NodeRow {
         NodeRow {
-            replace: Vec::new(),
+            replace: Default::default(),
             hierarchy: "h".into(),
             node: "n".into(),
             parent: None,
             header: NodeHeader::default(),
-            buckets,
+            buckets: buckets.into(),
             write,
         }
     }

@@ -43,6 +43,18 @@ pub fn mpsc_bounded<T>(buffer: usize) -> (MpscSender<T>, MpscReceiver<T>) {
     tokio::sync::mpsc::channel(buffer)
 }
 
+pub mod lazy_mpsc;
+
+/// An actor's mailbox sender (canopy patch: see [`lazy_mpsc`]).
+pub type MailboxSender<T> = lazy_mpsc::UnboundedSender<T>;
+/// An actor's mailbox receiver (canopy patch: see [`lazy_mpsc`]).
+pub type MailboxReceiver<T> = lazy_mpsc::UnboundedReceiver<T>;
+
+/// An actor's mailbox (canopy patch: see [`lazy_mpsc`]).
+pub fn mailbox<T>() -> (MailboxSender<T>, MailboxReceiver<T>) {
+    lazy_mpsc::unbounded_channel()
+}
+
 /// MPSC unbounded channel
 pub fn mpsc_unbounded<T>() -> (MpscUnboundedSender<T>, MpscUnboundedReceiver<T>) {
     tokio::sync::mpsc::unbounded_channel()

@@ -1,7 +1,7 @@
 //! The long run: the ingest benchmark's shape (5 tenants, 7 levels, fan-out 5, 97,655 nodes)
 //! with events far apart in event time, so that the run covers days and every node's buckets
 //! reach retention. Prints records/s per quarter of the run, CPU per record, peak RSS, and the
-//! changes and bytes per checkpoint at the start and at the end of the run: with bounded state
+//! changes and the bytes the store wrote per checkpoint at the start and at the end of the run: with bounded state
 //! the last quarter runs as fast as the first and a late checkpoint weighs what an early one does.
 //!
 //! `cargo bench --bench long_run`. `CANOPY_BENCH_EVENTS` (default 2,000,000) and
@@ -28,7 +28,7 @@ mod cpu;
 use cpu::{cpu_secs, peak_rss_mb};
 
 /// One sample of the run: elapsed seconds, records processed, checkpoints committed, their
-/// changes and bytes so far.
+/// changes and the bytes the store wrote for them so far.
 #[derive(Clone, Copy, Default)]
 struct Sample {
     secs: f64,
@@ -44,7 +44,7 @@ fn sample(s: &Stats, t0: Instant) -> Sample {
         records: s.records.load(Relaxed),
         durable: s.checkpoints.load(Relaxed),
         changes: s.checkpoint_changes.load(Relaxed),
-        bytes: s.checkpoint_bytes.load(Relaxed),
+        bytes: s.store_bytes.load(Relaxed),
     }
 }
 
@@ -90,7 +90,6 @@ fn main() {
     let sink = samples.clone();
     let rep = rt
         .block_on(ingest_observed(opts, store, never, move |stats| {
-            stats.measure_bytes.store(true, Relaxed);
             let stats = stats.clone();
             tokio::spawn(async move {
                 loop {

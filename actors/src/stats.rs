@@ -1,7 +1,7 @@
 //! The engine's counters, in their own module because the engine, the tenant coordinators
 //! and the adapters (progress lines, the API's engine status) all update or read them.
 
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 /// Counters the engine updates as it goes (read by progress lines and the API).
@@ -39,8 +39,6 @@ pub struct Stats {
     pub passivations: AtomicU64,
     /// Logical changes handed to the store (node headers, bucket rows...), over all checkpoints.
     pub checkpoint_changes: AtomicU64,
-    /// Set by a benchmark: the commit task also adds each checkpoint's encoded size (MessagePack,
-    /// as handed to the store) to `checkpoint_bytes`. Off by default: encoding costs a copy.
-    pub measure_bytes: AtomicBool,
-    pub checkpoint_bytes: AtomicU64,
+    /// Bytes the store wrote (keys and values), over all checkpoints.
+    pub store_bytes: AtomicU64,
 }

@@ -223,11 +223,37 @@ pub trait Store: Send + Sync + 'static {
         node: &str,
         load: Load,
     ) -> Result<AsOf<Option<NodeRow>>, StoreError>;
-    /// Commits `cp` atomically; returns the number of rows (or statements) the backend wrote,
-    /// which is what `Stats::store_rows` counts. Idempotent: committing a checkpoint whose seq
-    /// is already committed changes nothing (a retry after a commit that landed but reported
-    /// an error must not fold its deltas twice).
-    async fn commit(&self, cp: std::sync::Arc<Checkpoint>) -> Result<u64, StoreError>;
+    /// Commits `cp` atomically; returns what the backend wrote (`Stats::store_rows` and
+    /// `Stats::store_bytes` count it). Idempotent: committing a checkpoint whose seq is already
+    /// committed changes nothing (a retry after a commit that landed but reported an error must
+    /// not fold its deltas twice).
+    async fn commit(&self, cp: std::sync::Arc<Checkpoint>) -> Result<Written, StoreError>;
+}
+
+/// What a commit wrote: rows (or statements) and their bytes (keys and values as the backend
+/// stores them), so that a checkpoint's cost is read off the store, not estimated from its
+/// logical changes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Written {
+    pub rows: u64,
+    pub bytes: u64,
+}
+
+impl Written {
+    /// One row of `bytes` bytes.
+    pub fn row(bytes: usize) -> Written {
+        Written {
+            rows: 1,
+            bytes: bytes as u64,
+        }
+    }
+}
+
+impl std::ops::AddAssign for Written {
+    fn add_assign(&mut self, o: Written) {
+        self.rows += o.rows;
+        self.bytes += o.bytes;
+    }
 }
 
 /// An answer read from one committed checkpoint, named by its sequence number.

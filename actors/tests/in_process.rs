@@ -13,7 +13,7 @@ use canopy_actors::record::decode_json;
 use canopy_actors::source::{DiscardDeadLetters, Input, Source, SourceBatch, SourceError};
 use canopy_actors::store::{
     AsOf, BucketKind, BucketRow, BucketWrite, Checkpoint, CheckpointMeta, Load, NodeRow, Store,
-    StoreError, TenantImage,
+    StoreError, TenantImage, Written,
 };
 
 /// A store that keeps checkpoints in memory: enough for driving the core in a unit test.
@@ -54,14 +54,18 @@ impl Store for MemStore {
             value,
         })
     }
-    async fn commit(&self, cp: Arc<Checkpoint>) -> Result<u64, StoreError> {
+    async fn commit(&self, cp: Arc<Checkpoint>) -> Result<Written, StoreError> {
         let mut cps = self.cps.lock().unwrap();
         // Idempotent, as the port asks: a checkpoint already committed is not folded again.
         if cps.last().is_some_and(|c| c.seq >= cp.seq) {
-            return Ok(0);
+            return Ok(Written::default());
         }
         cps.push((*cp).clone());
-        Ok(cp.rows() as u64)
+        // Nothing is encoded here: the rows are the logical changes, the bytes are not measured.
+        Ok(Written {
+            rows: cp.rows() as u64,
+            bytes: 0,
+        })
     }
 }
 
@@ -383,7 +387,7 @@ impl Store for GatedStore {
         (self.reads)(tenant)?;
         self.inner.load_node(tenant, hierarchy, node, load).await
     }
-    async fn commit(&self, cp: Arc<Checkpoint>) -> Result<u64, StoreError> {
+    async fn commit(&self, cp: Arc<Checkpoint>) -> Result<Written, StoreError> {
         (self.gate)().await?;
         self.inner.commit(cp).await
     }

@@ -41,7 +41,7 @@ use canopy_actors::agg::{Granularity, KeySet};
 use canopy_actors::packed::{self, SetBucket};
 use canopy_actors::store::{
     AsOf, BucketKind, BucketRow, BucketWrite, Checkpoint, CheckpointMeta, DedupBatch, EntityView,
-    HierarchyInfo, Load, NodeHeader, NodeRow, NodeView, Store, StoreError, StoreRead, TenantImage,
+    HierarchyInfo, Load, NodeHeader, NodeRow, NodeView, Store, StoreError, StoreRead, TenantImage, Written,
 };
 use canopy_actors::tenant::TenantRow;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -402,11 +402,11 @@ fn stored_cut<T: ReadableTable<&'static str, &'static [u8]>>(
     }
 }
 
-/// Commits one checkpoint in one write transaction; returns the number of rows written
-/// (inserted or deleted).
-fn commit(db: &Database, cp: &Checkpoint) -> Result<u64, StoreError> {
+/// Commits one checkpoint in one write transaction; returns the rows written (inserted or
+/// deleted) and their bytes (keys and values; a deletion's key).
+fn commit(db: &Database, cp: &Checkpoint) -> Result<Written, StoreError> {
     let tx = db.begin_write().map_err(io)?;
-    let mut rows = 0u64;
+    let mut rows = Written::default();
     {
         // Already committed (a retry after a commit that landed but reported an error): folding
         // its deltas again would count them twice.
@@ -418,7 +418,7 @@ fn commit(db: &Database, cp: &Checkpoint) -> Result<u64, StoreError> {
                 .map_err(corrupt)?
         };
         if stored.is_some_and(|m| m.seq >= cp.seq) {
-            return Ok(0);
+            return Ok(Written::default());
         }
         let mut tenants = tx.open_table(TENANTS).map_err(io)?;
         let mut nodes = tx.open_table(NODE_PAGES).map_err(io)?;
@@ -430,10 +430,9 @@ fn commit(db: &Database, cp: &Checkpoint) -> Result<u64, StoreError> {
         for t in &cp.tenants {
             let tn = t.tenant.as_str();
             if let Some(row) = &t.row {
-                rows += 1;
-                tenants
-                    .insert(tn, rmp_serde::to_vec(row).map_err(io)?.as_slice())
-                    .map_err(io)?;
+                let v = rmp_serde::to_vec(row).map_err(io)?;
+                rows += Written::row(tn.len() + v.len());
+                tenants.insert(tn, v.as_slice()).map_err(io)?;
             }
             // Cutoffs only move forward: a checkpoint never brings back what one dropped.
             let old_cut = stored_cut(&retention, tn)?;
@@ -504,10 +503,9 @@ fn commit(db: &Database, cp: &Checkpoint) -> Result<u64, StoreError> {
                         )?;
                     }
                 }
-                rows += 1;
-                retention
-                    .insert(tn, rmp_serde::to_vec(&cut).map_err(io)?.as_slice())
-                    .map_err(io)?;
+                let v = rmp_serde::to_vec(&cut).map_err(io)?;
+                rows += Written::row(tn.len() + v.len());
+                retention.insert(tn, v.as_slice()).map_err(io)?;
             }
             ix.children.sort_by(|a, b| a.0.cmp(&b.0));
             rows += pages::apply(&mut children, &ix.children, |_, _, add| {
@@ -515,21 +513,17 @@ fn commit(db: &Database, cp: &Checkpoint) -> Result<u64, StoreError> {
             })?;
             for (h, d) in ix.counts {
                 if d != 0 {
-                    rows += 1;
+                    rows += Written::row(tn.len() + h.len() + 8);
                     add_count(&mut counts, tn, h, d)?;
                 }
             }
             if let Some(b) = &t.dedup {
-                rows += 1;
-                dedup
-                    .insert(
-                        (tn, b.seq),
-                        rmp_serde::to_vec(&b.ids).map_err(io)?.as_slice(),
-                    )
-                    .map_err(io)?;
+                let v = rmp_serde::to_vec(&b.ids).map_err(io)?;
+                rows += Written::row(tn.len() + 8 + v.len());
+                dedup.insert((tn, b.seq), v.as_slice()).map_err(io)?;
             }
-            rows += t.expire_dedup.len() as u64;
             for seq in &t.expire_dedup {
+                rows += Written::row(tn.len() + 8);
                 dedup.remove((tn, *seq)).map_err(io)?;
             }
         }
@@ -538,9 +532,9 @@ fn commit(db: &Database, cp: &Checkpoint) -> Result<u64, StoreError> {
             seq: cp.seq,
             source: cp.source.clone(),
         };
-        meta.insert("checkpoint", rmp_serde::to_vec(&m).map_err(io)?.as_slice())
-            .map_err(io)?;
-        rows += 1;
+        let v = rmp_serde::to_vec(&m).map_err(io)?;
+        rows += Written::row("checkpoint".len() + v.len());
+        meta.insert("checkpoint", v.as_slice()).map_err(io)?;
     }
     tx.commit().map_err(io)?;
     Ok(rows)
@@ -586,7 +580,7 @@ fn apply_buckets(
     tn: &str,
     cut: &[u64; 3],
     ix: &mut IndexChanges,
-) -> Result<u64, StoreError> {
+) -> Result<Written, StoreError> {
     ix.buckets
         .sort_unstable_by_key(|c| (c.g, c.chunk, c.node, c.seq));
     let sets: Vec<&[BucketChange]> = ix
@@ -986,7 +980,7 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn commit(&self, cp: Arc<Checkpoint>) -> Result<u64, StoreError> {
+    async fn commit(&self, cp: Arc<Checkpoint>) -> Result<Written, StoreError> {
         self.blocking(move |db| commit(db, &cp)).await
     }
 }
@@ -1451,8 +1445,12 @@ mod tests {
         // spilled, a checkpoint writes the chunk it touches.
         let (early, late) = (written[INLINE_MAX + 5], written[119]);
         assert!(
-            late <= early + 1,
-            "rows written per checkpoint grew with history: {early} early, {late} at the end ({written:?})"
+            late.rows <= early.rows + 1,
+            "rows written per checkpoint grew with history: {early:?} early, {late:?} at the end ({written:?})"
+        );
+        assert!(
+            late.bytes <= 2 * early.bytes,
+            "bytes written per checkpoint grew with history: {early:?} early, {late:?} at the end"
         );
     }
 

@@ -13,7 +13,7 @@
 
 use std::ops::Bound;
 
-use canopy_actors::store::StoreError;
+use canopy_actors::store::{StoreError, Written};
 use redb::{ReadableTable, Table};
 
 /// A page is split when it grows past this many bytes...
@@ -274,14 +274,14 @@ pub fn scan_prefix<T: ReadableTable<&'static [u8], &'static [u8]>>(
 /// Removes every entry whose key is in `from..to`. Pages that lie wholly inside the range go
 /// without being read; only the (at most two) pages that straddle an end are rewritten, so
 /// dropping a range costs one table removal per page, not a decode per entry. Returns the table
-/// rows written (removals and inserts).
+/// rows written (removals and inserts) and their bytes (a removal's: its key).
 pub fn delete_range(
     t: &mut Table<&'static [u8], &'static [u8]>,
     from: &[u8],
     to: &[u8],
-) -> Result<u64, StoreError> {
+) -> Result<Written, StoreError> {
     if from >= to {
-        return Ok(0);
+        return Ok(Written::default());
     }
     // First keys of the pages that may hold keys of the range, in order.
     let mut firsts: Vec<Vec<u8>> = Vec::new();
@@ -297,14 +297,14 @@ pub fn delete_range(
             firsts.push(k);
         }
     }
-    let mut rows = 0u64;
+    let mut rows = Written::default();
     for (i, first) in firsts.iter().enumerate() {
         // A page ends before the next page's first key: when that key is at or below `to`,
         // every entry of the page is below `to`.
         let ends_inside = firsts.get(i + 1).is_some();
         if first.as_slice() >= from && ends_inside {
             t.remove(first.as_slice()).map_err(io)?;
-            rows += 1;
+            rows += Written::row(first.len());
             continue;
         }
         let Some(page) = t
@@ -324,14 +324,14 @@ pub fn delete_range(
             continue;
         }
         t.remove(first.as_slice()).map_err(io)?;
-        rows += 1;
+        rows += Written::row(first.len());
         if let Some((k0, _)) = kept.first() {
             let mut out = Vec::with_capacity(page.len());
             for (k, v) in &kept {
                 push_entry(&mut out, k, v);
             }
             t.insert(*k0, out.as_slice()).map_err(io)?;
-            rows += 1;
+            rows += Written::row(k0.len() + out.len());
         }
     }
     Ok(rows)
@@ -339,16 +339,16 @@ pub fn delete_range(
 
 /// Applies `changes` (sorted by key; several for one key apply in order) to the pages of `t`:
 /// for each, `f(key, old value, change)` returns the new value, or `None` to remove the entry.
-/// Returns the table rows written (page inserts and removals).
+/// Returns the table rows written (page inserts and removals) and their bytes.
 pub fn apply<K: AsRef<[u8]>, C>(
     t: &mut Table<&'static [u8], &'static [u8]>,
     changes: &[(K, C)],
     mut f: impl FnMut(&[u8], Option<&[u8]>, &C) -> Result<Option<Vec<u8>>, StoreError>,
-) -> Result<u64, StoreError> {
+) -> Result<Written, StoreError> {
     debug_assert!(changes
         .windows(2)
         .all(|w| w[0].0.as_ref() <= w[1].0.as_ref()));
-    let mut rows = 0u64;
+    let mut rows = Written::default();
     let mut i = 0;
     while i < changes.len() {
         let key = changes[i].0.as_ref();
@@ -454,12 +454,12 @@ pub fn apply<K: AsRef<[u8]>, C>(
         if let Some(of) = &old_first {
             if pages.first().is_none_or(|(k, _)| *k != of.as_slice()) {
                 t.remove(of.as_slice()).map_err(io)?;
-                rows += 1;
+                rows += Written::row(of.len());
             }
         }
         for (k, p) in &pages {
             t.insert(*k, p.as_slice()).map_err(io)?;
-            rows += 1;
+            rows += Written::row(k.len() + p.len());
         }
         i = j;
     }
@@ -601,13 +601,13 @@ mod tests {
             assert_eq!(olds, vec![Some(b"y".to_vec()), Some(vec![1])]);
             // Nothing changes (an absent key deleted, a value written as it was): no page is written.
             let same = |_: &[u8], _: Option<&[u8]>, v: &Option<Vec<u8>>| Ok(v.clone());
-            assert_eq!(apply(&mut t, &[(k("zz", "9"), None)], same).unwrap(), 0);
+            assert_eq!(apply(&mut t, &[(k("zz", "9"), None)], same).unwrap().rows, 0);
             let again = [(k("a", "1"), Some(b"x".to_vec()))];
-            assert_eq!(apply(&mut t, &again, same).unwrap(), 0);
+            assert_eq!(apply(&mut t, &again, same).unwrap().rows, 0);
             let changed = [(k("a", "1"), Some(b"w".to_vec()))];
-            assert_eq!(apply(&mut t, &changed, same).unwrap(), 1);
+            assert_eq!(apply(&mut t, &changed, same).unwrap().rows, 1);
             let back = [(k("a", "1"), Some(b"x".to_vec()))];
-            assert_eq!(apply(&mut t, &back, same).unwrap(), 1);
+            assert_eq!(apply(&mut t, &back, same).unwrap().rows, 1);
         }
         tx.commit().unwrap();
         let tx = db.begin_read().unwrap();

@@ -96,7 +96,7 @@ use async_trait::async_trait;
 use canopy_actors::agg::{Agg, Granularity, KeySet};
 use canopy_actors::store::{
     AsOf, BucketKind, BucketRow, BucketWrite, Checkpoint, CheckpointMeta, DedupBatch, EntityView,
-    HierarchyInfo, Load, NodeHeader, NodeRow, NodeView, Store, StoreError, StoreRead, TenantImage,
+    HierarchyInfo, Load, NodeHeader, NodeRow, NodeView, Store, StoreError, StoreRead, TenantImage, Written,
 };
 use canopy_actors::tenant::TenantRow;
 use futures::stream::{self, StreamExt, TryStreamExt};
@@ -898,7 +898,7 @@ impl ScyllaStore {
         &self,
         st: &Arc<Statements>,
         cp: &Checkpoint,
-    ) -> Result<u64, StoreError> {
+    ) -> Result<Written, StoreError> {
         let s = &self.session;
         let seq = cp.seq;
         let drops: Vec<Write> = cp
@@ -915,8 +915,7 @@ impl ScyllaStore {
                 })
             })
             .collect();
-        let rows = drops.len() as u64;
-        self.run_all(drops).await?;
+        let rows = self.run_all(drops).await?;
         let mut placed = self.placed.lock().expect("lock");
         for tc in &cp.tenants {
             for (h, n) in &tc.delete_nodes {
@@ -937,16 +936,34 @@ impl ScyllaStore {
         Ok(rows)
     }
 
-    async fn run_all(&self, writes: Vec<Write>) -> Result<(), StoreError> {
-        stream::iter(writes)
+    /// Runs `writes`, `CONCURRENCY` at a time; returns what they wrote.
+    async fn run_all(&self, writes: Vec<Write>) -> Result<Written, StoreError> {
+        let done = Written {
+            rows: writes.len() as u64,
+            bytes: writes.iter().map(|w| w.bytes).sum(),
+        };
+        stream::iter(writes.into_iter().map(|w| w.run))
             .buffer_unordered(CONCURRENCY)
             .try_collect::<Vec<()>>()
             .await
-            .map(|_| ())
+            .map(|_| done)
     }
 }
 
-type Write = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send>>;
+/// One prepared write, and the bytes of the values it binds (what a commit reports written).
+struct Write {
+    bytes: u64,
+    run: std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send>>,
+}
+
+impl std::future::IntoFuture for Write {
+    type Output = Result<(), StoreError>;
+    type IntoFuture =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send>>;
+    fn into_future(self) -> Self::IntoFuture {
+        self.run
+    }
+}
 
 /// A put node's plan being read (boxed: a closure over the checkpoint's borrowed rows inside
 /// the stream trips the compiler's `Send` check of the commit future).
@@ -963,14 +980,26 @@ fn write<V>(
 where
     V: scylla::serialize::row::SerializeRow + Send + Sync + 'static,
 {
+    // Serialized once more only to be measured: a statement's values are a few keys and one
+    // encoded bucket set, and the round trip costs far more than this copy.
+    let bytes = {
+        let specs = pick(st).get_variable_col_specs();
+        let ctx = scylla::serialize::row::RowSerializationContext::from_specs(specs.as_slice());
+        let mut buf = Vec::new();
+        let mut w = scylla::serialize::writers::RowWriter::new(&mut buf);
+        values.serialize(&ctx, &mut w).map_or(0, |_| buf.len() as u64)
+    };
     let (session, st) = (session.clone(), st.clone());
-    Box::pin(async move {
-        session
-            .execute_unpaged(pick(&st), values)
-            .await
-            .map(|_| ())
-            .map_err(unavailable)
-    })
+    Write {
+        bytes,
+        run: Box::pin(async move {
+            session
+                .execute_unpaged(pick(&st), values)
+                .await
+                .map(|_| ())
+                .map_err(unavailable)
+        }),
+    }
 }
 
 #[async_trait]
@@ -1083,7 +1112,7 @@ impl Store for ScyllaStore {
         Ok(AsOf { as_of: at, value })
     }
 
-    async fn commit(&self, cp: Arc<Checkpoint>) -> Result<u64, StoreError> {
+    async fn commit(&self, cp: Arc<Checkpoint>) -> Result<Written, StoreError> {
         let st = self.st.clone().ok_or_else(|| self.not_migrated())?;
         let s = &self.session;
         let seq = cp.seq;
@@ -1091,7 +1120,7 @@ impl Store for ScyllaStore {
         // left to do), or this one landed and its commit reported an error.
         let at = self.as_of().await?;
         if at > seq {
-            return Ok(0);
+            return Ok(Written::default());
         }
         if at == seq {
             return self.finish_landed(&st, &cp).await;
@@ -1357,23 +1386,25 @@ impl Store for ScyllaStore {
                 ));
             }
         }
-        let mut rows = w.len() as u64 + 1;
-        self.run_all(w).await?;
+        let mut rows = self.run_all(w).await?;
         // 4. The pointer: from here on readers see this checkpoint.
-        write(
+        let pointer = write(
             s,
             &st,
             |x| &x.pointer_set,
             (ts(seq, 4), v, cp.source.clone()),
-        )
-        .await?;
+        );
+        rows += Written {
+            rows: 1,
+            bytes: pointer.bytes,
+        };
+        pointer.await?;
         // 5. Buckets of deleted nodes (rows of a node re-created in this checkpoint are newer).
         let drops = dropped
             .into_iter()
             .map(|(tn, h, n)| write(s, &st, |x| &x.bucket_drop_node, (ts(seq, 2), tn, h, n)))
             .collect::<Vec<_>>();
-        rows += drops.len() as u64;
-        self.run_all(drops).await?;
+        rows += self.run_all(drops).await?;
         *self.garbage.lock().expect("lock") = garbage;
         let mut placed = self.placed.lock().expect("lock");
         for (key, p) in placed_now {

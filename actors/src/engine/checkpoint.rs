@@ -106,15 +106,11 @@ impl Engine {
         let task = tokio::spawn(
             async move {
                 let t = Instant::now();
-                if stats.measure_bytes.load(Ordering::Relaxed) {
-                    let bytes = rmp_serde::to_vec(&*cp).map_or(0, |v| v.len() as u64);
-                    stats.checkpoint_bytes.fetch_add(bytes, Ordering::Relaxed);
-                }
                 // The dead letters this checkpoint covers must be durable before it is.
                 dead_letters_durable
                     .await
                     .map_err(StoreError::DeadLetters)?;
-                let rows = retry_counted(&cfg, "commit checkpoint", &stats, || async {
+                let written = retry_counted(&cfg, "commit checkpoint", &stats, || async {
                     let t = Instant::now();
                     let r = store.commit(cp.clone()).await;
                     metrics::histogram!("canopy_store_commit_seconds")
@@ -129,12 +125,13 @@ impl Engine {
                 debug!(
                     seq,
                     changes,
-                    rows,
+                    rows = written.rows,
+                    bytes = written.bytes,
                     snapshot_ms,
                     commit_ms = t.elapsed().as_millis() as u64,
                     "checkpoint committed"
                 );
-                Ok(rows)
+                Ok(written)
             }
             .instrument(span),
         );
@@ -167,7 +164,7 @@ impl Engine {
             .commit_wait_micros
             .fetch_add(micros(waited.elapsed()), Ordering::Relaxed);
         let inf = self.inflight.take().expect("in-flight commit");
-        let rows = match done {
+        let written = match done {
             Ok(r) => r?,
             Err(e) => return Err(StoreError::CommitTask(e.to_string()).into()),
         };
@@ -178,13 +175,18 @@ impl Engine {
         self.committed = inf.position;
         self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
         self.stats.store_commits.fetch_add(1, Ordering::Relaxed);
-        self.stats.store_rows.fetch_add(rows, Ordering::Relaxed);
+        self.stats
+            .store_rows
+            .fetch_add(written.rows, Ordering::Relaxed);
+        self.stats
+            .store_bytes
+            .fetch_add(written.bytes, Ordering::Relaxed);
         self.stats
             .last_checkpoint_seq
             .store(inf.seq, Ordering::Relaxed);
         metrics::histogram!("canopy_checkpoint_seconds")
             .record(inf.started.elapsed().as_secs_f64());
-        metrics::histogram!("canopy_checkpoint_rows").record(rows as f64);
+        metrics::histogram!("canopy_checkpoint_rows").record(written.rows as f64);
         Ok(())
     }
 }

@@ -134,7 +134,7 @@ struct Inflight {
     position: Position,
     started: Instant,
     /// Resolves to the rows the store wrote.
-    task: tokio::task::JoinHandle<Result<u64, StoreError>>,
+    task: tokio::task::JoinHandle<Result<crate::store::Written, StoreError>>,
 }
 
 struct TenantHandle {

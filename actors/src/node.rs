@@ -861,7 +861,10 @@ impl Changes {
         let own_kept = self.own.is_some();
         let mut rows = Vec::new();
         let mut replace = Vec::new();
-        for (kind, b) in [(BucketKind::Subtree, Some(self.subtree)), (BucketKind::Own, self.own)] {
+        for (kind, b) in [
+            (BucketKind::Subtree, Some(self.subtree)),
+            (BucketKind::Own, self.own),
+        ] {
             let Some(b) = b else { continue };
             for (g, m) in Granularity::ALL.into_iter().zip(b.0) {
                 let gi = g as usize;

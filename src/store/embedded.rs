@@ -41,7 +41,8 @@ use canopy_actors::agg::{Granularity, KeySet};
 use canopy_actors::packed::{self, SetBucket};
 use canopy_actors::store::{
     AsOf, BucketKind, BucketRow, BucketWrite, Checkpoint, CheckpointMeta, DedupBatch, EntityView,
-    HierarchyInfo, Load, NodeHeader, NodeRow, NodeView, Store, StoreError, StoreRead, TenantImage, Written,
+    HierarchyInfo, Load, NodeHeader, NodeRow, NodeView, Store, StoreError, StoreRead, TenantImage,
+    Written,
 };
 use canopy_actors::tenant::TenantRow;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -924,8 +925,7 @@ impl Store for EmbeddedStore {
                 Ok(())
             })?;
             for n in &mut image.nodes {
-                Arc::make_mut(&mut n.buckets)
-                    .sort_by_key(|b| (b.kind, b.granularity as u8, b.key));
+                Arc::make_mut(&mut n.buckets).sort_by_key(|b| (b.kind, b.granularity as u8, b.key));
             }
             load_dedup(&tx, &tenant, &mut image)?;
             Ok(image)

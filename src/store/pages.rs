@@ -601,7 +601,10 @@ mod tests {
             assert_eq!(olds, vec![Some(b"y".to_vec()), Some(vec![1])]);
             // Nothing changes (an absent key deleted, a value written as it was): no page is written.
             let same = |_: &[u8], _: Option<&[u8]>, v: &Option<Vec<u8>>| Ok(v.clone());
-            assert_eq!(apply(&mut t, &[(k("zz", "9"), None)], same).unwrap().rows, 0);
+            assert_eq!(
+                apply(&mut t, &[(k("zz", "9"), None)], same).unwrap().rows,
+                0
+            );
             let again = [(k("a", "1"), Some(b"x".to_vec()))];
             assert_eq!(apply(&mut t, &again, same).unwrap().rows, 0);
             let changed = [(k("a", "1"), Some(b"w".to_vec()))];

@@ -96,7 +96,8 @@ use async_trait::async_trait;
 use canopy_actors::agg::{Agg, Granularity, KeySet};
 use canopy_actors::store::{
     AsOf, BucketKind, BucketRow, BucketWrite, Checkpoint, CheckpointMeta, DedupBatch, EntityView,
-    HierarchyInfo, Load, NodeHeader, NodeRow, NodeView, Store, StoreError, StoreRead, TenantImage, Written,
+    HierarchyInfo, Load, NodeHeader, NodeRow, NodeView, Store, StoreError, StoreRead, TenantImage,
+    Written,
 };
 use canopy_actors::tenant::TenantRow;
 use futures::stream::{self, StreamExt, TryStreamExt};
@@ -987,7 +988,9 @@ where
         let ctx = scylla::serialize::row::RowSerializationContext::from_specs(specs.as_slice());
         let mut buf = Vec::new();
         let mut w = scylla::serialize::writers::RowWriter::new(&mut buf);
-        values.serialize(&ctx, &mut w).map_or(0, |_| buf.len() as u64)
+        values
+            .serialize(&ctx, &mut w)
+            .map_or(0, |_| buf.len() as u64)
     };
     let (session, st) = (session.clone(), st.clone());
     Write {

@@ -49,6 +49,9 @@ enum Cmd {
         /// ... or after this many records. [engine.checkpoint_every_records]
         #[arg(long)]
         checkpoint_every_records: Option<u64>,
+        /// ... or once node actors hold this many bucket deltas. [engine.checkpoint_max_buckets]
+        #[arg(long)]
+        checkpoint_max_buckets: Option<u64>,
         /// Records per batch handed from the reader to the engine. [engine.batch_size]
         #[arg(long)]
         batch_size: Option<u64>,
@@ -175,6 +178,7 @@ impl Cmd {
                 chaos_kill_every,
                 checkpoint_interval_ms,
                 checkpoint_every_records,
+                checkpoint_max_buckets,
                 batch_size,
                 dedup_horizon_secs,
                 ..
@@ -183,6 +187,7 @@ impl Cmd {
                 f.uint("engine.chaos_kill_every", *chaos_kill_every);
                 f.uint("engine.checkpoint_interval_ms", *checkpoint_interval_ms);
                 f.uint("engine.checkpoint_every_records", *checkpoint_every_records);
+                f.uint("engine.checkpoint_max_buckets", *checkpoint_max_buckets);
                 f.uint("engine.batch_size", *batch_size);
                 f.int("tenant.dedup_horizon_secs", *dedup_horizon_secs);
             }

@@ -55,6 +55,11 @@ pub struct BatchOutcome {
     pub refused: Vec<(u64, Refusal)>,
     pub accepted: u64,
     pub duplicates: u64,
+    /// Events accepted and not yet sent to the nodes (waiting for a round), and events the
+    /// nodes got in rounds since the last answer: the engine estimates from them the bucket
+    /// deltas the interval will hold (see `Engine::checkpoint_due`).
+    pub pending_events: u64,
+    pub sent_events: u64,
 }
 
 pub enum CoordMsg {
@@ -108,6 +113,8 @@ pub struct CoordinatorState {
     pending: Vec<Vec<NodeEvent>>,
     touched: Vec<NodeIx>,
     pending_events: usize,
+    /// Events sent to the nodes in rounds since the last batch answer (see [`BatchOutcome`]).
+    sent_events: u64,
     oldest_pending: Option<std::time::Instant>,
     mark: Vec<u64>,
     expect: Vec<u32>,
@@ -349,7 +356,7 @@ impl CoordinatorState {
             self.tenant.hierarchies[slot.hierarchy as usize]
                 .name
                 .clone(),
-            slot.name.clone(),
+            slot.name.to_string(),
         )
     }
 
@@ -474,6 +481,7 @@ impl CoordinatorState {
             signals: self.signals_tx.clone(),
             journal: journal.clone(),
             durable_seq: self.stats.durable_seq.clone(),
+            interval_buckets: self.stats.interval_buckets.clone(),
             replay_onto,
         };
         let (actor, start) = ractor::ActorRuntime::spawn_linked_instant(
@@ -554,6 +562,7 @@ impl CoordinatorState {
         // Every pending event ends up in one delta per ancestor: the coalescing ratio is
         // events coalesced / deltas sent.
         metrics::counter!("canopy_events_coalesced_total").increment(self.pending_events as u64);
+        self.sent_events += self.pending_events as u64;
         self.pending_events = 0;
         self.oldest_pending = None;
         self.generation += 1;
@@ -888,7 +897,7 @@ impl CoordinatorState {
                         self.tenant.hierarchies[slot.hierarchy as usize]
                             .name
                             .clone(),
-                        slot.name.clone(),
+                        slot.name.to_string(),
                     ));
                     // Events of the node still pending here are part of its numbers, which
                     // leave with it (current mode; attributed settled them before the delete).
@@ -916,6 +925,8 @@ impl CoordinatorState {
         if self.pending_events >= s.round_max_events || old {
             self.round().await?;
         }
+        out.pending_events = self.pending_events as u64;
+        out.sent_events = std::mem::take(&mut self.sent_events);
         Ok(out)
     }
 
@@ -930,6 +941,8 @@ impl CoordinatorState {
         // The round's nodes answer the checkpoint as they flush; only dirty nodes without
         // events in it (moved, grown, created, hydrated) are asked separately below.
         let in_round = self.run_round(Some(seq)).await?;
+        // What the snapshot round sent belongs to the interval it closes.
+        self.sent_events = 0;
         let round_ms = t0.elapsed().as_millis() as u64;
         // Checkpoint `seq` begins only once every earlier one is durable: the journals of nodes
         // snapshotted last time and quiet since can let go of what they hold (the dirty ones
@@ -991,8 +1004,8 @@ impl CoordinatorState {
                 hierarchy: self.tenant.hierarchies[slot.hierarchy as usize]
                     .name
                     .clone(),
-                node: slot.name.clone(),
-                parent: slot.parent.map(|p| self.tenant.slot(p).name.clone()),
+                node: slot.name.to_string(),
+                parent: slot.parent.map(|p| self.tenant.slot(p).name.to_string()),
                 header: snap.header,
                 buckets: snap.buckets,
                 write: snap.write,
@@ -1103,6 +1116,7 @@ impl Actor for Coordinator {
             pending: Vec::new(),
             touched: Vec::new(),
             pending_events: 0,
+            sent_events: 0,
             oldest_pending: None,
             mark: Vec::new(),
             expect: Vec::new(),

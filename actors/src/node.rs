@@ -554,6 +554,9 @@ pub struct NodeArgs {
     /// The newest checkpoint known durable (the engine's `Stats::durable_seq`): journal entries
     /// it covers may go.
     pub durable_seq: Arc<AtomicU64>,
+    /// The engine's count of bucket deltas held for the open interval
+    /// (`Stats::interval_buckets`), which this node adds to.
+    pub interval_buckets: Arc<AtomicU64>,
     /// A restart: `state` is the header of this checkpoint (or empty, see
     /// [`Journal::base_is_stored`]), and the journal's entries since that checkpoint's snapshot
     /// are replayed onto it.
@@ -583,6 +586,9 @@ pub struct Node {
     snap: Option<Arc<SnapshotCall>>,
     journal: JournalRef,
     durable_seq: Arc<AtomicU64>,
+    interval_buckets: Arc<AtomicU64>,
+    /// How many of this interval's buckets the node has added to `interval_buckets`.
+    counted: usize,
 }
 
 impl Node {
@@ -629,6 +635,7 @@ impl Node {
         let Some(d) = self.take_flush() else {
             return Ok(());
         };
+        self.count_buckets();
         match &self.parent {
             Some(p) => p.send_message(NodeMsg::Child(Box::new(d)))?,
             None => self.signals.send(TenantSignal::RoundDone)?,
@@ -639,6 +646,18 @@ impl Node {
             let _ = c.replies.send((self.ix, snap));
         }
         Ok(())
+    }
+
+    /// Adds the buckets this interval created since the last count to the engine's count (once
+    /// per flush: a round's events and children's deltas are in by then). A move's removals
+    /// are not taken back: the count bounds memory, and the snapshot zeroes it.
+    fn count_buckets(&mut self) {
+        let n = self.state.bucket_count();
+        if n > self.counted {
+            self.interval_buckets
+                .fetch_add((n - self.counted) as u64, Ordering::Relaxed);
+            self.counted = n;
+        }
     }
 
     /// The node's part of checkpoint `seq`: closes the interval and the journal with it.
@@ -662,6 +681,7 @@ impl Node {
     /// the deltas to fold, and the values of the buckets held complete. They are kept as `sent`
     /// until the commit lands.
     fn close_interval(&mut self, seq: u64) -> NodeSnapshot {
+        self.counted = 0;
         let header = self.state.header();
         let sent = Arc::new(
             Changes {
@@ -928,6 +948,8 @@ impl Actor for NodeActor {
             snap: None,
             journal: a.journal,
             durable_seq: a.durable_seq,
+            interval_buckets: a.interval_buckets,
+            counted: 0,
         };
         if let Some(as_of) = a.replay_onto {
             let journal = n.journal.clone();

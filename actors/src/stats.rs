@@ -24,6 +24,10 @@ pub struct Stats {
     /// does (`last_checkpoint_seq` follows when the engine awaits the commit). Node journals
     /// drop what it covers: they get this counter alone, shared.
     pub durable_seq: Arc<AtomicU64>,
+    /// Bucket deltas node actors hold for the open checkpoint interval (each node adds what it
+    /// created at its flushes; the engine zeroes it at a snapshot, which empties them). Bounded
+    /// by `checkpoint_max_buckets`: what an interval costs in memory.
+    pub interval_buckets: Arc<AtomicU64>,
     /// Time the engine stood still taking snapshots (each tenant's round and its dirty nodes'
     /// answers), in µs: where a checkpoint costs processing time.
     pub snapshot_micros: AtomicU64,

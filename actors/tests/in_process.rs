@@ -950,3 +950,101 @@ async fn stored(
         })
         .collect()
 }
+
+/// A tree of 21 nodes (a root, 4 branches, 16 leaves) and events on its leaves, 7 minutes
+/// apart: most events open new minute buckets on every level, some new hours and days.
+fn spread(len: usize) -> (Vec<String>, Vec<(String, String)>) {
+    let mut lines = vec![up("r", None)];
+    let mut nodes = vec!["r".to_string()];
+    for a in 0..4 {
+        lines.push(up(&format!("a{a}"), Some("r")));
+        nodes.push(format!("a{a}"));
+        for l in 0..4 {
+            lines.push(up(&format!("l{a}{l}"), Some(&format!("a{a}"))));
+            nodes.push(format!("l{a}{l}"));
+        }
+    }
+    for k in 0..len {
+        let ts = 1_795_000_000 + k as i64 * 7 * 60;
+        let ts = jiff::Timestamp::from_second(ts).unwrap();
+        lines.push(format!(
+            r#"{{"type":"event","tenant":"t","event_id":"e{k}","entity":"l{}{}","ts":"{ts}","metrics":{{"x":{}}}}}"#,
+            k % 4,
+            (k / 4) % 4,
+            (k * 37 % 101) as i64 - 50
+        ));
+    }
+    let nodes = nodes.into_iter().map(|n| ("h".to_string(), n)).collect();
+    (lines, nodes)
+}
+
+/// The bucket deltas a checkpoint carries (rows of every node it writes).
+fn bucket_rows(cp: &Checkpoint) -> usize {
+    cp.tenants
+        .iter()
+        .flat_map(|t| &t.put_nodes)
+        .map(|n| n.buckets.len() + n.replace.len())
+        .sum()
+}
+
+/// Runs `lines` in batches of `batch` records and returns the bucket rows of each checkpoint
+/// the engine took, and the engine.
+async fn run_checkpoints(
+    lines: &[String],
+    batch: usize,
+    cfg: EngineConfig,
+) -> (Vec<usize>, Engine) {
+    let store = Arc::new(MemStore::default());
+    let mut e = Engine::open(
+        cfg,
+        store.clone(),
+        &mut NoSource,
+        Box::new(DiscardDeadLetters),
+    )
+    .await
+    .unwrap();
+    e.run(&mut Batches::new(lines, batch)).await.unwrap();
+    let sizes = store.cps.lock().unwrap().iter().map(bucket_rows).collect();
+    (sizes, e)
+}
+
+/// `checkpoint_max_buckets` cuts intervals by the bucket deltas the nodes hold (and will, once
+/// the coordinators' pending events reach them), whatever the record count and the clock say;
+/// and where it cuts changes no number.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_budget_bounds_each_interval_and_changes_no_number() {
+    let (lines, nodes) = spread(1500);
+    let batch = 5;
+    let mut cfg = small_rounds();
+    // Neither the clock nor the record count takes a checkpoint here: only the end of the
+    // stream, or the budget.
+    cfg.checkpoint_interval_ms = u64::MAX / 2;
+    cfg.checkpoint_every_records = u64::MAX;
+    cfg.checkpoint_max_buckets = 0;
+    let (whole, mut reference) = run_checkpoints(&lines, batch, cfg.clone()).await;
+    assert_eq!(whole.len(), 1, "one checkpoint, at the end: {whole:?}");
+    // What one batch alone brings, at most: a checkpoint after every batch.
+    let mut each = cfg.clone();
+    each.checkpoint_every_records = batch as u64;
+    let per_batch = run_checkpoints(&lines, batch, each).await.0;
+    let one_batch = *per_batch.iter().max().unwrap();
+
+    let budget = 4 * one_batch as u64;
+    cfg.checkpoint_max_buckets = budget;
+    let (sizes, mut e) = run_checkpoints(&lines, batch, cfg).await;
+    assert!(
+        whole[0] >= 4 * budget as usize && sizes.len() >= 4,
+        "{} checkpoints over {} bucket rows",
+        sizes.len(),
+        whole[0]
+    );
+    // A checkpoint is taken between batches: an interval passes the budget by at most the
+    // batch that crossed it (and what the pending events' estimate missed of it).
+    let largest = *sizes.iter().max().unwrap();
+    assert!(
+        largest <= budget as usize + 2 * one_batch,
+        "an interval held {largest} bucket rows (budget {budget}, a batch {one_batch}): {sizes:?}"
+    );
+    let compared = same_states(&mut reference, &mut e, &nodes).await;
+    assert!(compared >= 8, "only {compared} live nodes compared");
+}

@@ -4,19 +4,51 @@
 use super::dispatch::{answer, ask, call};
 use super::*;
 
+/// Bucket deltas per pending event assumed before any event reached the nodes (see
+/// [`Engine::buckets_over_budget`]): high rather than low, since it only bounds the first round.
+const UNOBSERVED_BUCKETS_PER_EVENT: f64 = 16.0;
+
 impl Engine {
     /// Whether to take a checkpoint now. The interval is a floor, not a deadline: while the
     /// previous commit is still running, a checkpoint that is only due by time is put off
     /// rather than waited for (the next one then covers more records, and a slow store gets
     /// fewer, larger commits instead of stalling ingestion). The record count is the hard
     /// bound: past `checkpoint_every_records` the checkpoint is taken and waits for the store,
-    /// which bounds the replay log, and memory, while the store is slow or down.
+    /// which bounds the replay log, and memory, while the store is slow or down. So is the
+    /// count of bucket deltas held (`checkpoint_max_buckets`), which bounds what one interval,
+    /// and the one being committed, hold in memory whatever the records' keys.
     pub fn checkpoint_due(&self) -> bool {
         self.since_checkpoint > 0
             && (self.since_checkpoint >= self.cfg.checkpoint_every_records
+                || self.buckets_over_budget()
                 || (self.last_checkpoint.elapsed()
                     >= Duration::from_millis(self.cfg.checkpoint_interval_ms)
                     && self.commit_finished()))
+    }
+
+    /// Whether the interval holds, or will once the coordinators' pending events reach the
+    /// nodes, `checkpoint_max_buckets` bucket deltas. The nodes count what they hold; a
+    /// coordinator holds up to a round of events (`round_max_events`) before they reach them,
+    /// each worth the interval's buckets per event so far (the last interval's at first).
+    fn buckets_over_budget(&self) -> bool {
+        let max = self.cfg.checkpoint_max_buckets;
+        if max == 0 {
+            return false;
+        }
+        let held = self.stats.interval_buckets.load(Ordering::Relaxed);
+        let pending: u64 = self.tenants.values().map(|h| h.pending).sum();
+        held as f64 + pending as f64 * self.buckets_per_event(held) >= max as f64
+    }
+
+    fn buckets_per_event(&self, held: u64) -> f64 {
+        if self.interval_events > 0 {
+            held as f64 / self.interval_events as f64
+        } else if self.buckets_per_event > 0.0 {
+            self.buckets_per_event
+        } else {
+            // Nothing observed yet: an event on a fresh leaf of a deep tree creates up to ~20.
+            UNOBSERVED_BUCKETS_PER_EVENT
+        }
     }
 
     /// Takes a checkpoint and waits until it is durable.
@@ -69,6 +101,26 @@ impl Engine {
                 }
             }
         }
+        // Every node answered, so none holds a delta of the closed interval any more (no round
+        // runs before ingestion resumes), and the snapshot rounds sent every pending event.
+        let held = self.stats.interval_buckets.swap(0, Ordering::Relaxed);
+        let pending: u64 = self
+            .tenants
+            .values_mut()
+            .map(|h| std::mem::take(&mut h.pending))
+            .sum();
+        let events = self.interval_events + pending;
+        if events > 0 {
+            self.buckets_per_event = held as f64 / events as f64;
+        }
+        debug!(
+            seq,
+            held,
+            events,
+            buckets_per_event = self.buckets_per_event,
+            "interval closed"
+        );
+        self.interval_events = 0;
         let snapshot_time = started.elapsed();
         let snapshot_ms = snapshot_time.as_millis() as u64;
         self.stats

@@ -146,6 +146,7 @@ impl Engine {
                     actor,
                     log: Vec::new(),
                     restarts: 0,
+                    pending: 0,
                 },
             );
         }
@@ -173,7 +174,9 @@ impl Engine {
             };
             if let Some(h) = self.tenants.get_mut(&tenant) {
                 h.restarts = 0;
+                h.pending = o.pending_events;
             }
+            self.interval_events += o.sent_events;
             out.push((tenant, o));
         }
         Ok(out)

@@ -36,6 +36,12 @@ pub struct EngineConfig {
     pub checkpoint_interval_ms: u64,
     /// ... or after this many records, whichever comes first.
     pub checkpoint_every_records: u64,
+    /// ... or once node actors hold this many bucket deltas for the open interval. Memory
+    /// follows buckets, not records: a record creates up to ~20 new buckets where its keys are
+    /// fresh (sparse leaves, a new hour) and almost none where they coalesce, so a record count
+    /// alone lets an interval over sparse keys hold several times the memory of a dense one.
+    /// 0: no bound.
+    pub checkpoint_max_buckets: u64,
     /// Kill a random node actor after every N records (chaos testing; 0 = off).
     pub chaos_kill_every: u64,
     /// A tenant whose rebuild fails this many times in a row, without completing a batch in
@@ -55,6 +61,7 @@ impl Default for EngineConfig {
         EngineConfig {
             checkpoint_interval_ms: 1000,
             checkpoint_every_records: 1_000_000,
+            checkpoint_max_buckets: 2_000_000,
             chaos_kill_every: 0,
             max_restarts: 5,
             retry_initial_ms: 50,
@@ -145,6 +152,8 @@ struct TenantHandle {
     log: Vec<(u64, TaggedBatch)>,
     /// Consecutive rebuilds without a completed batch.
     restarts: u32,
+    /// Events the coordinator holds for its next round, as of its last answer.
+    pending: u64,
 }
 
 pub struct Engine {
@@ -160,6 +169,10 @@ pub struct Engine {
     inflight: Option<Inflight>,
     position: Vec<u8>,
     since_checkpoint: u64,
+    /// Events the nodes got in rounds this interval, and the bucket deltas per such event the
+    /// last interval ended with: what `checkpoint_max_buckets` is checked against.
+    interval_events: u64,
+    buckets_per_event: f64,
     last_checkpoint: Instant,
     until_chaos: u64,
     /// The position stored by the last committed checkpoint.
@@ -235,6 +248,8 @@ impl Engine {
             inflight: None,
             position: pos.map(|p| p.source).unwrap_or_default(),
             since_checkpoint: 0,
+            interval_events: 0,
+            buckets_per_event: 0.0,
             last_checkpoint: Instant::now(),
             until_chaos,
             stored_source: committed.source.clone(),

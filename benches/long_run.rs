@@ -154,13 +154,34 @@ fn main() {
             v.iter().map(|x| x.2).sum::<f64>() / n,
         )
     };
-    let (n1, c1, b1) = quarter(0, total / 4);
-    let (n4, c4, b4) = quarter(total * 3 / 4, total);
+    let show = |(n, c, b): (usize, f64, f64)| match n {
+        0 => "none landed".to_string(),
+        n => format!("{n}, {c:.0} changes and {:.1} MB each", b / 1e6),
+    };
     println!(
-        "per checkpoint, first quarter ({n1} checkpoints): {c1:.0} changes, {:.1} KB; last quarter ({n4}): {c4:.0} changes, {:.1} KB",
-        b1 / 1e3,
-        b4 / 1e3
+        "checkpoints landed in the first quarter of the records: {}; in the last: {}",
+        show(quarter(0, total / 4)),
+        show(quarter(total * 3 / 4, total))
     );
+    let list: Vec<String> = per_cp
+        .iter()
+        .map(|(_, c, b)| format!("{:.0}k/{:.0}", c / 1e3, b / 1e6))
+        .collect();
+    println!(
+        "per checkpoint as they landed (thousand changes / MB written): {}",
+        list.join(" ")
+    );
+    // The final checkpoint covers what was left at the end of the input: the one before it is
+    // the last of a whole interval.
+    if per_cp.len() >= 3 {
+        let (first, last) = (per_cp[0], per_cp[per_cp.len() - 2]);
+        println!(
+            "bytes per checkpoint: first {:.1} MB, last whole interval {:.1} MB ({:.2}×)",
+            first.2 / 1e6,
+            last.2 / 1e6,
+            last.2 / first.2
+        );
+    }
     println!(
         "checkpoints: {} in all; processing stopped {:.2} s for snapshots, waited {:.2} s for commits; commits took {:.2} s in the background; {} store rows",
         rep.checkpoints,

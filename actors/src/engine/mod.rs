@@ -296,10 +296,16 @@ impl Engine {
         self.position = position;
     }
 
-    /// Stops every tenant's actors.
+    /// Stops every tenant's actors and waits until each coordinator has dropped its state (and
+    /// with it its handle on the store): a caller can open the store again at once (an embedded
+    /// store's file lock is held until the last handle goes).
     pub async fn shutdown(&mut self) {
-        for (_, h) in self.tenants.drain() {
-            h.actor.stop(None);
+        for (tenant, h) in self.tenants.drain() {
+            // An error other than the timeout is an actor already gone: nothing to wait for.
+            let stopped = h.actor.stop_and_wait(None, Some(Duration::from_secs(10)));
+            if let Err(ractor::RactorErr::Timeout) = stopped.await {
+                warn!(tenant, "a tenant coordinator did not stop within 10 s");
+            }
         }
     }
 }

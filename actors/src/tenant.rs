@@ -5,6 +5,7 @@
 //! Nodes are addressed by a dense index (`NodeIx`) so that round planning walks vectors, not maps.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use jiff::tz::TimeZone;
@@ -91,7 +92,6 @@ pub struct NameIndex {
 
 impl NameIndex {
     fn hash(&self, name: &str) -> u64 {
-        use std::hash::BuildHasher;
         self.hasher.hash_one(name)
     }
 
@@ -111,11 +111,10 @@ impl NameIndex {
     /// Indexes slot `ix` under the name it holds (not indexed yet).
     fn insert(&mut self, slots: &[Option<Slot>], ix: NodeIx) {
         let h = self.hash(Self::name(slots, ix));
+        // Rehashing on growth: the table is borrowed, so the hasher is taken apart from it.
         let hasher = &self.hasher;
-        self.table.insert_unique(h, ix, |&i| {
-            use std::hash::BuildHasher;
-            hasher.hash_one(Self::name(slots, i))
-        });
+        self.table
+            .insert_unique(h, ix, |&i| hasher.hash_one(Self::name(slots, i)));
     }
 
     /// Forgets `name` (its slot must still hold it).
